@@ -1,0 +1,293 @@
+// C++ CPU kernel of ddim_fast::ddim_step: one pass over memory, at::parallel_for over element ranges,
+// fp32 math for every storage dtype. Work is done in blocks of kBlock elements: a load stage gives
+// fp32 pointers (straight into the tensors for contiguous fp32, else gathered/converted into stack
+// buffers), a branch-free compute loop the compiler vectorizes, and a store stage.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "../ddim_step_args.h"
+#include "ddim_fast/philox.h"
+#include "ddim_fast/step_math.h"
+#include "ddim_fast/step_params.h"
+
+namespace ddim_fast {
+namespace {
+
+constexpr int64_t kBlock = 256;
+// Elements per parallel task: large enough that thread start-up is amortized (a 4x64x64 latent is one task).
+constexpr int64_t kGrain = 1 << 15;
+
+// Walks row-major logical indices and keeps each argument's element offset in step with them.
+struct OffsetWalker {
+  static constexpr int kArgs = 6;  // x, uncond, cond, noise, out, pred_x0
+  int ndim;
+  const int64_t* sizes;
+  const int64_t* strides[kArgs];
+  int64_t index[kMaxDims];
+  int64_t offset[kArgs];
+
+  OffsetWalker(const DdimStepParams& p, int64_t start) : ndim(p.ndim), sizes(p.sizes) {
+    const StridedArg* args[kArgs] = {&p.x, &p.model_uncond, &p.model_cond, &p.noise, &p.out, &p.pred_x0};
+    for (int a = 0; a < kArgs; ++a) {
+      strides[a] = args[a]->strides;
+      offset[a] = 0;
+    }
+    int64_t rest = start;
+    for (int d = ndim - 1; d >= 0; --d) {
+      index[d] = rest % sizes[d];
+      rest /= sizes[d];
+      for (int a = 0; a < kArgs; ++a) offset[a] += index[d] * strides[a][d];
+    }
+  }
+
+  void advance() {
+    for (int d = ndim - 1; d >= 0; --d) {
+      if (++index[d] < sizes[d]) {
+        for (int a = 0; a < kArgs; ++a) offset[a] += strides[a][d];
+        return;
+      }
+      index[d] = 0;
+      for (int a = 0; a < kArgs; ++a) offset[a] -= strides[a][d] * (sizes[d] - 1);
+    }
+  }
+};
+
+template <typename T>
+inline float to_float(T v) {
+  return static_cast<float>(v);
+}
+template <typename T>
+inline T from_float(float v) {
+  return static_cast<T>(v);
+}
+
+// The fp32 compute loop over one block. Loop-invariant options are template parameters or hoisted
+// so the body is straight-line code.
+template <Prediction P, bool kGuided, X0Clamp kClamp>
+void compute_block(const DdimStepParams& p, const StepCoefs& k, int64_t n, const float* x, const float* mu,
+                   const float* mc, const float* z, const float* thr, float* x_prev, float* x0_out) {
+  const float scale = p.guidance_scale;
+  const float clip = p.clip_range;
+  const bool reuse_clipped = kClamp != X0Clamp::kNone && p.use_clipped_model_output;
+  for (int64_t i = 0; i < n; ++i) {
+    const float m = kGuided ? guidance_combine(mu[i], mc[i], scale) : mu[i];
+    float x0, eps;
+    predict_x0_eps<P>(x[i], m, k, &x0, &eps);
+    if (kClamp != X0Clamp::kNone) {
+      x0 = clamp_x0(x0, kClamp, clip, kClamp == X0Clamp::kDynamic ? thr[i] : 0.0f);
+      if (reuse_clipped) eps = eps_from_x0(x[i], x0, k);
+    }
+    x_prev[i] = ddim_update(x0, eps, z[i], k);
+    x0_out[i] = x0;
+  }
+}
+
+using ComputeFn = void (*)(const DdimStepParams&, const StepCoefs&, int64_t, const float*, const float*,
+                           const float*, const float*, const float*, float*, float*);
+
+template <Prediction P, bool kGuided>
+ComputeFn pick_clamp(X0Clamp c) {
+  switch (c) {
+    case X0Clamp::kStatic:
+      return &compute_block<P, kGuided, X0Clamp::kStatic>;
+    case X0Clamp::kDynamic:
+      return &compute_block<P, kGuided, X0Clamp::kDynamic>;
+    default:
+      return &compute_block<P, kGuided, X0Clamp::kNone>;
+  }
+}
+
+template <Prediction P>
+ComputeFn pick_guided(const DdimStepParams& p) {
+  return p.guided ? pick_clamp<P, true>(p.clamp) : pick_clamp<P, false>(p.clamp);
+}
+
+ComputeFn pick_compute(const DdimStepParams& p) {
+  switch (p.prediction) {
+    case Prediction::kVPrediction:
+      return pick_guided<Prediction::kVPrediction>(p);
+    case Prediction::kSample:
+      return pick_guided<Prediction::kSample>(p);
+    default:
+      return pick_guided<Prediction::kEpsilon>(p);
+  }
+}
+
+// Seeded normals for logical elements [start, start + n).
+void fill_philox_normals(uint64_t seed, uint64_t offset, int64_t start, int64_t n, float* z) {
+  float group_normals[4];
+  int64_t cached_group = -1;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t index = start + i;
+    const int64_t group = index >> 2;
+    if (group != cached_group) {
+      philox_normal4(seed, offset, static_cast<uint64_t>(group), group_normals);
+      cached_group = group;
+    }
+    z[i] = group_normals[index & 3];
+  }
+}
+
+template <typename scalar_t>
+void run_range(const DdimStepParams& p, const StepCoefs& k, ComputeFn compute, uint64_t seed,
+               uint64_t rng_offset, int64_t begin, int64_t end) {
+  constexpr bool kDirectFloat = std::is_same<scalar_t, float>::value;
+  const bool contiguous = p.all_contiguous;
+  const bool has_noise_tensor = p.noise.data != nullptr;
+  const bool has_rng = !has_noise_tensor && p.rng != nullptr;
+  const bool want_x0 = p.pred_x0.data != nullptr;
+
+  const auto* x_ptr = static_cast<const scalar_t*>(p.x.data);
+  const auto* mu_ptr = static_cast<const scalar_t*>(p.model_uncond.data);
+  const auto* mc_ptr = static_cast<const scalar_t*>(p.model_cond.data);
+  const auto* noise_ptr = static_cast<const scalar_t*>(p.noise.data);
+  auto* out_ptr = static_cast<scalar_t*>(const_cast<void*>(p.out.data));
+  auto* x0_ptr = static_cast<scalar_t*>(const_cast<void*>(p.pred_x0.data));
+
+  alignas(64) float xb[kBlock], mub[kBlock], mcb[kBlock], zb[kBlock], thrb[kBlock], outb[kBlock], x0b[kBlock];
+  std::fill(zb, zb + kBlock, 0.0f);  // stays zero when there is no noise at all
+
+  for (int64_t start = begin; start < end; start += kBlock) {
+    const int64_t n = std::min(kBlock, end - start);
+    const float *xs, *mus, *mcs = mcb, *zs = zb;
+    float* outs = outb;
+    float* x0s = x0b;
+
+    if (contiguous) {
+      if constexpr (kDirectFloat) {
+        // fp32 contiguous: compute straight from and into the tensors, no staging copies.
+        xs = x_ptr + start;
+        mus = mu_ptr + start;
+        if (p.guided) mcs = mc_ptr + start;
+        if (has_noise_tensor) zs = noise_ptr + start;
+        outs = out_ptr + start;
+        if (want_x0) x0s = x0_ptr + start;
+      } else {
+        for (int64_t i = 0; i < n; ++i) xb[i] = to_float(x_ptr[start + i]);
+        for (int64_t i = 0; i < n; ++i) mub[i] = to_float(mu_ptr[start + i]);
+        if (p.guided)
+          for (int64_t i = 0; i < n; ++i) mcb[i] = to_float(mc_ptr[start + i]);
+        if (has_noise_tensor)
+          for (int64_t i = 0; i < n; ++i) zb[i] = to_float(noise_ptr[start + i]);
+        xs = xb;
+        mus = mub;
+      }
+    } else {
+      OffsetWalker w(p, start);
+      for (int64_t i = 0; i < n; ++i, w.advance()) {
+        xb[i] = to_float(x_ptr[w.offset[0]]);
+        mub[i] = to_float(mu_ptr[w.offset[1]]);
+        if (p.guided) mcb[i] = to_float(mc_ptr[w.offset[2]]);
+        if (has_noise_tensor) zb[i] = to_float(noise_ptr[w.offset[3]]);
+      }
+      xs = xb;
+      mus = mub;
+    }
+    if (has_rng) {
+      fill_philox_normals(seed, rng_offset, start, n, zb);
+      zs = zb;
+    }
+    if (p.clamp == X0Clamp::kDynamic) {
+      for (int64_t i = 0; i < n; ++i) thrb[i] = p.x0_threshold[(start + i) / p.sample_numel];
+    }
+
+    compute(p, k, n, xs, mus, mcs, zs, thrb, outs, x0s);
+
+    if (contiguous) {
+      if constexpr (!kDirectFloat) {
+        for (int64_t i = 0; i < n; ++i) out_ptr[start + i] = from_float<scalar_t>(outb[i]);
+        if (want_x0)
+          for (int64_t i = 0; i < n; ++i) x0_ptr[start + i] = from_float<scalar_t>(x0b[i]);
+      }
+    } else {
+      OffsetWalker w(p, start);
+      for (int64_t i = 0; i < n; ++i, w.advance()) {
+        out_ptr[w.offset[4]] = from_float<scalar_t>(outb[i]);
+        if (want_x0) x0_ptr[w.offset[5]] = from_float<scalar_t>(x0b[i]);
+      }
+    }
+  }
+}
+
+void run_ddim_step_cpu(const DdimStepParams& p) {
+  if (p.numel == 0) return;
+  const int64_t step = *p.step;
+  TORCH_CHECK_INDEX(step >= 0 && step < p.num_rows, "ddim_step: step index ", step,
+                    " is outside the coefficient table's ", p.num_rows, " rows");
+  const StepCoefs k = load_step_coefs(p.table + step * kTableColumns, p.temperature);
+  // The Philox counter's high half advances with the step index, so each step draws fresh noise.
+  const uint64_t seed = p.rng ? static_cast<uint64_t>(p.rng[0]) : 0;
+  const uint64_t rng_offset = p.rng ? static_cast<uint64_t>(p.rng[1]) + static_cast<uint64_t>(step) : 0;
+  const ComputeFn compute = pick_compute(p);
+  at::parallel_for(0, p.numel, kGrain, [&](int64_t begin, int64_t end) {
+    switch (p.dtype) {
+      case ScalarKind::kFloat16:
+        run_range<c10::Half>(p, k, compute, seed, rng_offset, begin, end);
+        break;
+      case ScalarKind::kBFloat16:
+        run_range<c10::BFloat16>(p, k, compute, seed, rng_offset, begin, end);
+        break;
+      default:
+        run_range<float>(p, k, compute, seed, rng_offset, begin, end);
+    }
+  });
+}
+
+StepOptions to_options(std::optional<double> guidance_scale, const std::string& prediction_type,
+                       std::optional<double> clip_range, const std::optional<at::Tensor>& x0_threshold,
+                       bool use_clipped_model_output, const std::optional<at::Tensor>& noise,
+                       const std::optional<at::Tensor>& rng_state, double temperature) {
+  StepOptions o;
+  o.guidance_scale = guidance_scale;
+  o.prediction_type = prediction_type;
+  o.clip_range = clip_range;
+  o.x0_threshold = x0_threshold;
+  o.use_clipped_model_output = use_clipped_model_output;
+  o.noise = noise;
+  o.rng_state = rng_state;
+  o.temperature = temperature;
+  return o;
+}
+
+void ddim_step_out_cpu(const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& table,
+                       const at::Tensor& step, std::optional<double> guidance_scale,
+                       c10::string_view prediction_type, std::optional<double> clip_range,
+                       const std::optional<at::Tensor>& x0_threshold, bool use_clipped_model_output,
+                       const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& rng_state,
+                       double temperature, const at::Tensor& out, const std::optional<at::Tensor>& pred_x0_out) {
+  const StepOptions o = to_options(guidance_scale, std::string(prediction_type), clip_range, x0_threshold,
+                                   use_clipped_model_output, noise, rng_state, temperature);
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "ddim_step (CPU kernel): x must be a CPU tensor, got ", x.device());
+  run_ddim_step_cpu(make_ddim_step_params(x, model_output, table, step, o, out, pred_x0_out));
+}
+
+std::tuple<at::Tensor, at::Tensor> ddim_step_cpu(const at::Tensor& x, const at::Tensor& model_output,
+                                                 const at::Tensor& table, const at::Tensor& step,
+                                                 std::optional<double> guidance_scale,
+                                                 c10::string_view prediction_type, std::optional<double> clip_range,
+                                                 const std::optional<at::Tensor>& x0_threshold,
+                                                 bool use_clipped_model_output,
+                                                 const std::optional<at::Tensor>& noise,
+                                                 const std::optional<at::Tensor>& rng_state, double temperature,
+                                                 bool return_pred_x0) {
+  auto [out, pred_x0] = allocate_ddim_step_outputs(x, return_pred_x0);
+  ddim_step_out_cpu(x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
+                    use_clipped_model_output, noise, rng_state, temperature, out,
+                    return_pred_x0 ? std::optional<at::Tensor>(pred_x0) : std::nullopt);
+  return {out, pred_x0};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ddim_fast, CPU, m) {
+  m.impl("ddim_step", &ddim_step_cpu);
+  m.impl("ddim_step_out", &ddim_step_out_cpu);
+}
+
+}  // namespace ddim_fast

@@ -1,0 +1,193 @@
+#include "ddim_step_args.h"
+
+#include <ATen/MemoryOverlap.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+
+namespace ddim_fast {
+namespace {
+
+ScalarKind scalar_kind_of(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return ScalarKind::kFloat32;
+    case at::kHalf:
+      return ScalarKind::kFloat16;
+    case at::kBFloat16:
+      return ScalarKind::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, "ddim_step: x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  }
+}
+
+void check_like_x(const at::Tensor& x, const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device() == x.device(), "ddim_step: ", name, " must be on x's device ", x.device(),
+                    ", got ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), "ddim_step: ", name, " must have x's dtype ",
+                   x.scalar_type(), ", got ", t.scalar_type(), " (ddim_fast.ops.ddim_step casts for you)");
+  TORCH_CHECK_VALUE(t.sizes() == x.sizes(), "ddim_step: ", name, " must have x's shape ", x.sizes(),
+                    ", got ", t.sizes(), " (nothing is broadcast)");
+}
+
+StridedArg strided_arg(const at::Tensor& t) {
+  StridedArg a;
+  a.data = t.data_ptr();
+  for (int64_t d = 0; d < t.dim(); ++d) a.strides[d] = t.stride(d);
+  return a;
+}
+
+Prediction parse_prediction(const std::string& name) {
+  if (name == "epsilon") return Prediction::kEpsilon;
+  if (name == "v_prediction") return Prediction::kVPrediction;
+  if (name == "sample") return Prediction::kSample;
+  TORCH_CHECK_VALUE(false, "ddim_step: prediction_type must be 'epsilon', 'v_prediction' or 'sample', got '",
+                    name, "'");
+}
+
+void check_written_arg(const at::Tensor& x, const at::Tensor& written, const char* name,
+                       const at::Tensor& model_output, const std::optional<at::Tensor>& noise) {
+  check_like_x(x, written, name);
+  TORCH_CHECK_VALUE(at::has_internal_overlap(written) != at::MemOverlap::Yes, "ddim_step: ", name,
+                    " has internal overlap (several elements share memory); pass a dense tensor");
+  // out may be x itself (an in-place update) but must not partly overlap it or overlap a read input.
+  const auto with_x = at::get_overlap_status(written, x);
+  TORCH_CHECK_VALUE(with_x == at::MemOverlapStatus::No ||
+                        (with_x == at::MemOverlapStatus::Full && written.strides() == x.strides()),
+                    "ddim_step: ", name, " partially overlaps x; it may be x itself or disjoint from it");
+  TORCH_CHECK_VALUE(at::get_overlap_status(written, model_output) == at::MemOverlapStatus::No,
+                    "ddim_step: ", name, " overlaps model_output");
+  if (noise.has_value()) {
+    TORCH_CHECK_VALUE(at::get_overlap_status(written, *noise) == at::MemOverlapStatus::No, "ddim_step: ",
+                      name, " overlaps noise");
+  }
+}
+
+}  // namespace
+
+DdimStepParams make_ddim_step_params(const at::Tensor& x, const at::Tensor& model_output,
+                                     const at::Tensor& table, const at::Tensor& step,
+                                     const StepOptions& options, const at::Tensor& out,
+                                     const std::optional<at::Tensor>& pred_x0_out) {
+  DdimStepParams p;
+  TORCH_CHECK_VALUE(x.dim() >= 1, "ddim_step: x must have a batch dimension, got a 0-dim tensor");
+  TORCH_CHECK_VALUE(x.dim() <= kMaxDims, "ddim_step: x may have at most ", kMaxDims, " dims, got ", x.dim());
+  p.dtype = scalar_kind_of(x);
+  p.ndim = static_cast<int>(x.dim());
+  for (int d = 0; d < p.ndim; ++d) p.sizes[d] = x.size(d);
+  p.numel = x.numel();
+  p.sample_numel = x.size(0) == 0 ? 0 : p.numel / x.size(0);
+  p.x = strided_arg(x);
+
+  // model_output: [B, ...] or, with guidance, [2B, ...] = cat([uncond, cond]).
+  const int64_t batch = x.size(0);
+  TORCH_CHECK_VALUE(model_output.device() == x.device(), "ddim_step: model_output must be on x's device ",
+                    x.device(), ", got ", model_output.device());
+  TORCH_CHECK_TYPE(model_output.scalar_type() == x.scalar_type(), "ddim_step: model_output must have x's dtype ",
+                   x.scalar_type(), ", got ", model_output.scalar_type(),
+                   " (ddim_fast.ops.ddim_step casts for you)");
+  TORCH_CHECK_VALUE(model_output.dim() == x.dim() && model_output.sizes().slice(1) == x.sizes().slice(1),
+                    "ddim_step: model_output must be [B, ...] or [2B, ...] with x's trailing shape ",
+                    x.sizes().slice(1), ", got ", model_output.sizes());
+  p.guided = options.guidance_scale.has_value();
+  if (p.guided) {
+    TORCH_CHECK_VALUE(model_output.size(0) == 2 * batch,
+                      "ddim_step: with guidance_scale, model_output must stack [uncond, cond] along dim 0: "
+                      "expected batch ",
+                      2 * batch, ", got ", model_output.size(0));
+    p.guidance_scale = static_cast<float>(*options.guidance_scale);
+    const at::Tensor uncond = model_output.narrow(0, 0, batch);
+    const at::Tensor cond = model_output.narrow(0, batch, batch);
+    p.model_uncond = strided_arg(uncond);
+    p.model_cond = strided_arg(cond);
+  } else {
+    TORCH_CHECK_VALUE(model_output.size(0) == batch, "ddim_step: model_output batch must equal x's batch ",
+                      batch, " (or be ", 2 * batch, " with guidance_scale set), got ", model_output.size(0));
+    p.model_uncond = strided_arg(model_output);
+  }
+
+  // Coefficient table and step index.
+  TORCH_CHECK_VALUE(table.device() == x.device(), "ddim_step: table must be on x's device ", x.device(),
+                    ", got ", table.device(), " (build it with ddim_fast.schedule ... .to(device))");
+  TORCH_CHECK_TYPE(table.scalar_type() == at::kFloat, "ddim_step: table must be float32, got ",
+                   table.scalar_type());
+  TORCH_CHECK_VALUE(table.dim() == 2 && table.size(1) == kTableColumns && table.is_contiguous(),
+                    "ddim_step: table must be a contiguous [num_steps, ", kTableColumns, "] tensor, got ",
+                    table.sizes());
+  TORCH_CHECK_VALUE(table.size(0) > 0, "ddim_step: table has no rows");
+  TORCH_CHECK_VALUE(step.device() == x.device(), "ddim_step: step must be on x's device ", x.device(),
+                    ", got ", step.device());
+  TORCH_CHECK_TYPE(step.scalar_type() == at::kLong, "ddim_step: step must be an int64 tensor, got ",
+                   step.scalar_type());
+  TORCH_CHECK_VALUE(step.numel() == 1, "ddim_step: step must hold exactly one index, got ", step.numel(),
+                    " elements");
+  p.table = table.data_ptr<float>();
+  p.num_rows = table.size(0);
+  p.step = step.data_ptr<int64_t>();
+
+  p.prediction = parse_prediction(options.prediction_type);
+
+  // x0 clamping: static clip or per-sample dynamic threshold, not both.
+  TORCH_CHECK_VALUE(!(options.clip_range.has_value() && options.x0_threshold.has_value()),
+                    "ddim_step: give clip_range or x0_threshold, not both");
+  if (options.clip_range.has_value()) {
+    TORCH_CHECK_VALUE(*options.clip_range > 0, "ddim_step: clip_range must be > 0, got ", *options.clip_range);
+    p.clamp = X0Clamp::kStatic;
+    p.clip_range = static_cast<float>(*options.clip_range);
+  }
+  if (options.x0_threshold.has_value()) {
+    const at::Tensor& thr = *options.x0_threshold;
+    TORCH_CHECK_VALUE(thr.device() == x.device(), "ddim_step: x0_threshold must be on x's device ", x.device(),
+                      ", got ", thr.device());
+    TORCH_CHECK_TYPE(thr.scalar_type() == at::kFloat, "ddim_step: x0_threshold must be float32, got ",
+                     thr.scalar_type());
+    TORCH_CHECK_VALUE(thr.dim() == 1 && thr.size(0) == batch && thr.is_contiguous(),
+                      "ddim_step: x0_threshold must be a contiguous [B] = [", batch, "] tensor, got ", thr.sizes());
+    p.clamp = X0Clamp::kDynamic;
+    p.x0_threshold = thr.data_ptr<float>();
+  }
+  p.use_clipped_model_output = options.use_clipped_model_output;
+
+  // Noise: a tensor, or a seeded Philox draw, or none.
+  TORCH_CHECK_VALUE(!(options.noise.has_value() && options.rng_state.has_value()),
+                    "ddim_step: give noise or rng_state, not both");
+  if (options.noise.has_value()) {
+    check_like_x(x, *options.noise, "noise");
+    p.noise = strided_arg(*options.noise);
+  }
+  if (options.rng_state.has_value()) {
+    const at::Tensor& rng = *options.rng_state;
+    TORCH_CHECK_VALUE(rng.device() == x.device(), "ddim_step: rng_state must be on x's device ", x.device(),
+                      ", got ", rng.device());
+    TORCH_CHECK_TYPE(rng.scalar_type() == at::kLong, "ddim_step: rng_state must be int64 [seed, offset], got ",
+                     rng.scalar_type());
+    TORCH_CHECK_VALUE(rng.dim() == 1 && rng.size(0) == 2 && rng.is_contiguous(),
+                      "ddim_step: rng_state must be a contiguous int64 tensor [seed, offset], got shape ",
+                      rng.sizes());
+    p.rng = rng.data_ptr<int64_t>();
+  }
+  TORCH_CHECK_VALUE(std::isfinite(options.temperature), "ddim_step: temperature must be finite, got ",
+                    options.temperature);
+  p.temperature = static_cast<float>(options.temperature);
+
+  check_written_arg(x, out, "out", model_output, options.noise);
+  p.out = strided_arg(out);
+  if (pred_x0_out.has_value()) {
+    check_written_arg(x, *pred_x0_out, "pred_x0_out", model_output, options.noise);
+    TORCH_CHECK_VALUE(at::get_overlap_status(*pred_x0_out, out) == at::MemOverlapStatus::No,
+                      "ddim_step: pred_x0_out overlaps out");
+    p.pred_x0 = strided_arg(*pred_x0_out);
+  }
+
+  p.all_contiguous = x.is_contiguous() && model_output.is_contiguous() && out.is_contiguous() &&
+                     (!options.noise.has_value() || options.noise->is_contiguous()) &&
+                     (!pred_x0_out.has_value() || pred_x0_out->is_contiguous());
+  return p;
+}
+
+std::pair<at::Tensor, at::Tensor> allocate_ddim_step_outputs(const at::Tensor& x, bool return_pred_x0) {
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor pred_x0 = return_pred_x0 ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  return {out, pred_x0};
+}
+
+}  // namespace ddim_fast

@@ -1,0 +1,35 @@
+// Torch-side checks for ddim_step shared by the CPU and CUDA bindings: every bad input is rejected here
+// with a message naming the argument and what was expected, and the plain DdimStepParams is filled.
+#pragma once
+
+#include <optional>
+#include <string>
+
+#include <ATen/core/Tensor.h>
+
+#include "ddim_fast/step_params.h"
+
+namespace ddim_fast {
+
+struct StepOptions {
+  std::optional<double> guidance_scale;
+  std::string prediction_type;
+  std::optional<double> clip_range;
+  std::optional<at::Tensor> x0_threshold;
+  bool use_clipped_model_output = false;
+  std::optional<at::Tensor> noise;
+  std::optional<at::Tensor> rng_state;
+  double temperature = 1.0;
+};
+
+// Validates every argument against x (device, dtype, shape, overlap) and returns the launch params.
+// `out` and `pred_x0_out` must already have x's shape and dtype (checked).
+DdimStepParams make_ddim_step_params(const at::Tensor& x, const at::Tensor& model_output,
+                                     const at::Tensor& table, const at::Tensor& step,
+                                     const StepOptions& options, const at::Tensor& out,
+                                     const std::optional<at::Tensor>& pred_x0_out);
+
+// Allocates the functional op's outputs (contiguous, x's dtype) — the fake kernel mirrors this.
+std::pair<at::Tensor, at::Tensor> allocate_ddim_step_outputs(const at::Tensor& x, bool return_pred_x0);
+
+}  // namespace ddim_fast

@@ -1,0 +1,34 @@
+// The one place where the ddim_fast operator schemas are defined. Device kernels register themselves
+// with TORCH_LIBRARY_IMPL in their own files (csrc/cpu/*.cpp, csrc/cuda/*_cuda.cpp); fake (meta)
+// kernels live beside the Python wrappers in ddim_fast/ops.py and ddim_fast/attention.py.
+#include <Python.h>
+
+#include <torch/library.h>
+
+// Importing ddim_fast._C loads this shared library, which runs the registrations below.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(ddim_fast, m) {
+  // One fused DDIM step: guidance combine, x0/eps prediction, clamp, update and noise.
+  // Returns (x_prev, pred_x0); pred_x0 has shape [0] unless return_pred_x0.
+  m.def(
+      "ddim_step(Tensor x, Tensor model_output, Tensor table, Tensor step, float? guidance_scale, "
+      "str prediction_type, float? clip_range, Tensor? x0_threshold, bool use_clipped_model_output, "
+      "Tensor? noise, Tensor? rng_state, float temperature, bool return_pred_x0) -> (Tensor, Tensor)");
+  // The same step writing into caller-owned buffers (CUDA graphs, in-place updates: out may be x).
+  m.def(
+      "ddim_step_out(Tensor x, Tensor model_output, Tensor table, Tensor step, float? guidance_scale, "
+      "str prediction_type, float? clip_range, Tensor? x0_threshold, bool use_clipped_model_output, "
+      "Tensor? noise, Tensor? rng_state, float temperature, Tensor(a!) out, Tensor(b!)? pred_x0_out) -> ()");
+
+  // softmax(scores * scale + mask) over the last dim in one pass; mask is additive (float) or
+  // boolean (True = keep), broadcast over the leading dims as documented in ddim_fast/attention.py.
+  m.def("scaled_masked_softmax(Tensor scores, Tensor? mask, float scale) -> Tensor");
+  // softmax(q k^T * scale + mask) v, fused. q [..., Lq, D], k/v [..., Lk, D].
+  m.def("attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? mask) -> Tensor");
+}

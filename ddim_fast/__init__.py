@@ -1,0 +1,42 @@
+"""ddim-fast: fused CUDA C++ and Triton kernels for Stable Diffusion's DDIM sampling loop.
+
+Drop-ins: ``FastDDIMSampler`` (ldm ``DDIMSampler``), ``FastDDIMScheduler`` / ``FastDDIMInverseScheduler``
+(diffusers), ``patch_attention`` / ``FusedAttnProcessor`` (fused attention). Low level: ``ddim_fast.ops``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# Public names and the submodule that defines each; imported on first use so that `import ddim_fast`
+# stays light and diffusers stays optional.
+_LAZY = {
+    "FastDDIMSampler": "ddim_fast.sampler",
+    "slerp": "ddim_fast.sampler",
+    "FastDDIMScheduler": "ddim_fast.scheduler",
+    "FastDDIMInverseScheduler": "ddim_fast.scheduler",
+    "patch_attention": "ddim_fast.attention",
+    "unpatch_attention": "ddim_fast.attention",
+    "FusedAttnProcessor": "ddim_fast.attention",
+    "ops": "ddim_fast.ops",
+    "reference": "ddim_fast.reference",
+    "schedule": "ddim_fast.schedule",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'ddim_fast' has no attribute {name!r}")
+    module = importlib.import_module(module_name)
+    value = module if module_name.endswith("." + name) else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,198 @@
+"""The pure-PyTorch oracle of every ddim_fast op, written for clarity rather than speed.
+
+Every kernel (C++ CPU, CUDA, Triton) is tested against these functions, computed in float64 unless a
+caller asks for another compute dtype (the benchmarks time the fp32 version as "what ldm/diffusers do").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ddim_fast import schedule as _schedule
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def guidance_combine(model_output: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance: model_output [2B, ...] = cat([uncond, cond]) -> uncond + s (cond - uncond) [B, ...]."""
+    uncond, cond = model_output.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def predict_x0_eps(x: torch.Tensor, model_output: torch.Tensor, sqrt_alpha, sqrt_one_minus_alpha, prediction_type: str):
+    """(x0_hat, eps_hat) from the model output for eps / v / sample parameterisations."""
+    if prediction_type == "epsilon":
+        eps = model_output
+        x0 = (x - sqrt_one_minus_alpha * eps) / sqrt_alpha
+    elif prediction_type == "v_prediction":
+        x0 = sqrt_alpha * x - sqrt_one_minus_alpha * model_output
+        eps = sqrt_alpha * model_output + sqrt_one_minus_alpha * x
+    elif prediction_type == "sample":
+        x0 = model_output
+        eps = (x - sqrt_alpha * x0) / sqrt_one_minus_alpha
+    else:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    return x0, eps
+
+
+def dynamic_threshold(x0: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
+    """Imagen's dynamic thresholding scale s per sample, as diffusers computes it: the `ratio` quantile of
+    |x0| over each sample, clamped to [1, max_value]. x0 [B, ...] -> s [B] (float32, or float64 for fp64 x0)."""
+    flat = x0.reshape(x0.shape[0], -1)
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+    s = torch.quantile(flat.abs(), ratio, dim=1)
+    return s.clamp(min=1.0, max=max_value)
+
+
+def ddim_step(
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    table: torch.Tensor,
+    step: torch.Tensor | int,
+    *,
+    guidance_scale: float | None = None,
+    prediction_type: str = "epsilon",
+    clip_range: float | None = None,
+    x0_threshold: torch.Tensor | None = None,
+    use_clipped_model_output: bool = False,
+    noise: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    compute_dtype: torch.dtype | None = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step, unfused: the semantics every kernel must reproduce.
+
+    x [B, ...]; model_output [B, ...] or [2B, ...] (uncond first) with guidance_scale; table [S, 8] from
+    ddim_fast.schedule.coefficient_table; step an int or an int64 tensor holding the row; noise [B, ...] or None;
+    x0_threshold [B] (per-sample dynamic-threshold scale s: x0 -> clamp(x0, -s, s) / s).
+    Returns (x_prev, pred_x0) in compute_dtype (x's dtype when compute_dtype is None).
+    """
+    dtype = x.dtype if compute_dtype is None else compute_dtype
+    row = table[step].reshape(-1).to(dtype) if torch.is_tensor(step) else table[int(step)].to(dtype)
+    sqrt_alpha = row[_schedule.COL_SQRT_ALPHA]
+    sqrt_one_minus_alpha = row[_schedule.COL_SQRT_ONE_MINUS_ALPHA]
+    sqrt_alpha_prev = row[_schedule.COL_SQRT_ALPHA_PREV]
+    dir_coef = row[_schedule.COL_DIR_COEF]
+    sigma = row[_schedule.COL_SIGMA]
+
+    x = x.to(dtype)
+    m = model_output.to(dtype)
+    if guidance_scale is not None:
+        m = guidance_combine(m, guidance_scale)
+    x0, eps = predict_x0_eps(x, m, sqrt_alpha, sqrt_one_minus_alpha, prediction_type)
+    clamped = False
+    if clip_range is not None:
+        x0 = x0.clamp(-clip_range, clip_range)
+        clamped = True
+    if x0_threshold is not None:
+        s = x0_threshold.to(dtype).reshape(-1, *([1] * (x0.dim() - 1)))
+        x0 = torch.minimum(torch.maximum(x0, -s), s) / s
+        clamped = True
+    if clamped and use_clipped_model_output:
+        eps = (x - sqrt_alpha * x0) / sqrt_one_minus_alpha
+    x_prev = sqrt_alpha_prev * x0 + dir_coef * eps
+    if noise is not None:
+        x_prev = x_prev + sigma * temperature * noise.to(dtype)
+    return x_prev, x0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Seeded noise: Philox4x32-10 + Box-Muller, the mapping of csrc/include/ddim_fast/philox.h
+# ----------------------------------------------------------------------------------------------------
+
+_M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+_W0, _W1 = np.uint32(0x9E3779B9), np.uint32(0xBB67AE85)
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(counter: np.ndarray, key: tuple[int, int]) -> np.ndarray:
+    """Philox4x32-10 on uint32 counters [N, 4] with key (k0, k1): uint32 [N, 4]."""
+    c = [counter[:, i].astype(np.uint64) for i in range(4)]
+    k0, k1 = np.uint64(key[0] & 0xFFFFFFFF), np.uint64(key[1] & 0xFFFFFFFF)
+    for round_ in range(10):
+        if round_ > 0:
+            k0 = (k0 + np.uint64(_W0)) & _MASK32
+            k1 = (k1 + np.uint64(_W1)) & _MASK32
+        p0 = _M0 * c[0]
+        p1 = _M1 * c[2]
+        hi0, lo0 = p0 >> np.uint64(32), p0 & _MASK32
+        hi1, lo1 = p1 >> np.uint64(32), p1 & _MASK32
+        c = [hi1 ^ c[1] ^ k0, lo1, hi0 ^ c[3] ^ k1, lo0]
+    return np.stack(c, axis=1).astype(np.uint32)
+
+
+def philox_words(seed: int, offset: int, numel: int) -> np.ndarray:
+    """The raw Philox words for elements [0, numel): uint32 [ceil(numel/4), 4] (group g = i >> 2)."""
+    groups = np.arange((numel + 3) // 4, dtype=np.uint64)
+    seed &= (1 << 64) - 1
+    offset &= (1 << 64) - 1
+    counter = np.stack(
+        [
+            groups & _MASK32,
+            groups >> np.uint64(32),
+            np.full_like(groups, offset & 0xFFFFFFFF),
+            np.full_like(groups, offset >> 32),
+        ],
+        axis=1,
+    ).astype(np.uint32)
+    return philox4x32_10(counter, (seed & 0xFFFFFFFF, seed >> 32))
+
+
+def philox_normal(seed: int, offset: int, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normals of the seeded in-kernel draw: element i (row-major in `shape`) of step k uses
+    offset = rng_offset + k. Computed in float64 from the same 24-bit uniforms as the kernels, so it
+    matches them to fp32 rounding of the transcendental functions."""
+    shape = tuple(int(s) for s in shape)
+    numel = int(np.prod(shape)) if shape else 1
+    words = philox_words(seed, offset, numel).astype(np.float64)
+    u = np.floor(words / 256.0) * 2.0**-24  # (r >> 8) * 2^-24
+    radius_a = np.sqrt(-2.0 * np.log(u[:, 0] + 2.0**-24))
+    radius_b = np.sqrt(-2.0 * np.log(u[:, 2] + 2.0**-24))
+    angle_a = 2.0 * np.pi * u[:, 1]
+    angle_b = 2.0 * np.pi * u[:, 3]
+    z = np.stack(
+        [radius_a * np.cos(angle_a), radius_a * np.sin(angle_a), radius_b * np.cos(angle_b), radius_b * np.sin(angle_b)],
+        axis=1,
+    ).reshape(-1)[:numel]
+    return torch.from_numpy(z.reshape(shape)).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------------
+
+
+def apply_attention_mask(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Boolean masks keep True positions and fill the rest with -finfo.max (ldm's masked_fill: a fully
+    masked row then softmaxes to a uniform row, never NaN); float masks are added (diffusers style)."""
+    if mask is None:
+        return scores
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(~mask, -torch.finfo(scores.dtype).max)
+    return scores + mask.to(scores.dtype)
+
+
+def scaled_masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                          compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """softmax(scores * scale (+ mask)) over the last dim. scores [..., Lq, Lk]; mask broadcastable to it."""
+    s = scores.to(compute_dtype) * scale
+    return torch.softmax(apply_attention_mask(s, mask), dim=-1)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
+              compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """softmax(q k^T * scale (+ mask)) v. q [..., Lq, D], k [..., Lk, D], v [..., Lk, Dv] -> [..., Lq, Dv]."""
+    scores = torch.matmul(q.to(compute_dtype), k.to(compute_dtype).transpose(-1, -2))
+    probs = scaled_masked_softmax(scores, mask, scale, compute_dtype)
+    return torch.matmul(probs, v.to(compute_dtype))
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (0 for two empty tensors)."""
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    if ref64.numel() == 0:
+        return 0.0
+    denom = torch.linalg.vector_norm(ref64).item()
+    num = torch.linalg.vector_norm(out64 - ref64).item()
+    return num / denom if denom > 0 else num

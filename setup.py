@@ -1,0 +1,60 @@
+"""Builds ddim_fast._C from csrc/: C++ CPU kernels always; CUDA kernels and their torch bindings only
+when the installed torch has CUDA and nvcc is found (the reason is printed when they are skipped).
+
+Build with `pip install --no-build-isolation -e .`: an isolated build would install a fresh torch
+(from PyPI: the multi-GB CUDA build) into a throwaway environment and compile against it instead of
+the torch you run with. MAX_JOBS caps ninja's parallel compile jobs.
+"""
+
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def cuda_skip_reason():
+    """None when the CUDA kernels can be built, else why not."""
+    if os.environ.get("DDIM_FAST_NO_CUDA", "0") == "1":
+        return "DDIM_FAST_NO_CUDA=1"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} was built without CUDA (no CUDA headers to build against)"
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else shutil.which("nvcc")
+    if not nvcc or not os.path.exists(nvcc):
+        return "nvcc was not found (set CUDA_HOME)"
+    return None
+
+
+def sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def make_extension():
+    cpu_sources = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
+    include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
+    cxx_flags = ["-O3", "-std=c++17"]
+    reason = cuda_skip_reason()
+    if reason is not None:
+        print(f"ddim_fast: building the C++ CPU kernels only; CUDA kernels skipped: {reason}")
+        return CppExtension("ddim_fast._C", cpu_sources, include_dirs=include_dirs,
+                            extra_compile_args={"cxx": cxx_flags})
+    cuda_sources = sources("csrc/cuda/*.cu") + sources("csrc/cuda/*.cpp")
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    nvcc_flags = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]
+    if not arch_list:
+        nvcc_flags += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+    print(f"ddim_fast: building C++ CPU and CUDA kernels (CUDA {torch.version.cuda}, nvcc from {CUDA_HOME})")
+    return CUDAExtension("ddim_fast._C", cpu_sources + cuda_sources, include_dirs=include_dirs,
+                         define_macros=[("DDIM_FAST_WITH_CUDA", "1")],
+                         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
+
+
+setup(
+    ext_modules=[make_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
