@@ -22,7 +22,8 @@ echo "[setup] pip install --no-build-isolation -e '$spec' (builds ddim_fast._C)"
 MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -q --no-build-isolation -e "$spec"
 # Editable installs build into a temporary tree; build in place too so the source checkout imports the
 # extension directly (tests and `python -m ddim_fast` run from here).
-MAX_JOBS=${MAX_JOBS:-2} "$PY" setup.py -q build_ext --inplace >/tmp/ddim_fast_build.log 2>&1 \
+LOCK=""; command -v flock >/dev/null && LOCK="flock /tmp/ddim_build.lock"
+MAX_JOBS=${MAX_JOBS:-2} $LOCK "$PY" setup.py -q build_ext --inplace >/tmp/ddim_fast_build.log 2>&1 \
   || { cat /tmp/ddim_fast_build.log; exit 1; }
 grep -h "^ddim_fast: building" /tmp/ddim_fast_build.log || true
 "$PY" -c "import torch, ddim_fast.ops; print('[setup] ddim_fast ready with torch', torch.__version__)"
