@@ -1,0 +1,564 @@
+"""``python -m ddim_fast bench``: the end-to-end DDIM loop, timed, on one UNet with one seed.
+
+Loops compared (same UNet weights, same x_T, same conditioning, same steps):
+
+* ``diffusers``: what a diffusers pipeline does — UNet on cat([x, x]) -> chunk -> guidance combine ->
+  ``DDIMScheduler.step`` (SD's scheduler config);
+* ``fast``: ``FastDDIMSampler`` (ldm API) on the UNet wrapped as an ldm-style model;
+* ``fast+graph``: the same with ``cuda_graph=True`` (GPU only);
+* ``fast+attn``: the same with ddim_fast's fused attention processors patched into the UNet (when
+  ``ddim_fast.attention`` is present), with the CUDA graph on GPU.
+
+Outputs must agree with the diffusers loop (fp32: 1e-5 relative; fp16/bf16: the whole-run tolerance
+below); it/s, ms per step and the non-UNet time per step are printed and written with ``--json``.
+
+This module also holds the pieces ``profile`` shares: the UNet configs, the ldm-style UNet wrapper, the
+plain-PyTorch reference loop, and the timers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ddim_fast import reference, schedule
+
+logger = logging.getLogger(__name__)
+
+# SD's noise schedule: ldm "linear" 0.00085 .. 0.012 over 1000 steps (diffusers' "scaled_linear").
+SD_LINEAR_START, SD_LINEAR_END, SD_NUM_TIMESTEPS = 0.00085, 0.012, 1000
+SD_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=SD_NUM_TIMESTEPS, beta_start=SD_LINEAR_START, beta_end=SD_LINEAR_END,
+    beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    prediction_type="epsilon",
+)
+
+# Stable Diffusion 1.5's UNet (runwayml/stable-diffusion-v1-5 unet/config.json), written out so that no
+# download is needed: the weights are random, the shapes and the work per step are SD1.5's.
+SD15_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
+    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
+)
+SD15_TEXT_TOKENS = 77
+
+# A tiny UNet with the same block structure (cross-attention down/up blocks), for CPU runs and tests.
+TINY_UNET_CONFIG = dict(
+    sample_size=16, in_channels=4, out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
+    norm_num_groups=8,
+)
+TINY_TEXT_TOKENS = 8
+
+UNET_CONFIGS = {"sd15-unet": (SD15_UNET_CONFIG, SD15_TEXT_TOKENS), "tiny-unet": (TINY_UNET_CONFIG, TINY_TEXT_TOKENS)}
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Whole-run agreement with the diffusers loop. fp32: the drop-in contract. Half precision: diffusers
+# does the step arithmetic in the storage dtype and ddim_fast in fp32, so the runs drift apart by a few
+# fp16 ulps per step; 50 steps of that stay well inside these bounds.
+RUN_TOLERANCES = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def require_diffusers():
+    """Import diffusers or explain how to get it."""
+    try:
+        import diffusers
+    except ImportError as exc:
+        raise RuntimeError(
+            "this needs diffusers (pip install 'ddim-fast[test]' or pip install diffusers); "
+            f"import failed: {exc}"
+        ) from exc
+    return diffusers
+
+
+def require_sampler():
+    """``ddim_fast.FastDDIMSampler``, with a clear error when ddim_fast/sampler.py is missing or broken."""
+    try:
+        from ddim_fast.sampler import FastDDIMSampler
+    except ImportError as exc:
+        raise RuntimeError(f"ddim_fast.sampler.FastDDIMSampler is not available: {exc}") from exc
+    return FastDDIMSampler
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """'auto'/None -> cuda when available, else cpu."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device}: no CUDA device is available")
+    return dev
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------
+
+
+def build_unet(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """A diffusers ``UNet2DConditionModel`` from the named config with random (seeded) weights, in eval mode."""
+    diffusers = require_diffusers()
+    if name not in UNET_CONFIGS:
+        raise ValueError(f"model must be one of {sorted(UNET_CONFIGS)}, got {name!r}")
+    config, _ = UNET_CONFIGS[name]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = diffusers.UNet2DConditionModel(**config)
+    # diffusers warns on every .to(dtype) of a model built without from_pretrained; nothing here is
+    # meant to stay fp32, so keep the output readable.
+    verbosity = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()
+    try:
+        unet = unet.to(device=device, dtype=dtype)
+    finally:
+        diffusers.utils.logging.set_verbosity(verbosity)
+    return unet.eval().requires_grad_(False)
+
+
+class LdmUNetModel(torch.nn.Module):
+    """A diffusers UNet dressed as an ldm ``LatentDiffusion`` for ``FastDDIMSampler``: SD's schedule as
+    fp32 buffers (betas, alphas_cumprod, alphas_cumprod_prev), num_timesteps, device,
+    parameterization='eps', and apply_model(x [B,4,h,w], t [B], c [B,77,768]) -> eps [B,4,h,w]."""
+
+    parameterization = "eps"
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+        device = next(unet.parameters()).device
+        betas = schedule.ldm_betas("linear", SD_NUM_TIMESTEPS, SD_LINEAR_START, SD_LINEAR_END)
+        abar = schedule.alphas_cumprod(betas)
+        self.num_timesteps = SD_NUM_TIMESTEPS
+        self.register_buffer("betas", betas.float().to(device))
+        self.register_buffer("alphas_cumprod", abar.float().to(device))
+        self.register_buffer("alphas_cumprod_prev",
+                             torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]]).float().to(device))
+
+    @property
+    def device(self) -> torch.device:
+        return self.betas.device
+
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond, *args, **kwargs) -> torch.Tensor:
+        if isinstance(cond, dict):  # ldm's {'c_crossattn': [tensor]} form
+            values = next(iter(cond.values()))
+            cond = torch.cat(values, 0) if isinstance(values, (list, tuple)) else values
+        return self.unet(x_noisy, t, encoder_hidden_states=cond).sample
+
+
+@dataclass
+class Problem:
+    """One sampling problem: everything every loop gets identically."""
+
+    model: Any                      # ldm-style model (apply_model, schedule buffers)
+    x_T: torch.Tensor               # [B, C, H, W]
+    cond: torch.Tensor | None       # conditioning [B, ...]
+    uncond: torch.Tensor | None     # unconditional conditioning [B, ...] (None without guidance)
+    steps: int
+    guidance: float | None          # None or 1.0: no classifier-free guidance
+    unet: Any = None                # the raw diffusers UNet when the model wraps one
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_T.device
+
+    @property
+    def uses_guidance(self) -> bool:
+        return self.guidance is not None and self.guidance != 1.0 and self.uncond is not None
+
+
+def unet_problem(name: str, device: torch.device, dtype: torch.dtype, *, batch: int = 1, steps: int = 50,
+                 guidance: float | None = 7.5, resolution: int | None = None, seed: int = 0) -> Problem:
+    """A UNet problem: random-weight UNet, seeded x_T and seeded stand-in text embeddings.
+    ``resolution`` is in pixels (latent = resolution / 8); default the config's sample size * 8."""
+    config, tokens = UNET_CONFIGS[name]
+    latent = (resolution // 8) if resolution else config["sample_size"]
+    unet = build_unet(name, device, dtype, seed)
+    gen = torch.Generator("cpu").manual_seed(seed + 1)
+    x_T = torch.randn(batch, config["in_channels"], latent, latent, generator=gen).to(device, dtype)
+    cond = torch.randn(batch, tokens, config["cross_attention_dim"], generator=gen).to(device, dtype)
+    uncond = torch.randn(batch, tokens, config["cross_attention_dim"], generator=gen).to(device, dtype)
+    return Problem(LdmUNetModel(unet), x_T, cond, uncond if guidance not in (None, 1.0) else None,
+                   steps, guidance, unet=unet)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loops
+# --------------------------------------------------------------------------------------------------
+
+
+def ldm_table(model, steps: int, eta: float = 0.0) -> torch.Tensor:
+    """The coefficient table of an ldm DDIM run ('uniform' grid) on the model's device: fp32 [S', 8]."""
+    timesteps = schedule.ldm_timesteps(steps, model.num_timesteps)
+    params = schedule.ldm_ddim_parameters(model.alphas_cumprod, timesteps, eta)
+    return schedule.ldm_coefficient_table(params, device=model.device)
+
+
+@torch.no_grad()
+def reference_loop(problem: Problem, hooks: "StepHooks | None" = None) -> torch.Tensor:
+    """The plain-PyTorch DDIM loop (what ldm does, unfused): apply_model on cat([x, x]), then
+    ``reference.ddim_step`` (chunk, combine, x0/eps, update as separate fp32 tensor ops) per step.
+    Returns x_0 [B, C, H, W] in x_T's dtype."""
+    model, x = problem.model, problem.x_T
+    table = ldm_table(model, problem.steps)
+    host_table = table.cpu()
+    b = x.shape[0]
+    for i in range(table.shape[0]):
+        t = torch.full((b,), int(host_table[i, schedule.COL_TIMESTEP]), device=x.device, dtype=torch.long)
+        if hooks:
+            hooks.model_start(i)
+        if problem.uses_guidance:
+            out = model.apply_model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([problem.uncond, problem.cond]))
+        else:
+            out = model.apply_model(x, t, problem.cond)
+        if hooks:
+            hooks.model_end(i)
+        x_prev, _ = reference.ddim_step(x, out, host_table if x.device.type == "cpu" else table, i,
+                                        guidance_scale=problem.guidance if problem.uses_guidance else None,
+                                        compute_dtype=torch.float32)
+        x = x_prev.to(problem.x_T.dtype)
+        if hooks:
+            hooks.step_end(i)
+    return x
+
+
+@torch.no_grad()
+def diffusers_loop(problem: Problem, scheduler=None) -> torch.Tensor:
+    """What a diffusers pipeline's denoising loop does with ``DDIMScheduler`` (SD's config)."""
+    if problem.unet is None:
+        raise ValueError("diffusers_loop needs a UNet problem (problem.unet is None)")
+    if scheduler is None:
+        scheduler = require_diffusers().DDIMScheduler(**SD_SCHEDULER_CONFIG)
+    scheduler.set_timesteps(problem.steps, device=problem.device)
+    latents = problem.x_T
+    context = torch.cat([problem.uncond, problem.cond]) if problem.uses_guidance else problem.cond
+    for t in scheduler.timesteps:
+        model_input = torch.cat([latents] * 2) if problem.uses_guidance else latents
+        noise_pred = problem.unet(model_input, t, encoder_hidden_states=context).sample
+        if problem.uses_guidance:
+            noise_uncond, noise_text = noise_pred.chunk(2)
+            noise_pred = noise_uncond + problem.guidance * (noise_text - noise_uncond)
+        latents = scheduler.step(noise_pred, t, latents).prev_sample
+    return latents
+
+
+def make_fast_sampler(problem: Problem, *, backend: str = "auto", cuda_graph: bool = False,
+                      noise_mode: str = "torch"):
+    FastDDIMSampler = require_sampler()
+    return FastDDIMSampler(problem.model, "linear", problem.device, noise_mode=noise_mode, backend=backend,
+                           cuda_graph=cuda_graph)
+
+
+@torch.no_grad()
+def fast_loop(problem: Problem, sampler, callback: Callable | None = None) -> torch.Tensor:
+    """``FastDDIMSampler.sample`` with ldm's keywords; returns the samples."""
+    samples, _ = sampler.sample(
+        problem.steps, problem.x_T.shape[0], tuple(problem.x_T.shape[1:]), conditioning=problem.cond,
+        unconditional_guidance_scale=problem.guidance if problem.uses_guidance else 1.0,
+        unconditional_conditioning=problem.uncond if problem.uses_guidance else None,
+        eta=0.0, x_T=problem.x_T, verbose=False, log_every_t=10**9, callback=callback,
+    )
+    return samples
+
+
+@torch.no_grad()
+def unet_only_loop(problem: Problem) -> None:
+    """The UNet calls of a run and nothing else (the floor every loop pays)."""
+    x = torch.cat([problem.x_T] * 2) if problem.uses_guidance else problem.x_T
+    context = torch.cat([problem.uncond, problem.cond]) if problem.uses_guidance else problem.cond
+    t = torch.full((x.shape[0],), 501, device=x.device, dtype=torch.long)
+    for _ in range(problem.steps):
+        problem.model.apply_model(x, t, context)
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------
+
+
+class StepHooks:
+    """Per-step timestamps: model start/end and step end. CUDA events on GPU (read after one sync at the
+    end), perf_counter on CPU. NVTX ranges ('ddim step i', 'model') on GPU when ``nvtx``."""
+
+    def __init__(self, device: torch.device, nvtx: bool = True):
+        self.cuda = device.type == "cuda"
+        self.nvtx = nvtx and self.cuda
+        self.model_starts: dict[int, Any] = {}
+        self.model_ends: dict[int, Any] = {}
+        self.step_ends: dict[int, Any] = {}
+        self._open_step: int | None = None
+
+    def _stamp(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def model_start(self, i: int) -> None:
+        if self.nvtx:
+            if self._open_step is None:
+                torch.cuda.nvtx.range_push(f"ddim step {i}")
+                self._open_step = i
+            torch.cuda.nvtx.range_push("model")
+        self.model_starts.setdefault(i, self._stamp())
+
+    def model_end(self, i: int) -> None:
+        self.model_ends[i] = self._stamp()
+        if self.nvtx:
+            torch.cuda.nvtx.range_pop()
+
+    def step_end(self, i: int) -> None:
+        self.step_ends[i] = self._stamp()
+        if self.nvtx and self._open_step is not None:
+            torch.cuda.nvtx.range_pop()
+            self._open_step = None
+
+    def _ms(self, a, b) -> float:
+        if a is None or b is None:
+            return float("nan")
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+
+    def rows(self) -> list[dict[str, float]]:
+        """One dict per step: model_ms, update_ms (guidance + DDIM update: model end -> step end), total_ms
+        (previous step end -> step end; step 0 from its model start). NaN where not observed (e.g. the
+        model runs inside a replayed CUDA graph)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        rows = []
+        steps = sorted(self.step_ends)
+        per_step_model = len(self.model_starts) >= len(steps)
+        for k, i in enumerate(steps):
+            start = self.step_ends[steps[k - 1]] if k > 0 else self.model_starts.get(i)
+            rows.append({
+                "step": i,
+                "model_ms": self._ms(self.model_starts.get(i), self.model_ends.get(i)) if per_step_model else float("nan"),
+                "update_ms": self._ms(self.model_ends.get(i), self.step_ends[i]) if per_step_model else float("nan"),
+                "total_ms": self._ms(start, self.step_ends[i]),
+            })
+        return rows
+
+
+class HookedModel:
+    """Proxy of an ldm-style model that stamps ``hooks`` around apply_model (everything else passes through).
+    The step index is the number of completed steps (``hooks.step_end`` calls)."""
+
+    def __init__(self, model, hooks: StepHooks):
+        self._model = model
+        self._hooks = hooks
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def apply_model(self, *args, **kwargs):
+        i = len(self._hooks.step_ends)
+        self._hooks.model_start(i)
+        out = self._model.apply_model(*args, **kwargs)
+        self._hooks.model_end(i)
+        return out
+
+
+def time_call(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> list[float]:
+    """Wall-clock seconds of ``fn()`` per repeat (device synchronised around each)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summarize(values_ms: list[float]) -> dict[str, float]:
+    """mean, p50, p90 (nearest rank), min of a list of milliseconds."""
+    vals = sorted(v for v in values_ms if v == v)
+    if not vals:
+        return {"mean": float("nan"), "p50": float("nan"), "p90": float("nan"), "min": float("nan")}
+    p90 = vals[min(len(vals) - 1, max(0, int(round(0.9 * len(vals) + 0.5)) - 1))]
+    return {"mean": statistics.fmean(vals), "p50": statistics.median(vals), "p90": p90, "min": vals[0]}
+
+
+# --------------------------------------------------------------------------------------------------
+# The bench
+# --------------------------------------------------------------------------------------------------
+
+
+def _patch_attention(unet) -> str | None:
+    """Patch ddim_fast's fused attention into a copy-free UNet; returns None or why it was not possible."""
+    try:
+        from ddim_fast import attention
+    except ImportError as exc:
+        return f"ddim_fast.attention not available ({exc})"
+    try:
+        attention.patch_attention(unet)
+    except Exception as exc:  # report, do not fail the whole bench on the optional variant
+        return f"patch_attention failed: {type(exc).__name__}: {exc}"
+    return None
+
+
+def run_bench(model: str = "tiny-unet", *, steps: int = 50, batch: int = 1, dtype: str = "fp32",
+              guidance: float = 7.5, resolution: int | None = None, device: str | None = None,
+              repeats: int = 3, seed: int = 0, backend: str = "auto", variants: tuple[str, ...] | None = None,
+              check: bool = True) -> dict[str, Any]:
+    """Time every loop on the same problem; returns the JSON-able result (see module docstring).
+    Raises AssertionError when a loop's output disagrees with the diffusers loop."""
+    from ddim_fast import info
+
+    dev = resolve_device(device)
+    torch_dtype = DTYPES[dtype]
+    problem = unet_problem(model, dev, torch_dtype, batch=batch, steps=steps, guidance=guidance,
+                           resolution=resolution, seed=seed)
+    if variants is None:
+        variants = ("diffusers", "fast", "fast+graph", "fast+attn") if dev.type == "cuda" else ("diffusers", "fast", "fast+attn")
+    tol = RUN_TOLERANCES[torch_dtype]
+
+    results: dict[str, Any] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    skipped: dict[str, str] = {}
+
+    unet_times = time_call(lambda: unet_only_loop(problem), dev, repeats)
+    unet_ms = min(unet_times) / steps * 1e3
+
+    for name in variants:
+        if name == "diffusers":
+            fn = lambda: diffusers_loop(problem)  # noqa: E731
+        elif name in ("fast", "fast+graph", "fast+attn"):
+            graph = name == "fast+graph" or (name == "fast+attn" and dev.type == "cuda")
+            if graph and dev.type != "cuda":
+                skipped[name] = "CUDA graphs need a GPU"
+                continue
+            run_problem = problem
+            if name == "fast+attn":
+                patched = copy.deepcopy(problem.unet)
+                why = _patch_attention(patched)
+                if why is not None:
+                    skipped[name] = why
+                    continue
+                run_problem = copy.copy(problem)
+                run_problem.unet = patched
+                run_problem.model = LdmUNetModel(patched)
+            sampler = make_fast_sampler(run_problem, backend=backend, cuda_graph=graph)
+            fn = (lambda p=run_problem, s=sampler: fast_loop(p, s))
+        elif name == "reference":
+            fn = lambda: reference_loop(problem)  # noqa: E731
+        else:
+            raise ValueError(f"unknown variant {name!r}")
+        # Same global RNG state for every loop: ldm-style samplers draw from it even at eta = 0.
+        torch.manual_seed(seed)
+        outputs[name] = fn()
+        times = time_call(fn, dev, repeats)
+        best = min(times)
+        results[name] = {
+            "seconds": best, "seconds_all": times, "it_per_s": steps / best, "ms_per_step": best / steps * 1e3,
+            "non_unet_ms_per_step": best / steps * 1e3 - unet_ms,
+        }
+        results[name]["non_unet_fraction"] = results[name]["non_unet_ms_per_step"] / results[name]["ms_per_step"]
+
+    baseline = "diffusers" if "diffusers" in results else next(iter(results), None)
+    for name, res in results.items():
+        res["speedup_vs_" + baseline] = results[baseline]["seconds"] / res["seconds"] if baseline else float("nan")
+        if baseline and name != baseline:
+            res["rel_error_vs_" + baseline] = reference.relative_error(outputs[name], outputs[baseline])
+
+    report = {
+        "kind": "bench",
+        "date": time.strftime("%Y-%m-%d"),
+        "environment": info.environment_summary(dev),
+        "config": {"model": model, "steps": steps, "batch": batch, "dtype": dtype, "guidance": guidance,
+                   "latent": list(problem.x_T.shape[1:]), "device": str(dev), "repeats": repeats,
+                   "backend": backend, "seed": seed, "tolerance": tol},
+        "unet_only_ms_per_step": unet_ms,
+        "results": results,
+        "skipped": skipped,
+        "baseline": baseline,
+    }
+    if check:
+        bad = {n: r["rel_error_vs_" + baseline] for n, r in results.items()
+               if n != baseline and not r["rel_error_vs_" + baseline] <= tol}
+        report["agree"] = not bad
+        if bad:
+            raise AssertionError(
+                f"outputs disagree with the {baseline} loop beyond {tol:.0e} ({dtype}): "
+                + ", ".join(f"{n}: {e:.3e}" for n, e in bad.items()))
+    return report
+
+
+def format_bench(report: dict[str, Any]) -> str:
+    cfg = report["config"]
+    lines = [
+        f"bench: {cfg['model']}, {cfg['dtype']}, batch {cfg['batch']}, latent {'x'.join(map(str, cfg['latent']))}, "
+        f"{cfg['steps']} steps, CFG {cfg['guidance']} on {report['environment']['hardware']}",
+        f"UNet alone: {report['unet_only_ms_per_step']:.3f} ms per step",
+        f"{'loop':<12} {'it/s':>9} {'ms/step':>9} {'non-UNet ms/step':>17} {'non-UNet %':>10} "
+        f"{'speedup':>8} {'rel err':>10}",
+    ]
+    base = report["baseline"]
+    for name, r in report["results"].items():
+        err = r.get("rel_error_vs_" + base)
+        lines.append(
+            f"{name:<12} {r['it_per_s']:>9.2f} {r['ms_per_step']:>9.3f} {r['non_unet_ms_per_step']:>17.3f} "
+            f"{100 * r['non_unet_fraction']:>9.2f}% {r['speedup_vs_' + base]:>7.2f}x "
+            f"{'-' if err is None else format(err, '.2e'):>10}")
+    for name, why in report["skipped"].items():
+        lines.append(f"{name:<12} skipped: {why}")
+    if "agree" in report:
+        lines.append(f"agreement with {base} (tolerance {cfg['tolerance']:.0e}): "
+                     f"{'PASS' if report['agree'] else 'FAIL'}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser) -> None:
+    on_gpu = torch.cuda.is_available()
+    parser.add_argument("--model", choices=sorted(UNET_CONFIGS), default="sd15-unet" if on_gpu else "tiny-unet",
+                        help="UNet config (random weights); default sd15-unet on GPU, tiny-unet on CPU")
+    parser.add_argument("--steps", type=int, default=50 if on_gpu else 10)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16" if on_gpu else "fp32")
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--resolution", type=int, default=None, help="image size in pixels (latent = /8)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--backend", default="auto", choices=("auto", "native", "triton"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated subset of diffusers,fast,fast+graph,fast+attn,reference")
+    parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
+
+
+def main(args) -> int:
+    variants = tuple(v.strip() for v in args.variants.split(",")) if args.variants else None
+    report = run_bench(args.model, steps=args.steps, batch=args.batch, dtype=args.dtype, guidance=args.guidance,
+                       resolution=args.resolution, device=args.device, repeats=args.repeats, seed=args.seed,
+                       backend=args.backend, variants=variants, check=False)
+    print(format_bench(_check(report)))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    return 0 if report["agree"] else 1
+
+
+def _check(report: dict[str, Any]) -> dict[str, Any]:
+    """Fill report['agree'] (every loop within the dtype's tolerance of the baseline)."""
+    base, tol = report["baseline"], report["config"]["tolerance"]
+    report["agree"] = all(r["rel_error_vs_" + base] <= tol for n, r in report["results"].items() if n != base)
+    return report
