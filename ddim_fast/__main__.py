@@ -16,14 +16,15 @@ import sys
 
 
 def _prepare_environment(show_progress: bool) -> None:
-    # Both must be set before triton / tqdm are first imported. Without a GPU, ddim_fast's Triton
-    # kernels can only run in the interpreter; the samplers' tqdm bars would garble the timing tables.
+    # tqdm reads TQDM_* when it is first imported (torch imports it), triton reads TRITON_INTERPRET when
+    # it is: so both are set here, first. The samplers' progress bars would garble the timing tables;
+    # without a GPU, ddim_fast's Triton kernels can only run in the interpreter.
+    if not show_progress:
+        os.environ.setdefault("TQDM_DISABLE", "1")
     import torch
 
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    if not show_progress:
-        os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -394,7 +395,7 @@ def summarize(values_ms: list[float]) -> dict[str, float]:
     vals = sorted(v for v in values_ms if v == v)
     if not vals:
         return {"mean": float("nan"), "p50": float("nan"), "p90": float("nan"), "min": float("nan")}
-    p90 = vals[min(len(vals) - 1, max(0, int(round(0.9 * len(vals) + 0.5)) - 1))]
+    p90 = vals[max(0, math.ceil(0.9 * len(vals)) - 1)]  # nearest rank
     return {"mean": statistics.fmean(vals), "p50": statistics.median(vals), "p90": p90, "min": vals[0]}
 
 

@@ -86,7 +86,7 @@ def collect() -> dict[str, Any]:
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
-            "cuda (torch)": torch.version.cuda,
+            "cuda (torch)": torch.version.cuda or "none (CPU build of torch)",
             "triton": _version("triton"),
             "diffusers": _version("diffusers"),
             "ddim_fast": _version("ddim_fast"),

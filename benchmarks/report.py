@@ -1,0 +1,265 @@
+"""Turn the committed benchmark results under benchmarks/results/ into the README's results section.
+
+Inputs (every ``*.json`` in ``--results``):
+
+* pytest-benchmark files (``pytest benchmarks --benchmark-only --benchmark-json=FILE``): one table per
+  file, grouped by benchmark group, with the ratio of each entry to its group's baseline;
+* ``python -m ddim_fast bench --json FILE`` files: the end-to-end loops (it/s, ms/step, non-UNet time);
+* ``python -m ddim_fast profile --json FILE`` files: per-step latency summaries.
+
+The markdown replaces what is between ``<!-- results:start -->`` and ``<!-- results:end -->`` in the
+README; a bar chart of the ratios goes to ``--chart`` (needs matplotlib; skipped with a message otherwise).
+Every number written comes from one of those files, and each table names its file, hardware and date.
+
+    python benchmarks/report.py                   # write README.md and benchmarks/results/chart.png
+    python benchmarks/report.py --dry-run         # print the markdown only
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import sys
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+# How a group's baseline is recognised when no benchmark sets extra_info["baseline"]: the first of
+# these words found in a benchmark's name (what everyone else is compared with).
+BASELINE_WORDS = ("baseline", "diffusers", "reference", "unfused", "eager", "torch", "sdpa")
+
+
+def _fmt_time(seconds: float) -> str:
+    if seconds != seconds:
+        return "-"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.3f} ms"
+    return f"{seconds:.3f} s"
+
+
+def _short_name(bench: dict[str, Any]) -> str:
+    return bench.get("name") or bench.get("fullname", "?")
+
+
+def _is_baseline_name(name: str, word: str) -> bool:
+    return re.search(rf"(^|[\[\-_,. ]){re.escape(word)}($|[\]\-_,. ])", name.lower()) is not None
+
+
+def pick_baseline(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The group's baseline: extra_info['baseline'] true, else the first BASELINE_WORDS match, else None."""
+    for e in entries:
+        if (e.get("extra_info") or {}).get("baseline"):
+            return e
+    for word in BASELINE_WORDS:
+        for e in entries:
+            if _is_baseline_name(_short_name(e), word):
+                return e
+    return None
+
+
+def classify(data: Any) -> str | None:
+    if isinstance(data, dict) and "benchmarks" in data and "machine_info" in data:
+        return "pytest-benchmark"
+    if isinstance(data, dict) and data.get("kind") in ("bench", "profile"):
+        return data["kind"]
+    return None
+
+
+def _pytest_hardware(data: dict[str, Any]) -> str:
+    """GPU name if the benchmarks recorded one (extra_info['hardware']), else the CPU from machine_info."""
+    for b in data.get("benchmarks", []):
+        hw = (b.get("extra_info") or {}).get("hardware")
+        if hw:
+            return hw
+    cpu = data.get("machine_info", {}).get("cpu", {})
+    brand = cpu.get("brand_raw") or data.get("machine_info", {}).get("processor") or "unknown CPU"
+    count = cpu.get("count")
+    return f"{brand} ({count} cores)" if count else brand
+
+
+def pytest_benchmark_section(name: str, data: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, float]]]:
+    """Markdown lines for one pytest-benchmark file, and (group, entry, ratio) triples for the chart."""
+    date = str(data.get("datetime", "?"))[:10]
+    commit = (data.get("commit_info") or {}).get("id", "")
+    lines = [f"#### `{name}` — pytest-benchmark, {_pytest_hardware(data)}, {date}"
+             + (f", commit `{commit[:10]}`" if commit else ""), ""]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for b in data.get("benchmarks", []):
+        groups.setdefault(b.get("group") or "(no group)", []).append(b)
+    chart = []
+    lines += ["| group | benchmark | median | mean | rounds | vs baseline |", "|---|---|---:|---:|---:|---:|"]
+    for group, entries in groups.items():
+        base = pick_baseline(entries)
+        for e in entries:
+            st = e["stats"]
+            if base is None:
+                ratio_text = "-"
+            elif e is base:
+                ratio_text = "1.00x (baseline)"
+            else:
+                ratio = base["stats"]["median"] / st["median"]
+                ratio_text = f"{ratio:.2f}x"
+                chart.append((group, _short_name(e), ratio))
+            lines.append(f"| {group} | `{_short_name(e)}` | {_fmt_time(st['median'])} | {_fmt_time(st['mean'])} | "
+                         f"{st.get('rounds', '-')} | {ratio_text} |")
+    lines.append("")
+    lines.append("Ratios are the baseline's median time over the entry's (higher is faster); the baseline of a "
+                 "group is the entry marked `baseline` (else the one named diffusers/reference/eager/torch).")
+    lines.append("")
+    return lines, chart
+
+
+def bench_section(name: str, data: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, float]]]:
+    cfg = data.get("config", {})
+    base = data.get("baseline", "diffusers")
+    hw = data.get("environment", {}).get("hardware", "?")
+    latent = "x".join(str(v) for v in cfg.get("latent", []))
+    lines = [f"#### `{name}` — `python -m ddim_fast bench`, {hw}, {data.get('date', '?')}", "",
+             f"{cfg.get('model')} (random weights), {cfg.get('dtype')}, batch {cfg.get('batch')}, latent {latent}, "
+             f"{cfg.get('steps')} steps, CFG {cfg.get('guidance')}; UNet alone "
+             f"{data.get('unet_only_ms_per_step', float('nan')):.3f} ms/step; outputs agree with the {base} loop "
+             f"within {cfg.get('tolerance', float('nan')):.0e}: {'yes' if data.get('agree') else 'NO'}.", "",
+             f"| loop | it/s | ms/step | non-UNet ms/step | non-UNet share | vs {base} | rel. error vs {base} |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    chart = []
+    for loop, r in data.get("results", {}).items():
+        speed = r.get(f"speedup_vs_{base}", float("nan"))
+        err = r.get(f"rel_error_vs_{base}")
+        lines.append(f"| {loop} | {r['it_per_s']:.1f} | {r['ms_per_step']:.3f} | {r['non_unet_ms_per_step']:.3f} | "
+                     f"{100 * r['non_unet_fraction']:.1f}% | {speed:.2f}x | {'-' if err is None else f'{err:.1e}'} |")
+        if loop != base:
+            chart.append((f"bench {cfg.get('model')} {cfg.get('dtype')}", loop, speed))
+    for loop, why in (data.get("skipped") or {}).items():
+        lines.append(f"| {loop} | skipped: {why} | | | | | |")
+    lines.append("")
+    return lines, chart
+
+
+def profile_section(name: str, data: dict[str, Any]) -> list[str]:
+    cfg, s = data.get("config", {}), data.get("summary", {})
+    hw = data.get("environment", {}).get("hardware", "?")
+    tot, model, upd = s.get("total_ms", {}), s.get("model_ms", {}), s.get("update_ms", {})
+
+    def f(d, k):
+        v = d.get(k, float("nan"))
+        return "-" if v != v else f"{v:.3f}"
+
+    return [f"#### `{name}` — `python -m ddim_fast profile`, {hw}, {data.get('date', '?')}", "",
+            f"{cfg.get('model')} {cfg.get('shape')}, {cfg.get('dtype')}, CFG {cfg.get('guidance')}, backend "
+            f"{cfg.get('backend')}{', CUDA graph' if cfg.get('cuda_graph') else ''} ({cfg.get('timer')}):", "",
+            "| ms per step | mean | p50 | p90 |", "|---|---:|---:|---:|",
+            f"| model | {f(model, 'mean')} | {f(model, 'p50')} | {f(model, 'p90')} |",
+            f"| guidance + update | {f(upd, 'mean')} | {f(upd, 'p50')} | {f(upd, 'p90')} |",
+            f"| total | {f(tot, 'mean')} | {f(tot, 'p50')} | {f(tot, 'p90')} |", "",
+            f"{s.get('steps')} steps, {s.get('it_per_s', float('nan')):.1f} it/s.", ""]
+
+
+def build_markdown(results_dir: str) -> tuple[str, list[tuple[str, str, float]]]:
+    """The results section (markdown) and the chart data from every JSON file in ``results_dir``."""
+    paths = sorted(glob.glob(os.path.join(results_dir, "*.json")))
+    lines = [f"Generated by `python benchmarks/report.py` from the files in `benchmarks/results/` "
+             f"({len(paths)} file{'s' if len(paths) != 1 else ''}); every number below is in one of them.", ""]
+    chart: list[tuple[str, str, float]] = []
+    used = 0
+    for path in paths:
+        name = os.path.basename(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"report: skipping {name}: {exc}", file=sys.stderr)
+            continue
+        kind = classify(data)
+        if kind == "pytest-benchmark":
+            section, points = pytest_benchmark_section(name, data)
+        elif kind == "bench":
+            section, points = bench_section(name, data)
+        elif kind == "profile":
+            section, points = profile_section(name, data), []
+        else:
+            print(f"report: skipping {name}: not a pytest-benchmark, bench or profile JSON", file=sys.stderr)
+            continue
+        lines += section
+        chart += points
+        used += 1
+    if used == 0:
+        lines.append("No results yet: run `pytest benchmarks --benchmark-only --benchmark-json=benchmarks/results/"
+                     "<hardware>-<date>.json`, then `python benchmarks/report.py`.")
+    if chart:
+        lines.append("![speedups](benchmarks/results/chart.png)")
+    return "\n".join(lines).rstrip() + "\n", chart
+
+
+def replace_between_markers(text: str, body: str) -> str:
+    start, end = text.find(START), text.find(END)
+    if start < 0 or end < 0 or end < start:
+        raise ValueError(f"the README has no '{START}' ... '{END}' section")
+    return text[:start + len(START)] + "\n" + body + text[end:]
+
+
+def write_chart(points: list[tuple[str, str, float]], path: str) -> bool:
+    """Horizontal bars of every ratio; False when matplotlib is missing or there is nothing to draw."""
+    if not points:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    labels = [f"{g}: {n}" for g, n, _ in points]
+    values = [v for _, _, v in points]
+    fig, ax = plt.subplots(figsize=(9, 0.3 * len(points) + 1.2))
+    ax.barh(range(len(points)), values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_yticks(range(len(points)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("speedup vs the group's baseline (x)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", default=os.path.join(HERE, "results"), help="folder of result JSON files")
+    parser.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+    parser.add_argument("--chart", default=os.path.join(HERE, "results", "chart.png"))
+    parser.add_argument("--dry-run", action="store_true", help="print the markdown, write nothing")
+    args = parser.parse_args(argv)
+
+    body, points = build_markdown(args.results)
+    if args.dry_run:
+        print(body)
+        return 0
+    try:
+        with open(args.readme, encoding="utf-8") as f:
+            text = f.read()
+        text = replace_between_markers(text, body)
+    except (OSError, ValueError) as exc:
+        print(f"report: cannot update {args.readme}: {exc}", file=sys.stderr)
+        return 1
+    if write_chart(points, args.chart):
+        print(f"report: wrote {args.chart}")
+    else:
+        body = body.replace("![speedups](benchmarks/results/chart.png)\n", "")
+        text = replace_between_markers(text, body)
+        why = "nothing to chart" if not points else "matplotlib is not installed (pip install matplotlib)"
+        print(f"report: chart skipped: {why}")
+    with open(args.readme, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(f"report: wrote the results section of {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

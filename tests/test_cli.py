@@ -1,0 +1,288 @@
+"""The tools: ``python -m ddim_fast demo|profile|bench|info``, the embedded model they sample, and
+benchmarks/report.py. CLI commands run in-process through ``ddim_fast.__main__.main`` (one import of
+torch/diffusers for the whole file); one test runs the real ``python -m ddim_fast`` entry point."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from ddim_fast import __main__ as cli
+from ddim_fast import bench, demo, reference, toy_data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _png_size(path: str) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR, after checking the signature."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+# --------------------------------------------------------------------------------------------------
+# The embedded model
+# --------------------------------------------------------------------------------------------------
+
+
+def test_embedded_images_are_distinct_classes():
+    images, labels = toy_data.make_images(32, 3)
+    assert images.shape == (toy_data.NUM_IMAGES, 3, 32, 32)
+    assert labels.tolist() == [c for c in range(toy_data.NUM_CLASSES) for _ in range(toy_data.IMAGES_PER_CLASS)]
+    assert images.min() >= -1 and images.max() <= 1
+    dist = torch.cdist(images.reshape(len(images), -1).double(), images.reshape(len(images), -1).double())
+    dist.fill_diagonal_(float("inf"))
+    # Distinct enough that "nearest data image" is unambiguous at the demo's PSNR threshold.
+    assert toy_data.psnr(images, images[dist.argmin(1)]).max() < demo.SAMPLE_PSNR_DB - 10
+
+
+def test_exact_denoiser_matches_brute_force_posterior():
+    model = toy_data.EmbeddedLdmModel(size=16, channels=1)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, *model.image_shape, generator=gen)
+    t = torch.tensor([999, 700, 400, 120, 10])
+    c = torch.cat([toy_data.class_embedding([1, 3]), toy_data.class_embedding(None, 3)])
+    eps = model.apply_model(x, t, c)
+    # Brute force in float64: Bayes over the data set with a uniform prior inside the class.
+    imgs, labels = model.images.double(), model.labels
+    for b in range(5):
+        a = model.alphas_cumprod[t[b]].double()
+        members = labels == (1 if b == 0 else 3) if b < 2 else torch.ones_like(labels, dtype=torch.bool)
+        log_lik = -((x[b].double() - a.sqrt() * imgs) ** 2).flatten(1).sum(1) / (2 * (1 - a))
+        log_lik[~members] = -float("inf")
+        x0 = (torch.softmax(log_lik, 0)[:, None, None, None] * imgs).sum(0)
+        eps_ref = (x[b].double() - a.sqrt() * x0) / (1 - a).sqrt()
+        assert reference.relative_error(eps[b], eps_ref) < 1e-4, f"sample {b} (t={int(t[b])})"
+
+
+def test_exact_denoiser_class_prior_excludes_other_classes():
+    model = toy_data.EmbeddedLdmModel(size=16)
+    x = torch.randn(2, *model.image_shape)
+    t = torch.tensor([999, 999])  # near-uniform posterior: the prior decides
+    probs = torch.softmax(model.denoiser.posterior_logits(x, t, toy_data.class_embedding([2, 0])), -1)
+    for b, cls in enumerate((2, 0)):
+        assert probs[b][model.labels != cls].sum() == 0
+        assert probs[b][model.labels == cls].sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_class_embedding_rejects_bad_labels():
+    with pytest.raises(ValueError, match="class labels"):
+        toy_data.class_embedding([0, toy_data.NUM_CLASSES])
+    with pytest.raises(ValueError, match="batch_size"):
+        toy_data.class_embedding(None)
+
+
+def test_png_fallback_encoder_round_trips_through_pillow(tmp_path):
+    pil = pytest.importorskip("PIL.Image")
+    pixels = torch.randint(0, 256, (7, 5, 3), dtype=torch.uint8)
+    path = tmp_path / "x.png"
+    path.write_bytes(demo.encode_png(pixels))
+    with pil.open(path) as img:
+        assert img.size == (5, 7)
+        assert torch.equal(torch.from_numpy(np.asarray(img.convert("RGB"))), pixels)
+    grey = torch.randint(0, 256, (3, 4), dtype=torch.uint8)
+    raw = demo.encode_png(grey)
+    assert zlib.decompress(raw[raw.index(b"IDAT") + 4:raw.index(b"IEND") - 8]) == bytes(
+        torch.cat([torch.zeros(3, 1, dtype=torch.uint8), grey], 1).flatten().tolist())
+
+
+# --------------------------------------------------------------------------------------------------
+# demo
+# --------------------------------------------------------------------------------------------------
+
+
+def test_demo_quick_runs_end_to_end_and_its_self_check_passes(tmp_path, capsys):
+    report_path = tmp_path / "demo.json"
+    rc = cli.main(["demo", "--quick", "--out", str(tmp_path / "out"), "--json", str(report_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    report = json.loads(report_path.read_text())
+    assert report["passed"] and set(report["checks"]) == {"fast_vs_reference", "unconditional", "conditional",
+                                                          "inversion", "slerp"}
+    assert report["checks"]["conditional"]["got"] == report["checks"]["conditional"]["requested"]
+    assert report["checks"]["fast_vs_reference"]["rel_error"] <= 1e-5
+    for name in ("data", "samples", "pred_x0", "conditional", "inversion", "slerp"):
+        w, h = _png_size(str(tmp_path / "out" / f"{name}.png"))
+        assert w > 32 and h > 32
+    assert "demo PASSED" in out and "reference loop" in out and "FastDDIMSampler" in out
+
+
+def test_demo_self_check_fails_on_wrong_samples(tmp_path, monkeypatch):
+    # A sampler whose output is off the data manifold must make the demo fail (the check can fail).
+    original = demo._sample
+
+    def noisy_sample(*args, **kwargs):
+        out = original(*args, **kwargs)
+        return out + 0.2 * torch.randn_like(out)
+
+    monkeypatch.setattr(demo, "_sample", noisy_sample)
+    report = demo.run_demo(str(tmp_path), quick=True, steps=5, batch=4)
+    assert not report["passed"]
+    assert not report["checks"]["unconditional"]["passed"] and not report["checks"]["slerp"]["passed"]
+    assert report["checks"]["conditional"]["passed"]  # that run does not go through _sample
+
+
+# --------------------------------------------------------------------------------------------------
+# profile
+# --------------------------------------------------------------------------------------------------
+
+
+def test_profile_json_and_plot_on_the_embedded_model(tmp_path, capsys):
+    out_json, out_png = tmp_path / "p.json", tmp_path / "p.png"
+    rc = cli.main(["profile", "--steps", "5", "--batch", "2", "--json", str(out_json), "--plot", str(out_png)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    report = json.loads(out_json.read_text())
+    rows = report["rows"]
+    assert [r["step"] for r in rows] == list(range(5))
+    for r in rows:
+        assert r["model_ms"] > 0 and r["update_ms"] > 0
+        assert r["total_ms"] >= r["model_ms"] + r["update_ms"] - 1e-6
+    s = report["summary"]
+    assert s["steps"] == 5 and s["total_ms"]["p50"] <= s["total_ms"]["p90"]
+    assert s["it_per_s"] == pytest.approx(1e3 / s["total_ms"]["mean"])
+    assert report["config"]["timer"] == "perf_counter"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in out and not out_png.exists()
+    else:
+        assert _png_size(str(out_png))[0] > 100
+
+
+def test_profile_trace_shows_the_fused_step_op(tmp_path, capsys):
+    trace = tmp_path / "trace.json"
+    assert cli.main(["profile", "--steps", "3", "--batch", "2", "--backend", "native", "--trace", str(trace)]) == 0
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = {e.get("name") for e in events}
+    assert "ddim_fast::ddim_step" in names or "ddim_fast::ddim_step_out" in names, \
+        "FastDDIMSampler did not run the fused ddim_fast step op"
+    assert {"ddim step 0", "ddim step 2"} <= names
+    capsys.readouterr()
+
+
+def test_profile_reference_backend_on_tiny_unet(capsys):
+    assert cli.main(["profile", "--model", "tiny-unet", "--steps", "2", "--batch", "1", "--backend", "reference",
+                     "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "backend reference" in out and "it/s" in out
+
+
+def test_cli_errors_are_clear(capsys):
+    assert cli.main(["profile", "--cuda-graph", "--steps", "2"]) == (2 if not torch.cuda.is_available() else 0)
+    if not torch.cuda.is_available():
+        assert "needs a CUDA device" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["profile", "--model", "no-such-model"])
+
+
+# --------------------------------------------------------------------------------------------------
+# bench
+# --------------------------------------------------------------------------------------------------
+
+
+def test_bench_tiny_unet_agrees_with_the_diffusers_loop(tmp_path, capsys):
+    out_json = tmp_path / "b.json"
+    rc = cli.main(["bench", "--model", "tiny-unet", "--steps", "3", "--repeats", "1", "--dtype", "fp32",
+                   "--json", str(out_json), "--variants", "diffusers,fast,reference"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    report = json.loads(out_json.read_text())
+    assert report["agree"] and report["baseline"] == "diffusers"
+    for name in ("fast", "reference"):
+        assert report["results"][name]["rel_error_vs_diffusers"] <= 1e-5
+        assert report["results"][name]["it_per_s"] > 0
+    assert "PASS" in out and report["environment"]["hardware"]
+
+
+def test_bench_detects_disagreement(monkeypatch):
+    original = bench.fast_loop
+    monkeypatch.setattr(bench, "fast_loop", lambda *a, **k: original(*a, **k) * (1 + 1e-3))
+    with pytest.raises(AssertionError, match="disagree"):
+        bench.run_bench("tiny-unet", steps=2, repeats=1, variants=("diffusers", "fast"))
+
+
+# --------------------------------------------------------------------------------------------------
+# info
+# --------------------------------------------------------------------------------------------------
+
+
+def test_info_prints_the_backends(tmp_path):
+    # The real entry point, once: `python -m ddim_fast info`.
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "ddim_fast", "info", "--json", str(tmp_path / "i.json")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for word in ("C++ CPU", "CUDA extension", "Triton", "torch", "diffusers", "CPU"):
+        assert word in proc.stdout
+    data = json.loads((tmp_path / "i.json").read_text())
+    assert data["backends"]["C++ CPU"].startswith("usable")
+    assert data["cpu"]["cores"] == os.cpu_count()
+
+
+# --------------------------------------------------------------------------------------------------
+# benchmarks/report.py
+# --------------------------------------------------------------------------------------------------
+
+
+def _fake_pytest_benchmark_json() -> dict:
+    def bench_entry(group, name, median, baseline=False):
+        return {"group": group, "name": name, "fullname": f"benchmarks/x.py::{name}",
+                "extra_info": {"baseline": True} if baseline else {},
+                "stats": {"min": median * 0.9, "max": median * 1.2, "mean": median * 1.05, "median": median,
+                          "stddev": median * 0.01, "rounds": 5, "ops": 1 / median}}
+
+    return {
+        "machine_info": {"cpu": {"brand_raw": "Fake CPU 9000", "count": 2}, "node": "ci", "python_version": "3.11"},
+        "commit_info": {"id": "abc1234"},
+        "datetime": "2026-11-23T19:00:00",
+        "version": "5.1.0",
+        "benchmarks": [
+            bench_entry("step fp32", "test_step[reference]", 2e-3, baseline=True),
+            bench_entry("step fp32", "test_step[native]", 5e-4),
+            bench_entry("e2e", "test_e2e[diffusers]", 0.1),
+            bench_entry("e2e", "test_e2e[fast]", 0.08),
+        ],
+    }
+
+
+def test_report_builds_the_table_and_writes_between_markers(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import report
+    finally:
+        sys.path.pop(0)
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "cpu-2026-11-23.json").write_text(json.dumps(_fake_pytest_benchmark_json()))
+    bench_report = {"kind": "bench", "date": "2026-11-23", "environment": {"hardware": "Fake GPU"},
+                    "config": {"model": "tiny-unet", "steps": 3, "batch": 1, "dtype": "fp32", "guidance": 7.5,
+                               "latent": [4, 16, 16], "tolerance": 1e-5},
+                    "unet_only_ms_per_step": 8.0, "baseline": "diffusers", "agree": True,
+                    "results": {"diffusers": {"it_per_s": 100.0, "ms_per_step": 10.0, "non_unet_ms_per_step": 2.0,
+                                              "non_unet_fraction": 0.2, "speedup_vs_diffusers": 1.0},
+                                "fast": {"it_per_s": 120.0, "ms_per_step": 8.33, "non_unet_ms_per_step": 0.33,
+                                         "non_unet_fraction": 0.04, "speedup_vs_diffusers": 1.2,
+                                         "rel_error_vs_diffusers": 3e-7}}}
+    (results / "bench-cpu.json").write_text(json.dumps(bench_report))
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- results:start -->\nold\n<!-- results:end -->\n\nafter\n")
+    rc = report.main(["--results", str(results), "--readme", str(readme), "--chart", str(tmp_path / "chart.png")])
+    assert rc == 0
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("<!-- results:end -->\n\nafter\n")
+    table = text[text.index("<!-- results:start -->"):text.index("<!-- results:end -->")]
+    assert "Fake CPU 9000" in table and "2026-11-23" in table
+    assert "4.00x" in table  # native vs reference: 2e-3 / 5e-4
+    assert "1.25x" in table  # fast vs diffusers: 0.1 / 0.08
+    assert "cpu-2026-11-23.json" in table and "bench-cpu.json" in table
+    assert "120.0" in table  # the bench JSON's it/s
+    capsys.readouterr()
