@@ -300,10 +300,10 @@ class FastDDIMSampler:
         img = torch.randn(shape, device=device) if x_T is None else x_T
 
         if ddim_use_original_steps:
-            table = self._original_table()
+            table = self._original_table().to(device)
             total = self.ddpm_num_timesteps if timesteps is None else int(timesteps)
         else:
-            table = self._table
+            table = self._table.to(device)
             n = self.ddim_timesteps.shape[0]
             total = n if timesteps is None else int(min(timesteps / n, 1) * n) - 1
         total = max(0, min(total, table.shape[0]))
@@ -407,10 +407,17 @@ class FastDDIMSampler:
             img = img.clone()
         return img
 
-    def _draw_noise(self, x: torch.Tensor, config: _RunConfig, repeat_noise: bool = False):
-        """Upstream's per-step randn (always, to keep the global RNG in step), dropout included."""
+    def _draw_noise(self, x: torch.Tensor, config: _RunConfig, repeat_noise: bool = False,
+                    out: torch.Tensor | None = None):
+        """Upstream's per-step randn (always, to keep the global RNG in step), dropout included.
+        ``out`` (graph path): draw straight into that static buffer (same values as a fresh randn)."""
         if self.noise_mode != "torch":
             return None
+        if out is not None and not repeat_noise:
+            torch.randn(x.shape, out=out)
+            if config.noise_dropout > 0.0:
+                out.copy_(torch.nn.functional.dropout(out, p=config.noise_dropout))
+            return out
         if repeat_noise:
             z = torch.randn((1, *x.shape[1:]), device=x.device).repeat(x.shape[0], *([1] * (x.dim() - 1)))
         else:
@@ -501,9 +508,8 @@ class FastDDIMSampler:
         if mask is not None:
             t = s["timesteps"].index_select(0, s["step"]).view(-1)[:batch]
             s["x"].copy_(self.model.q_sample(x0, t) * mask + (1.0 - mask) * s["x"])
-        z = self._draw_noise(s["x"], config)  # torch mode: drawn even at eta = 0, like upstream
-        if s["noise"] is not None:
-            s["noise"].copy_(z)
+        # torch mode: drawn even at eta = 0 (then into no buffer), like upstream
+        self._draw_noise(s["x"], config, out=s["noise"])
         runner.replay()
         return runner, s["x"], s["pred"]
 
