@@ -30,8 +30,8 @@ Example (the shape of what ``ddim_fast.sampler`` does)::
 
     def one_step(s):
         t = timesteps.index_select(0, s["step"])
-        out = model(s["x"], t, s["cond"])
-        ops.ddim_step(s["x"], out, table, s["step"], out=s["x"])   # x <- x_prev, in place
+        model_output = model(s["x"], t, s["cond"])
+        ops.ddim_step(s["x"], model_output, table, s["step"], out=s["x"])   # x <- x_prev, in place
         s["step"].add_(1)
 
     runner = cache.get_or_create(tree_signature(static), lambda: make_step(one_step, static).capture())

@@ -539,6 +539,24 @@ def test_graph_path_on_cpu_matches_eager_and_reuses_cache(models, conds):
 
 
 @requires_cuda
+def test_captured_step_on_gpu_restores_warmup_and_replays():
+    static = graphs.make_static({"x": torch.zeros(5, device="cuda"),
+                                 "step": torch.zeros(1, dtype=torch.int64, device="cuda")})
+
+    def fn(s):
+        s["x"].add_(s["step"].float() + 1.0)
+        s["step"].add_(1)
+
+    runner = graphs.make_step(fn, static).capture()
+    assert isinstance(runner, graphs.CapturedStep) and runner.captured
+    assert torch.equal(static["x"].cpu(), torch.zeros(5)) and int(static["step"]) == 0  # warm-up left no trace
+    for _ in range(3):
+        runner.replay()
+    torch.testing.assert_close(static["x"].cpu(), torch.full((5,), 6.0))  # 1 + 2 + 3
+    assert int(static["step"]) == 3
+
+
+@requires_cuda
 def test_cuda_graph_matches_eager_on_gpu(conds):
     model = ToyLDM(parameterization="v", device="cuda")
     c, uc = (t.cuda() for t in conds)
