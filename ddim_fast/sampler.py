@@ -47,7 +47,6 @@ same static-buffer loop eagerly.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
