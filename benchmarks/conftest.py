@@ -1,0 +1,215 @@
+"""Shared helpers of every benchmark file (``pytest benchmarks --benchmark-only``).
+
+* ``hardware_name(device)`` / ``versions()``: what the numbers were measured on;
+* ``requires_cuda``: skip marker (GPU groups skip cleanly without CUDA);
+* ``StepTimer``: runs one step function ``steps`` times per timed call — eagerly, or captured as ONE CUDA
+  graph of ``steps`` unrolled calls that is replayed (launch overhead removed) — synchronising the device
+  inside the timed call; on the CPU it is a plain host-timed loop;
+* ``run_benchmark(benchmark, ...)``: times it with pytest-benchmark, divides by the steps per call, and
+  attaches ``benchmark.extra_info`` (hardware, versions, bytes moved, per-step time, GB/s, baseline);
+* every result is also recorded so that the terminal summary prints, per group, each entry's ratio to
+  the group's baseline and to the group's memory-copy entry, with the hardware named.
+
+Round counts: ``CI`` set in the environment means quick rounds (the CPU groups must stay under ~60 s).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                   reason="needs a CUDA device (GPU benchmark group)")
+
+IN_CI = bool(os.environ.get("CI"))
+
+
+# --------------------------------------------------------------------------------------------------
+# What the numbers were measured on
+# --------------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    """'<model name> (<N> cores)' from /proc/cpuinfo, falling back to platform.processor()."""
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    name = name or platform.processor() or platform.machine()
+    return f"{name} ({os.cpu_count()} cores)"
+
+
+def hardware_name(device: torch.device | str = "cpu") -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_model()
+
+
+def versions() -> dict[str, str | None]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # triton missing: only the Triton entries are affected
+        triton_version = None
+    return {
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepTimer:
+    """Calls ``step_fn()`` ``steps`` times per ``__call__``.
+
+    ``use_graph`` (CUDA only): the ``steps`` calls are captured once into one CUDA graph (after a warm-up
+    on a side stream) and each ``__call__`` replays it, so per-launch CPU overhead disappears and what is
+    left is kernel time. ``step_fn`` must then be capture-safe (static buffers, no host sync).
+    """
+
+    def __init__(self, step_fn: Callable[[], object], device: torch.device | str, steps: int,
+                 use_graph: bool = False):
+        self.step_fn = step_fn
+        self.device = torch.device(device)
+        self.steps = steps
+        self.graph = None
+        if use_graph:
+            if self.device.type != "cuda":
+                raise ValueError(f"StepTimer: use_graph needs a CUDA device, got {self.device}")
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    step_fn()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                for _ in range(steps):
+                    step_fn()
+        else:
+            for _ in range(2):  # warm-up: lazy init, Triton/inductor compiles, allocator
+                step_fn()
+        synchronize(self.device)
+
+    def __call__(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            for _ in range(self.steps):
+                self.step_fn()
+        synchronize(self.device)
+
+    def seconds_per_step(self, repeats: int = 5) -> float:
+        """Median over `repeats` of the time per step: CUDA events on the GPU, perf_counter on the CPU."""
+        samples = []
+        for _ in range(repeats):
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                self()
+                end.record()
+                end.synchronize()
+                samples.append(start.elapsed_time(end) / 1e3 / self.steps)
+            else:
+                t0 = time.perf_counter()
+                self()
+                samples.append((time.perf_counter() - t0) / self.steps)
+        samples.sort()
+        return samples[len(samples) // 2]
+
+
+# --------------------------------------------------------------------------------------------------
+# pytest-benchmark glue and the ratio summary
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    group: str
+    name: str
+    seconds_per_step: float
+    bytes_moved: int
+    hardware: str
+    baseline: bool
+    is_copy: bool
+
+
+RESULTS: list[Result] = []
+
+
+def run_benchmark(benchmark, timer: StepTimer, *, group: str, name: str, bytes_moved: int,
+                  baseline: bool = False, is_copy: bool = False, rounds: int | None = None,
+                  extra: dict | None = None) -> float:
+    """Times ``timer`` with pytest-benchmark (one timed call = ``timer.steps`` steps) and returns the
+    median seconds per step (CUDA-event timed on the GPU). Attaches the shared ``extra_info``."""
+    if rounds is None:
+        rounds = 3 if IN_CI else 10
+    benchmark.group = group
+    benchmark.pedantic(timer, rounds=rounds, iterations=1, warmup_rounds=1)
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and timer.device.type == "cpu":
+        per_step = stats.stats.median / timer.steps
+    else:
+        per_step = timer.seconds_per_step(repeats=3 if IN_CI else 7)
+    hardware = hardware_name(timer.device)
+    benchmark.extra_info.update({
+        "hardware": hardware,
+        **{f"{k}_version": v for k, v in versions().items()},
+        "steps_per_call": timer.steps,
+        "cuda_graph": timer.graph is not None,
+        "seconds_per_step": per_step,
+        "bytes_moved": int(bytes_moved),
+        "gb_per_s": bytes_moved / per_step / 1e9 if per_step > 0 else float("nan"),
+        "baseline": baseline,
+        **(extra or {}),
+    })
+    RESULTS.append(Result(group, name, per_step, int(bytes_moved), hardware, baseline, is_copy))
+    return per_step
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not RESULTS:
+        return
+    tr = terminalreporter
+    tr.section("ddim-fast step benchmarks: time per step, ratios within each group")
+    groups: dict[str, list[Result]] = {}
+    for r in RESULTS:
+        groups.setdefault(r.group, []).append(r)
+    for group, results in groups.items():
+        base = next((r for r in results if r.baseline), None)
+        copy = next((r for r in results if r.is_copy), None)
+        tr.write_line(f"[{group}] on {results[0].hardware}")
+        for r in results:
+            parts = [f"  {r.name:<34} {r.seconds_per_step * 1e6:10.1f} us/step",
+                     f"{r.bytes_moved / r.seconds_per_step / 1e9:7.1f} GB/s"]
+            if base is not None and r is not base:
+                parts.append(f"{base.seconds_per_step / r.seconds_per_step:6.2f}x faster than {base.name}")
+            if copy is not None and r is not copy:
+                parts.append(f"{r.seconds_per_step / copy.seconds_per_step:5.2f}x the copy time")
+            tr.write_line("  ".join(parts))
