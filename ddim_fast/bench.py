@@ -294,16 +294,22 @@ def unet_only_loop(problem: Problem) -> None:
 
 
 class StepHooks:
-    """Per-step timestamps: model start/end and step end. CUDA events on GPU (read after one sync at the
-    end), perf_counter on CPU. NVTX ranges ('ddim step i', 'model') on GPU when ``nvtx``."""
+    """Per-step timestamps: loop begin, model start/end, step end. CUDA events on GPU (read after one
+    sync at the end, so the loop is not perturbed), perf_counter on CPU. On GPU with ``nvtx``, NVTX
+    ranges 'ddim step i' (one per step, from the previous step's end) and 'model' inside them.
+
+    Call ``begin()`` right before the loop, ``step_end(i)`` after each step (the samplers' ``callback``),
+    ``finish()`` after the loop; ``model_start``/``model_end`` come from :class:`HookedModel`. Model calls
+    made while a CUDA graph is being captured are not stamped (they are not really run then)."""
 
     def __init__(self, device: torch.device, nvtx: bool = True):
         self.cuda = device.type == "cuda"
         self.nvtx = nvtx and self.cuda
+        self.begin_stamp: Any = None
         self.model_starts: dict[int, Any] = {}
         self.model_ends: dict[int, Any] = {}
         self.step_ends: dict[int, Any] = {}
-        self._open_step: int | None = None
+        self._step_open = False
 
     def _stamp(self):
         if self.cuda:
@@ -312,24 +318,54 @@ class StepHooks:
             return event
         return time.perf_counter()
 
-    def model_start(self, i: int) -> None:
+    def _capturing(self) -> bool:
+        return self.cuda and torch.cuda.is_current_stream_capturing()
+
+    # Step ranges: NVTX here; the profiler's subclass adds torch.profiler ranges.
+    def _open_range(self, name: str) -> None:
         if self.nvtx:
-            if self._open_step is None:
-                torch.cuda.nvtx.range_push(f"ddim step {i}")
-                self._open_step = i
+            torch.cuda.nvtx.range_push(name)
+
+    def _close_range(self) -> None:
+        if self.nvtx:
+            torch.cuda.nvtx.range_pop()
+
+    def _open_step(self, i: int) -> None:
+        self._open_range(f"ddim step {i}")
+        self._step_open = True
+
+    def _close_step(self) -> None:
+        if self._step_open:
+            self._close_range()
+            self._step_open = False
+
+    def begin(self) -> None:
+        self.begin_stamp = self._stamp()
+        self._open_step(0)
+
+    def model_start(self, i: int) -> None:
+        if self._capturing():
+            return
+        if not self._step_open:  # a loop run without begin(): open the step here
+            self._open_step(i)
+        if self.nvtx:
             torch.cuda.nvtx.range_push("model")
-        self.model_starts.setdefault(i, self._stamp())
+        self.model_starts.setdefault(i, self._stamp())  # first call of the step (models may be called twice)
 
     def model_end(self, i: int) -> None:
+        if self._capturing():
+            return
         self.model_ends[i] = self._stamp()
         if self.nvtx:
             torch.cuda.nvtx.range_pop()
 
     def step_end(self, i: int) -> None:
         self.step_ends[i] = self._stamp()
-        if self.nvtx and self._open_step is not None:
-            torch.cuda.nvtx.range_pop()
-            self._open_step = None
+        self._close_step()
+        self._open_step(i + 1)
+
+    def finish(self) -> None:
+        self._close_step()
 
     def _ms(self, a, b) -> float:
         if a is None or b is None:
@@ -338,19 +374,23 @@ class StepHooks:
 
     def rows(self) -> list[dict[str, float]]:
         """One dict per step: model_ms, update_ms (guidance + DDIM update: model end -> step end), total_ms
-        (previous step end -> step end; step 0 from its model start). NaN where not observed (e.g. the
-        model runs inside a replayed CUDA graph)."""
+        (previous step end -> step end; step 0 from its model start, or from begin() when the model was
+        not observed). NaN where not observed (the model runs inside a replayed CUDA graph)."""
+        self.finish()
         if self.cuda:
             torch.cuda.synchronize()
         rows = []
         steps = sorted(self.step_ends)
-        per_step_model = len(self.model_starts) >= len(steps)
+        per_step_model = all(i in self.model_starts and i in self.model_ends for i in steps)
         for k, i in enumerate(steps):
-            start = self.step_ends[steps[k - 1]] if k > 0 else self.model_starts.get(i)
+            if k > 0:
+                start = self.step_ends[steps[k - 1]]
+            else:
+                start = self.model_starts[i] if per_step_model else self.begin_stamp
             rows.append({
                 "step": i,
-                "model_ms": self._ms(self.model_starts.get(i), self.model_ends.get(i)) if per_step_model else float("nan"),
-                "update_ms": self._ms(self.model_ends.get(i), self.step_ends[i]) if per_step_model else float("nan"),
+                "model_ms": self._ms(self.model_starts[i], self.model_ends[i]) if per_step_model else float("nan"),
+                "update_ms": self._ms(self.model_ends[i], self.step_ends[i]) if per_step_model else float("nan"),
                 "total_ms": self._ms(start, self.step_ends[i]),
             })
         return rows
@@ -437,9 +477,7 @@ def run_bench(model: str = "tiny-unet", *, steps: int = 50, batch: int = 1, dtyp
     outputs: dict[str, torch.Tensor] = {}
     skipped: dict[str, str] = {}
 
-    unet_times = time_call(lambda: unet_only_loop(problem), dev, repeats)
-    unet_ms = min(unet_times) / steps * 1e3
-
+    loops: dict[str, Callable[[], torch.Tensor]] = {}
     for name in variants:
         if name == "diffusers":
             fn = lambda: diffusers_loop(problem)  # noqa: E731
@@ -464,13 +502,25 @@ def run_bench(model: str = "tiny-unet", *, steps: int = 50, batch: int = 1, dtyp
             fn = lambda: reference_loop(problem)  # noqa: E731
         else:
             raise ValueError(f"unknown variant {name!r}")
-        # Same global RNG state for every loop: ldm-style samplers draw from it even at eta = 0.
+        # Same global RNG state for every loop: ldm-style samplers draw from it even at eta = 0. This
+        # first call is also the warm-up (graph capture, Triton compilation, allocator).
         torch.manual_seed(seed)
         outputs[name] = fn()
-        times = time_call(fn, dev, repeats)
-        best = min(times)
+        loops[name] = fn
+    unet_fn = lambda: unet_only_loop(problem)  # noqa: E731
+    unet_fn()
+
+    # Interleaved rounds (every loop once per round, the UNet alone too) so that a slow spell of the
+    # machine hits all of them alike; the best round of each is reported.
+    times: dict[str, list[float]] = {name: [] for name in [*loops, "unet"]}
+    for _ in range(repeats):
+        for name, fn in [*loops.items(), ("unet", unet_fn)]:
+            times[name] += time_call(fn, dev, 1, warmup=0)
+    unet_ms = min(times["unet"]) / steps * 1e3
+    for name in loops:
+        best = min(times[name])
         results[name] = {
-            "seconds": best, "seconds_all": times, "it_per_s": steps / best, "ms_per_step": best / steps * 1e3,
+            "seconds": best, "seconds_all": times[name], "it_per_s": steps / best, "ms_per_step": best / steps * 1e3,
             "non_unet_ms_per_step": best / steps * 1e3 - unet_ms,
         }
         results[name]["non_unet_fraction"] = results[name]["non_unet_ms_per_step"] / results[name]["ms_per_step"]

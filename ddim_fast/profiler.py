@@ -55,23 +55,22 @@ def build_problem(model: str, device: torch.device, dtype: torch.dtype, *, batch
 
 
 class _RecordFunctionHooks(bench.StepHooks):
-    """StepHooks that also open a torch.profiler record_function per step, so a Chrome trace shows steps."""
+    """StepHooks whose step ranges are also torch.profiler record_function ranges (steps in the trace)."""
 
     def __init__(self, device: torch.device, nvtx: bool = True):
         super().__init__(device, nvtx)
-        self._range = None
+        self._ranges: list[Any] = []
 
-    def model_start(self, i: int) -> None:
-        if self._range is None:
-            self._range = torch.profiler.record_function(f"ddim step {i}")
-            self._range.__enter__()
-        super().model_start(i)
+    def _open_range(self, name: str) -> None:
+        super()._open_range(name)
+        rf = torch.profiler.record_function(name)
+        rf.__enter__()
+        self._ranges.append(rf)
 
-    def step_end(self, i: int) -> None:
-        super().step_end(i)
-        if self._range is not None:
-            self._range.__exit__(None, None, None)
-            self._range = None
+    def _close_range(self) -> None:
+        if self._ranges:
+            self._ranges.pop().__exit__(None, None, None)
+        super()._close_range()
 
 
 def profile_steps(problem: bench.Problem, *, backend: str = "auto", cuda_graph: bool = False,
@@ -109,11 +108,15 @@ def profile_steps(problem: bench.Problem, *, backend: str = "auto", cuda_graph: 
         if device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=activities) as prof:
+            hooks.begin()
             samples = run(hooks)
+            hooks.finish()
             bench.synchronize(device)
         prof.export_chrome_trace(trace)
     else:
+        hooks.begin()
         samples = run(hooks)
+        hooks.finish()
     rows = hooks.rows()
     if len(rows) == 0:
         raise RuntimeError("no step was timed: the sampler never called its callback")

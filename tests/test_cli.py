@@ -87,7 +87,7 @@ def test_png_fallback_encoder_round_trips_through_pillow(tmp_path):
     path.write_bytes(demo.encode_png(pixels))
     with pil.open(path) as img:
         assert img.size == (5, 7)
-        assert torch.equal(torch.from_numpy(np.asarray(img.convert("RGB"))), pixels)
+        assert torch.equal(torch.from_numpy(np.array(img.convert("RGB"))), pixels)
     grey = torch.randint(0, 256, (3, 4), dtype=torch.uint8)
     raw = demo.encode_png(grey)
     assert zlib.decompress(raw[raw.index(b"IDAT") + 4:raw.index(b"IEND") - 8]) == bytes(
