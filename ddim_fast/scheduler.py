@@ -250,6 +250,10 @@ class _FusedDDIMBase(SchedulerMixin, ConfigMixin):
 
     def _reset_tables(self) -> None:
         self._tables = {}
+        # Captured graphs bake the tables' and timesteps' addresses: a new schedule needs new graphs.
+        cache = getattr(self, "_graph_cache", None)
+        if cache is not None:
+            cache.clear()
 
     # ---- diffusers API shared by both ---------------------------------------------------------
 
@@ -483,6 +487,114 @@ class FastDDIMScheduler(_FusedDDIMBase):
             model_output, sample, table, row, guidance_scale=guidance_scale, clip_range=clip_range,
             thresholding=cfg.thresholding, use_clipped_model_output=bool(use_clipped_model_output), noise=noise)
         return self._output(prev_sample, pred_original_sample, return_dict)
+
+
+    # ---- CUDA graphs ------------------------------------------------------------------------------
+
+    def graph_step(
+        self,
+        unet: Callable[..., Any],
+        latents: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        *,
+        guidance_scale: float | None = None,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+        use_graph: bool = True,
+    ):
+        """One denoising step — UNet, classifier-free guidance and the fused DDIM step — as a replayable
+        object (``ddim_fast.graphs.CapturedStep`` on CUDA, ``EagerStep`` elsewhere), loaded with these inputs
+        and positioned at the first of ``self.timesteps``. Each ``replay()`` runs one step in place:
+        ``static_inputs["x"]`` becomes x_prev and the device step index ``static_inputs["step"]`` advances.
+
+        unet: called as ``unet(x, t, encoder_hidden_states=..., return_dict=False)[0]`` (diffusers'
+        ``UNet2DConditionModel`` convention) with x [2B, C, H, W] = cat([x, x]) when ``guidance_scale`` is
+        given (encoder_hidden_states [2B, L, D] = cat([uncond, cond])), else x [B, C, H, W]; t is an int64 [1]
+        device tensor. latents [B, C, H, W]. With eta > 0 all per-step noise is drawn here, up front, with
+        ``randn_tensor(latents.shape, generator=...)`` in step order — the draws diffusers' pipeline loop makes.
+        Captured steps are cached per shape / guidance scale / eta on this scheduler (cleared by
+        ``set_timesteps``). Call ``set_timesteps(S, device=latents.device)`` first.
+        """
+        from ddim_fast import graphs
+
+        if self.num_inference_steps is None:
+            raise ValueError("graph_step: call set_timesteps(num_inference_steps, device) first")
+        _check_tensor("latents", latents)
+        _check_tensor("encoder_hidden_states", encoder_hidden_states)
+        if self.config.thresholding:
+            raise ValueError("graph_step: dynamic thresholding needs a data-dependent quantile per step; use step()")
+        eta = float(eta)
+        device = latents.device
+        guided = guidance_scale is not None
+        batch = latents.shape[0]
+        if encoder_hidden_states.shape[0] != (2 * batch if guided else batch):
+            raise ValueError(
+                f"graph_step: encoder_hidden_states must have batch {2 * batch if guided else batch} "
+                f"({'cat([uncond, cond]) with guidance' if guided else 'no guidance'}), "
+                f"got {encoder_hidden_states.shape[0]}"
+            )
+        table = self._table(eta, device)
+        timesteps = self.timesteps.to(device=device, dtype=torch.int64)
+        num_steps = timesteps.shape[0]
+        noise = None
+        if eta > 0:
+            model_dtype = getattr(unet, "dtype", latents.dtype)
+            noise = torch.stack([randn_tensor(latents.shape, generator=generator, device=device, dtype=model_dtype)
+                                 for _ in range(num_steps)])
+        values = {"x": latents, "step": torch.zeros(1, dtype=torch.int64, device=device),
+                  "cond": encoder_hidden_states, "noise": noise}
+        cfg = self.config
+        clip_range = float(cfg.clip_sample_range) if cfg.clip_sample else None
+        prediction_type = cfg.prediction_type
+
+        @torch.no_grad()
+        def one_step(static):
+            x, step = static["x"], static["step"]
+            t = timesteps.index_select(0, step)  # the row of the table is the timestep itself
+            model_input = torch.cat([x, x]) if guided else x
+            model_output = unet(model_input, t, encoder_hidden_states=static["cond"], return_dict=False)[0]
+            step_noise = None if static["noise"] is None else static["noise"].index_select(0, step).squeeze(0)
+            ops.ddim_step(x, model_output, table, t, guidance_scale=guidance_scale, prediction_type=prediction_type,
+                          clip_range=clip_range, noise=step_noise, out=x)
+            step.add_(1)
+
+        if getattr(self, "_graph_cache", None) is None:
+            self._graph_cache = graphs.GraphCache(maxsize=2)
+        key = (graphs.tree_signature(values), id(unet), guidance_scale, eta, bool(use_graph))
+
+        def build():
+            return graphs.make_step(one_step, graphs.make_static(values), use_graph=use_graph).capture()
+
+        runner = self._graph_cache.get_or_create(key, build)
+        graphs.copy_into(runner.static_inputs, values)
+        return runner
+
+
+def graphed_denoise_loop(
+    scheduler: FastDDIMScheduler,
+    unet: Callable[..., Any],
+    latents: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    *,
+    guidance_scale: float | None = None,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    use_graph: bool = True,
+) -> torch.Tensor:
+    """The whole DDIM denoising loop over ``scheduler.timesteps`` (what a text-to-image pipeline's loop does:
+    UNet on cat([x, x]), guidance, step), one CUDA-graph replay per step with no host work in between.
+
+    Shapes as in :meth:`FastDDIMScheduler.graph_step`. Returns the final latents [B, C, H, W] (a new tensor).
+    Results equal diffusers' loop with the same inputs and generator (up to fp32 rounding).
+    """
+    if not isinstance(scheduler, FastDDIMScheduler):
+        raise TypeError(f"scheduler must be a FastDDIMScheduler, got {type(scheduler).__name__}")
+    runner = scheduler.graph_step(unet, latents, encoder_hidden_states, guidance_scale=guidance_scale, eta=eta,
+                                  generator=generator, use_graph=use_graph)
+    with torch.no_grad():
+        for _ in range(scheduler.timesteps.shape[0]):
+            runner.replay()
+    return runner.static_inputs["x"].clone()
 
 
 # --------------------------------------------------------------------------------------------------
