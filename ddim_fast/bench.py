@@ -288,6 +288,29 @@ def unet_only_loop(problem: Problem) -> None:
         problem.model.apply_model(x, t, context)
 
 
+def graphed_unet_only_loop(problem: Problem) -> Callable[[], None]:
+    """The UNet calls of a run replayed from one captured CUDA graph (GPU only): the floor of the
+    graph-captured loops, without launch overhead. Returns the function to time."""
+    x = torch.cat([problem.x_T] * 2) if problem.uses_guidance else problem.x_T.clone()
+    context = torch.cat([problem.uncond, problem.cond]) if problem.uses_guidance else problem.cond
+    t = torch.full((x.shape[0],), 501, device=x.device, dtype=torch.long)
+    side = torch.cuda.Stream(x.device)
+    side.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(3):  # warm-up off the capture stream (cuDNN/cuBLAS workspaces, allocator)
+            problem.model.apply_model(x, t, context)
+    torch.cuda.current_stream(x.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        problem.model.apply_model(x, t, context)
+
+    def replay():
+        for _ in range(problem.steps):
+            graph.replay()
+
+    return replay
+
+
 # --------------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------------
@@ -507,21 +530,30 @@ def run_bench(model: str = "tiny-unet", *, steps: int = 50, batch: int = 1, dtyp
         torch.manual_seed(seed)
         outputs[name] = fn()
         loops[name] = fn
-    unet_fn = lambda: unet_only_loop(problem)  # noqa: E731
-    unet_fn()
+    floors = {"unet": lambda: unet_only_loop(problem)}
+    if dev.type == "cuda" and any(n in loops for n in ("fast+graph", "fast+attn")):
+        try:
+            floors["unet_graph"] = graphed_unet_only_loop(problem)
+        except RuntimeError as exc:  # capture failed: compare the graph loops with the eager UNet instead
+            logger.warning("could not capture the UNet alone in a CUDA graph (%s); using the eager UNet time", exc)
+    for fn in floors.values():
+        fn()
 
     # Interleaved rounds (every loop once per round, the UNet alone too) so that a slow spell of the
     # machine hits all of them alike; the best round of each is reported.
-    times: dict[str, list[float]] = {name: [] for name in [*loops, "unet"]}
+    times: dict[str, list[float]] = {name: [] for name in [*loops, *floors]}
     for _ in range(repeats):
-        for name, fn in [*loops.items(), ("unet", unet_fn)]:
+        for name, fn in [*loops.items(), *floors.items()]:
             times[name] += time_call(fn, dev, 1, warmup=0)
     unet_ms = min(times["unet"]) / steps * 1e3
+    unet_graph_ms = min(times["unet_graph"]) / steps * 1e3 if "unet_graph" in times else None
     for name in loops:
         best = min(times[name])
+        # Graph-captured loops are compared with the graph-captured UNet (no launch overhead in either).
+        floor = unet_graph_ms if (unet_graph_ms is not None and name in ("fast+graph", "fast+attn")) else unet_ms
         results[name] = {
             "seconds": best, "seconds_all": times[name], "it_per_s": steps / best, "ms_per_step": best / steps * 1e3,
-            "non_unet_ms_per_step": best / steps * 1e3 - unet_ms,
+            "unet_floor_ms_per_step": floor, "non_unet_ms_per_step": best / steps * 1e3 - floor,
         }
         results[name]["non_unet_fraction"] = results[name]["non_unet_ms_per_step"] / results[name]["ms_per_step"]
 
@@ -539,6 +571,7 @@ def run_bench(model: str = "tiny-unet", *, steps: int = 50, batch: int = 1, dtyp
                    "latent": list(problem.x_T.shape[1:]), "device": str(dev), "repeats": repeats,
                    "backend": backend, "seed": seed, "tolerance": tol},
         "unet_only_ms_per_step": unet_ms,
+        "unet_graph_ms_per_step": unet_graph_ms,
         "results": results,
         "skipped": skipped,
         "baseline": baseline,
@@ -559,7 +592,8 @@ def format_bench(report: dict[str, Any]) -> str:
     lines = [
         f"bench: {cfg['model']}, {cfg['dtype']}, batch {cfg['batch']}, latent {'x'.join(map(str, cfg['latent']))}, "
         f"{cfg['steps']} steps, CFG {cfg['guidance']} on {report['environment']['hardware']}",
-        f"UNet alone: {report['unet_only_ms_per_step']:.3f} ms per step",
+        f"UNet alone: {report['unet_only_ms_per_step']:.3f} ms per step"
+        + (f" (CUDA graph: {report['unet_graph_ms_per_step']:.3f} ms)" if report.get("unet_graph_ms_per_step") else ""),
         f"{'loop':<12} {'it/s':>9} {'ms/step':>9} {'non-UNet ms/step':>17} {'non-UNet %':>10} "
         f"{'speedup':>8} {'rel err':>10}",
     ]

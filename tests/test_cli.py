@@ -234,9 +234,11 @@ def test_info_prints_the_backends(tmp_path):
 
 
 def _fake_pytest_benchmark_json() -> dict:
-    def bench_entry(group, name, median, baseline=False):
-        return {"group": group, "name": name, "fullname": f"benchmarks/x.py::{name}",
-                "extra_info": {"baseline": True} if baseline else {},
+    def bench_entry(group, name, median, baseline=False, steps=None):
+        extra = {"baseline": True} if baseline else {}
+        if steps:
+            extra["steps"] = steps
+        return {"group": group, "name": name, "fullname": f"benchmarks/x.py::{name}", "extra_info": extra,
                 "stats": {"min": median * 0.9, "max": median * 1.2, "mean": median * 1.05, "median": median,
                           "stddev": median * 0.01, "rounds": 5, "ops": 1 / median}}
 
@@ -248,8 +250,8 @@ def _fake_pytest_benchmark_json() -> dict:
         "benchmarks": [
             bench_entry("step fp32", "test_step[reference]", 2e-3, baseline=True),
             bench_entry("step fp32", "test_step[native]", 5e-4),
-            bench_entry("e2e", "test_e2e[diffusers]", 0.1),
-            bench_entry("e2e", "test_e2e[fast]", 0.08),
+            bench_entry("e2e", "test_e2e[diffusers]", 0.1, steps=10),
+            bench_entry("e2e", "test_e2e[fast]", 0.08, steps=10),
         ],
     }
 
@@ -283,6 +285,7 @@ def test_report_builds_the_table_and_writes_between_markers(tmp_path, capsys):
     assert "Fake CPU 9000" in table and "2026-11-23" in table
     assert "4.00x" in table  # native vs reference: 2e-3 / 5e-4
     assert "1.25x" in table  # fast vs diffusers: 0.1 / 0.08
+    assert "10.000 ms" in table and "8.000 ms" in table  # per step: median / steps
     assert "cpu-2026-11-23.json" in table and "bench-cpu.json" in table
     assert "120.0" in table  # the bench JSON's it/s
     capsys.readouterr()
