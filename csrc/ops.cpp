@@ -29,7 +29,7 @@ TORCH_LIBRARY(ddim_fast, m) {
   // softmax(scores * scale + mask) over the last dim in one pass; mask is additive (float) or
   // boolean (True = keep), broadcast over the leading dims as documented in ddim_fast/attention.py.
   m.def("scaled_masked_softmax(Tensor scores, Tensor? mask, float scale) -> Tensor");
-  m.def("scaled_masked_softmax_(Tensor(a!) scores, Tensor? mask, float scale) -> Tensor(a!)");
+  m.def("scaled_masked_softmax_(Tensor(a!) scores, Tensor? mask, float scale) -> ()");
   // softmax(q k^T * scale + mask) v, fused. q [..., Lq, D], k/v [..., Lk, D].
   m.def("attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? mask) -> Tensor");
 }

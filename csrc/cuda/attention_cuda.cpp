@@ -48,8 +48,7 @@ at::Tensor scaled_masked_softmax_cuda(const at::Tensor& scores, const std::optio
   return out;
 }
 
-at::Tensor& scaled_masked_softmax_inplace_cuda(at::Tensor& scores, const std::optional<at::Tensor>& mask,
-                                               double scale) {
+void scaled_masked_softmax_inplace_cuda(at::Tensor& scores, const std::optional<at::Tensor>& mask, double scale) {
   const char* op = "scaled_masked_softmax_";
   check_cuda_inputs(op, scores, mask);
   if (mask.has_value()) {
@@ -58,7 +57,6 @@ at::Tensor& scaled_masked_softmax_inplace_cuda(at::Tensor& scores, const std::op
   }
   const SoftmaxParams params = make_softmax_params(op, scores, mask, scale, scores);
   run_softmax_cuda(op, scores, params);
-  return scores;
 }
 
 }  // namespace

@@ -1,0 +1,337 @@
+"""Fully fused Triton attention: softmax(q k^T * scale (+ mask)) v in one launch, fp32 math.
+
+Registered as ``ddim_fast::attention_triton(q, k, v, scale, mask) -> out`` with
+``torch.library.custom_op`` (fake kernel included, so ``opcheck`` and ``torch.compile`` work). It is also
+the CUDA kernel of the C++-schema op ``ddim_fast::attention`` (registered in ddim_fast/attention.py).
+
+Layouts: q [B, H, Lq, D] / k, v [B, H, Lk, D] with any strides (diffusers' ``view(...).transpose(1, 2)``
+needs no copy), or ldm's 3-D [B*H, L, D]. Head dims up to 256 (SD: 40, 64, 80, 160); the head dim is
+padded to a power of two inside the kernel (tl.arange needs one) and the padded columns are masked.
+
+Two kernel shapes (chosen by a constexpr):
+* Lk <= 128 (cross-attention: 77 text tokens): every key in one tile, so the softmax is exact in
+  registers: one q k^T, one max, one sum, one p v; no rescaling loop;
+* longer Lk (self-attention): flash-attention's online softmax over key tiles of 64, the running max
+  and sum kept per query row and the accumulator rescaled when the max grows.
+
+Masks (documented in ddim_fast/attention.py): same number of dims as q, last dim Lk, the query dim Lq or
+1, leading dims equal or 1 (size-1 dims broadcast with stride 0). Boolean (True = keep; masked logits
+become -FLT_MAX like ldm's masked_fill, so a fully masked row is uniform) or additive in q's dtype.
+
+fp32 inputs use IEEE fp32 dots (not TF32) so fp32 storage meets the 1e-6 contract; fp16/bf16 inputs use
+tensor-core dots with fp32 accumulation, and the probabilities are rounded to the input dtype before
+the p v product (what every flash-attention kernel does). Under ``TRITON_INTERPRET=1`` (CPU tensors)
+tiles are widened to fp32 first: the interpreter's bf16 arithmetic is not IEEE-correct.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["attention_triton", "attention_triton_impl", "launch_config"]
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MASK_NONE, _MASK_BOOL, _MASK_ADDITIVE = 0, 1, 2  # csrc/include/ddim_fast/softmax_math.h MaskKind
+_SINGLE_TILE_MAX_KEYS = 128
+_MAX_HEAD_DIM = 256
+# ldm's masked_fill value (-finfo(float32).max) as a module-level constexpr for jit code.
+_MASKED_LOGIT = tl.constexpr(-3.4028234663852886e38)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _scores_tile(q, k_ptrs, mask_ptrs, offs_m, offs_n, LQ, LK, D, scale, offs_d, stride_kn, stride_kd,
+                 stride_mm, stride_mn, MASK_KIND: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Scaled, masked logits [BLOCK_M, BLOCK_N] of one key tile; keys past LK get -inf."""
+    key_ok = offs_n < LK
+    k = tl.load(k_ptrs + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
+                mask=key_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    if DOT_FP32:
+        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    # Same order as the reference: (q . k) * scale, then the mask.
+    s = s * scale
+    if MASK_KIND != 0:
+        m_ok = (offs_m < LQ)[:, None] & key_ok[None, :]
+        m_offs = offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :].to(tl.int64) * stride_mn
+        if MASK_KIND == 1:
+            keep = tl.load(mask_ptrs + m_offs, mask=m_ok, other=1) != 0
+            s = tl.where(keep, s, _MASKED_LOGIT)
+        else:
+            s = s + tl.load(mask_ptrs + m_offs, mask=m_ok, other=0.0).to(tl.float32)
+    # Padded keys: -inf (not -FLT_MAX) so they add exactly 0 even to a fully masked row.
+    return tl.where(key_ok[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _online_softmax_tile(q, k_ptrs, v_ptrs, mask_ptrs, offs_m, offs_n, offs_d, row_max, row_sum, acc,
+                         LQ, LK, D, scale, sk2, sk3, sv2, sv3, sm2, sm3,
+                         MASK_KIND: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One key tile of the online softmax: updates (running max, running sum, unnormalized p v)."""
+    s = _scores_tile(q, k_ptrs, mask_ptrs, offs_m, offs_n, LQ, LK, D, scale, offs_d, sk2, sk3, sm2, sm3,
+                     MASK_KIND, DOT_FP32)
+    new_max = tl.maximum(row_max, tl.max(s, axis=1))
+    # A row that holds only -inf so far (additive -inf masks) shifts by 0, not by -inf:
+    # exp(-inf - -inf) would be NaN; exp(-inf - 0) = 0 is right.
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    alpha = tl.exp(row_max - shift)
+    p = tl.exp(s - shift[:, None])
+    row_sum = row_sum * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_ptrs + offs_n[:, None].to(tl.int64) * sv2 + offs_d[None, :] * sv3,
+                mask=(offs_n < LK)[:, None] & (offs_d < D)[None, :], other=0.0)
+    acc = acc * alpha[:, None]
+    if DOT_FP32:
+        acc += tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        acc += tl.dot(p.to(v.dtype), v)
+    return new_max, row_sum, acc
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr,
+    sq0, sq1, sq2, sq3,
+    sk0, sk1, sk2, sk3,
+    sv0, sv1, sv2, sv3,
+    so0, so1, so2, so3,
+    sm0, sm1, sm2, sm3,
+    H, LQ, LK, D, scale, num_m_blocks,
+    MASK_KIND: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SINGLE_TILE: tl.constexpr, DOT_FP32: tl.constexpr, INTERP_TILES: tl.constexpr,
+):
+    # 1-D grid (axis 0 allows 2^31 - 1 programs): consecutive programs are query blocks of the same
+    # (batch, head), so they share that head's K/V in L2.
+    pid = tl.program_id(0)
+    pid_m = pid % num_m_blocks
+    pid_bh = pid // num_m_blocks
+    b0 = (pid_bh // H).to(tl.int64)
+    b1 = (pid_bh % H).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < LQ
+    col_ok = offs_d < D
+
+    q_ptrs = q_ptr + b0 * sq0 + b1 * sq1
+    k_ptrs = k_ptr + b0 * sk0 + b1 * sk1
+    v_ptrs = v_ptr + b0 * sv0 + b1 * sv1
+    mask_ptrs = mask_ptr + b0 * sm0 + b1 * sm1
+
+    # Padded head-dim columns load as 0: they add nothing to q . k and produce 0 columns of p v
+    # that are never stored.
+    q = tl.load(q_ptrs + offs_m[:, None].to(tl.int64) * sq2 + offs_d[None, :] * sq3,
+                mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+
+    if SINGLE_TILE:
+        # Every key is in this one tile: exact softmax, no running max.
+        s = _scores_tile(q, k_ptrs, mask_ptrs, offs_m, offs_n0, LQ, LK, D, scale, offs_d, sk2, sk3, sm2, sm3,
+                         MASK_KIND, DOT_FP32)
+        row_max = tl.max(s, axis=1)
+        p = tl.exp(s - row_max[:, None])
+        row_sum = tl.sum(p, axis=1)
+        v = tl.load(v_ptrs + offs_n0[:, None].to(tl.int64) * sv2 + offs_d[None, :] * sv3,
+                    mask=(offs_n0 < LK)[:, None] & col_ok[None, :], other=0.0)
+        if DOT_FP32:
+            acc = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v)
+        acc = acc / row_sum[:, None]
+    else:
+        row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        row_sum = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        # The interpreter cannot loop to a runtime scalar (it converts the bound with int() on a
+        # 1-element array, an error under NumPy 2), so on CPU the host passes the tile count as a
+        # constexpr; compiled kernels loop to the runtime LK and are not re-specialized per length.
+        if INTERP_TILES > 0:
+            for tile in range(0, INTERP_TILES):
+                row_max, row_sum, acc = _online_softmax_tile(
+                    q, k_ptrs, v_ptrs, mask_ptrs, offs_m, tile * BLOCK_N + offs_n0, offs_d, row_max, row_sum, acc,
+                    LQ, LK, D, scale, sk2, sk3, sv2, sv3, sm2, sm3, MASK_KIND, DOT_FP32)
+        else:
+            for start_n in range(0, LK, BLOCK_N):
+                row_max, row_sum, acc = _online_softmax_tile(
+                    q, k_ptrs, v_ptrs, mask_ptrs, offs_m, start_n + offs_n0, offs_d, row_max, row_sum, acc,
+                    LQ, LK, D, scale, sk2, sk3, sv2, sv3, sm2, sm3, MASK_KIND, DOT_FP32)
+        acc = acc / row_sum[:, None]
+
+    o_ptrs = o_ptr + b0 * so0 + b1 * so1 + offs_m[:, None].to(tl.int64) * so2 + offs_d[None, :] * so3
+    tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Host side: checks, launch configuration, the custom op
+# ----------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def launch_config(batch_heads: int, lq: int, lk: int, head_dim: int, dtype: torch.dtype,
+                  device: torch.device) -> dict:
+    """Tile sizes and warps for one call: {BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_TILE, num_warps, num_stages}."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    single = lk <= _SINGLE_TILE_MAX_KEYS
+    block_n = max(16, triton.next_power_of_2(lk)) if single else 64
+    if device.type != "cuda":
+        # Interpreter: fewer, larger programs run faster; no warps to tune.
+        return dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_D=block_d, SINGLE_TILE=single, num_warps=4, num_stages=1)
+    wide = dtype == torch.float32 or block_d > 64  # register pressure: fp32 tiles or a 128/256 head dim
+    block_m = 64 if wide else 128
+    if block_d >= 256:
+        block_m = 32 if dtype == torch.float32 else 64
+    # Small query levels (Lq 256 / 64 at 512 px) would leave SMs idle: shrink the query tile until
+    # the grid covers every SM about twice (or the tile hits the tl.dot minimum of 16).
+    target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    while block_m > 16 and batch_heads * triton.cdiv(lq, block_m) < target:
+        block_m //= 2
+    num_warps = 8 if (block_d >= 128 and block_m >= 64) or (block_m >= 128 and not single) else 4
+    num_stages = 1 if single else (2 if block_d >= 128 else 3)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SINGLE_TILE=single, num_warps=num_warps,
+                num_stages=num_stages)
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+    op = "attention_triton"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _SUPPORTED_DTYPES:
+            raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if q.dim() not in (3, 4):
+        raise ValueError(f"{op}: q must be [B, H, Lq, D] or [B*H, Lq, D], got shape {tuple(q.shape)}")
+    if k.dim() != q.dim() or v.dim() != q.dim():
+        raise ValueError(f"{op}: k and v must have q's {q.dim()} dims, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"{op}: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"{op}: q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    lead = tuple(q.shape[:-2])
+    if tuple(k.shape[:-2]) != lead or tuple(v.shape[:-2]) != lead:
+        raise ValueError(f"{op}: k and v must have q's leading (batch/head) dims {lead} (nothing is broadcast), "
+                         f"got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    head_dim = q.shape[-1]
+    if k.shape[-1] != head_dim or v.shape[-1] != head_dim:
+        raise ValueError(f"{op}: q, k and v must have one head dim D, got {head_dim}, {k.shape[-1]}, {v.shape[-1]}")
+    if head_dim > _MAX_HEAD_DIM:
+        raise ValueError(f"{op}: head dim D must be at most {_MAX_HEAD_DIM}, got {head_dim}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"{op}: k and v must have the same number of keys, got {k.shape[-2]} and {v.shape[-2]}")
+    if q.device.type == "cpu" and not _interpreting():
+        raise RuntimeError(f"{op}: CPU tensors run only under TRITON_INTERPRET=1 (set before triton is imported)")
+    if mask is not None:
+        check_mask(op, mask, tuple(q.shape[:-1]) + (k.shape[-2],), q.dtype, q.device)
+
+
+def check_mask(op: str, mask: torch.Tensor, score_shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    """The mask rule shared by every attention op: mask.dim() == len(score_shape) ([..., Lq, Lk]), last dim
+    Lk, every other dim equal or 1; bool (True = keep) or additive in the scores' dtype."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{op}: mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.device != device:
+        raise ValueError(f"{op}: mask must be on device {device}, got {mask.device}")
+    if mask.dtype != torch.bool and mask.dtype != dtype:
+        raise TypeError(f"{op}: mask must be bool (True = keep) or have the scores' dtype {dtype} (additive), "
+                        f"got {mask.dtype}")
+    if mask.dim() != len(score_shape):
+        raise ValueError(f"{op}: mask must have {len(score_shape)} dims like the scores {score_shape} "
+                         f"(each dim equal or 1, last dim = Lk), got shape {tuple(mask.shape)}")
+    for d, (m, s) in enumerate(zip(mask.shape, score_shape)):
+        last = d == len(score_shape) - 1
+        if m != s and (last or m != 1):
+            raise ValueError(f"{op}: mask shape {tuple(mask.shape)} does not fit scores {score_shape}: dim {d} "
+                             f"must be {s}{'' if last else ' or 1'} (only size-1 dims are broadcast)")
+
+
+def _strides4(t: torch.Tensor) -> list[int]:
+    """Strides of [..., L, D] viewed as 4-D [b0, b1, L, D] (a 3-D tensor gets b1 of size 1, stride 0)."""
+    strides = list(t.stride())
+    return [strides[0], 0] + strides[1:] if t.dim() == 3 else strides
+
+
+def attention_triton_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                          mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Launches the fused kernel (no custom-op wrapper: used by the op and by the CUDA kernel of
+    ddim_fast::attention). q [B, H, Lq, D] or [B*H, Lq, D]; k, v [..., Lk, D]; mask per check_mask.
+    Returns a new contiguous tensor shaped like q."""
+    _check_inputs(q, k, v, mask)
+    lq, lk, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
+    if lk == 0:
+        return torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # softmax over no keys, empty v
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    batch = q.shape[0]
+    heads = q.shape[1] if q.dim() == 4 else 1
+    batch_heads = batch * heads
+    cfg = launch_config(batch_heads, lq, lk, head_dim, q.dtype, q.device)
+
+    if mask is None:
+        mask_kind, mask_arg, mask_strides = _MASK_NONE, q, [0, 0, 0, 0]  # any pointer: never read
+    else:
+        mask_kind = _MASK_BOOL if mask.dtype == torch.bool else _MASK_ADDITIVE
+        # Broadcast (size-1) dims read one element for every index: stride 0.
+        mask_arg = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+        mask_strides = [0 if m == 1 else st for m, st in zip(mask.shape, mask.stride())]
+        if mask.dim() == 3:
+            mask_strides = [mask_strides[0], 0] + mask_strides[1:]
+
+    num_m_blocks = triton.cdiv(lq, cfg["BLOCK_M"])
+    grid = (num_m_blocks * batch_heads,)
+    dot_fp32 = q.dtype == torch.float32 or q.device.type != "cuda"
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else _nullcontext():
+        _attention_kernel[grid](
+            q, k, v, out, mask_arg,
+            *_strides4(q), *_strides4(k), *_strides4(v), *_strides4(out), *mask_strides,
+            heads, lq, lk, head_dim, float(scale), num_m_blocks,
+            MASK_KIND=mask_kind, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+            SINGLE_TILE=cfg["SINGLE_TILE"], DOT_FP32=dot_fp32,
+            INTERP_TILES=0 if q.device.type == "cuda" else triton.cdiv(lk, cfg["BLOCK_N"]),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    return out
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+@torch.library.custom_op("ddim_fast::attention_triton", mutates_args=())
+def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """softmax(q k^T * scale (+ mask)) v in one Triton launch. q [B, H, Lq, D] or [B*H, Lq, D]
+    (any strides), k/v [..., Lk, D]; returns [..., Lq, D] (contiguous, q's dtype)."""
+    return attention_triton_impl(q, k, v, scale, mask)
+
+
+@attention_triton.register_fake
+def _attention_triton_fake(q, k, v, scale, mask=None):
+    _check_inputs_fake(q, k, v)
+    return q.new_empty(q.shape)
+
+
+def _check_inputs_fake(q, k, v) -> None:
+    # Shapes only (fake tensors have no data; the device rules are checked at run time).
+    if q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():
+        raise ValueError(f"attention_triton: q, k, v must be 3-D or 4-D alike, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")

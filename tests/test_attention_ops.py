@@ -1,0 +1,320 @@
+"""ddim_fast attention ops against the fp64 reference: scaled_masked_softmax(_) (C++ CPU, CUDA), attention
+(C++ CPU, Triton under the interpreter on CPU, Triton on CUDA), the Python front door, masks, strides,
+errors, opcheck."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import DTYPES, TOLERANCES, assert_fully_written, assert_rel_close, misaligned, poison, requires_cuda
+from ddim_fast import attention as fa
+from ddim_fast import reference
+from ddim_fast.reference import relative_error
+from ddim_fast.triton.attention import attention_triton
+
+ops = torch.ops.ddim_fast
+
+
+def rand(shape, dtype, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen).to(dtype).to(device)
+
+
+def key_padding_mask(batch_shape, lk, device="cpu", seed=1, fully_masked_first=True):
+    """[*batch_shape, 1, Lk] bool, True = keep; the first batch item fully masked (uniform row)."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(tuple(batch_shape) + (1, lk), generator=gen) > 0.3
+    if fully_masked_first:
+        mask.view(-1, lk)[0] = False
+    return mask.to(device)
+
+
+def check_flash_rule(out, q, k, v, scale, mask, dtype):
+    """Table tolerance, and (fp16/bf16) flash-attention's rule: error <= 2x a same-precision PyTorch one."""
+    ref = reference.attention(q, k, v, scale, mask)
+    assert_rel_close(out, ref, dtype)
+    if dtype != torch.float32:
+        torch_err = relative_error(reference.attention(q, k, v, scale, mask, compute_dtype=dtype), ref)
+        assert relative_error(out, ref) <= 2 * torch_err + 1e-4, "worse than 2x a same-precision PyTorch attention"
+
+
+# ------------------------------------------------------------------------------------------------
+# scaled_masked_softmax
+# ------------------------------------------------------------------------------------------------
+
+
+SOFTMAX_CASES = [
+    # scores shape, mask shape (None = no mask), mask kind
+    ((3, 5, 77), (3, 1, 77), "bool"),  # ldm: [(b h), 1, j]
+    ((2, 3, 4, 113), (2, 1, 1, 113), "bool"),  # key padding, 4-D
+    ((2, 3, 4, 1), None, None),
+    ((2, 3, 7, 33), (2, 3, 7, 33), "float"),  # full additive mask
+    ((6, 1300), (1, 1300), "float"),  # block-per-row length on CUDA
+    ((4, 0), None, None),
+    ((0, 3, 9), (1, 1, 9), "bool"),
+]
+
+
+def make_mask(shape, kind, dtype, device="cpu"):
+    if shape is None:
+        return None
+    gen = torch.Generator().manual_seed(3)
+    if kind == "bool":
+        mask = torch.rand(shape, generator=gen) > 0.4
+        if mask.numel():
+            mask.view(-1, shape[-1])[0] = False  # a fully masked row -> uniform, not NaN
+        return mask.to(device)
+    return (torch.randn(shape, generator=gen) * 2).to(dtype).to(device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,mask_shape,kind", SOFTMAX_CASES)
+def test_scaled_masked_softmax_cpu(shape, mask_shape, kind, dtype):
+    scores = rand(shape, dtype) * 4
+    mask = make_mask(mask_shape, kind, dtype)
+    out = ops.scaled_masked_softmax(scores, mask, 0.37)
+    ref = reference.scaled_masked_softmax(scores, mask, 0.37)
+    assert out.dtype == dtype and out.shape == scores.shape
+    assert_fully_written(out)
+    assert_rel_close(out, ref, dtype)
+    if kind == "bool" and scores.numel():
+        first = out.reshape(-1, shape[-1])[0].double()
+        assert torch.allclose(first, torch.full_like(first, 1.0 / shape[-1]), rtol=1e-2), "fully masked row not uniform"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scaled_masked_softmax_inplace_strided_misaligned(dtype):
+    base = rand((2, 77, 3, 20), dtype)
+    scores = base.transpose(1, 3)  # [2, 20, 3, 77], last dim strided
+    mask = key_padding_mask((2, 1), 77).reshape(2, 1, 1, 77)
+    ref = reference.scaled_masked_softmax(scores, mask, 0.5)
+    out = ops.scaled_masked_softmax(scores, mask, 0.5)
+    assert_rel_close(out, ref, dtype)
+    returned = fa.scaled_masked_softmax(scores, mask, 0.5, inplace=True)
+    assert returned is scores
+    assert_rel_close(scores, ref, dtype, "in-place")
+    shifted = misaligned(rand((5, 9, 40), dtype))
+    assert_rel_close(ops.scaled_masked_softmax(shifted, None, 1.0), reference.scaled_masked_softmax(shifted, None, 1.0),
+                     dtype, "misaligned")
+
+
+def test_scaled_masked_softmax_minus_inf_additive_mask():
+    scores = rand((2, 4, 70), torch.float32)
+    mask = torch.zeros(2, 1, 70)
+    mask[..., :40] = float("-inf")
+    out = fa.scaled_masked_softmax(scores, mask, 1.0)
+    assert_rel_close(out, reference.scaled_masked_softmax(scores, mask, 1.0), torch.float32)
+    assert (out[..., :40] == 0).all()
+
+
+def test_scaled_masked_softmax_wrapper_and_errors():
+    scores = rand((2, 3, 5, 8), torch.float32)
+    out = fa.scaled_masked_softmax(scores, torch.zeros(2, 1, 1, 8, dtype=torch.float64), 2.0)  # float mask cast
+    assert_rel_close(out, reference.scaled_masked_softmax(scores, None, 2.0), torch.float32)
+    ref_backend = fa.scaled_masked_softmax(scores, None, 2.0, backend="reference")
+    assert_rel_close(ref_backend, reference.scaled_masked_softmax(scores, None, 2.0), torch.float32)
+    with pytest.raises(ValueError, match="dim 3 must be 8"):
+        ops.scaled_masked_softmax(scores, torch.ones(2, 1, 1, 7, dtype=torch.bool), 1.0)
+    with pytest.raises(ValueError, match="dim 1 must be 3 or 1"):
+        ops.scaled_masked_softmax(scores, torch.ones(2, 2, 1, 8, dtype=torch.bool), 1.0)
+    with pytest.raises(ValueError, match="must have 4 dims"):
+        ops.scaled_masked_softmax(scores, torch.ones(1, 8, dtype=torch.bool), 1.0)  # no implicit broadcasting
+    with pytest.raises(TypeError, match="mask must be bool"):
+        ops.scaled_masked_softmax(scores, torch.ones(2, 1, 1, 8, dtype=torch.float16), 1.0)
+    with pytest.raises(ValueError, match="2 to 4 dims"):
+        ops.scaled_masked_softmax(rand((1, 2, 3, 4, 5), torch.float32), None, 1.0)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        fa.scaled_masked_softmax(scores.double(), None, 1.0)
+    with pytest.raises(ValueError, match="internal overlap"):
+        ops.scaled_masked_softmax_(torch.zeros(4, 1).expand(4, 6), None, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# attention: C++ CPU kernel
+# ------------------------------------------------------------------------------------------------
+
+ATTENTION_CASES = [
+    # batch dims, Lq, Lk, d
+    ((2, 8), 64, 77, 40),
+    ((3,), 33, 1, 64),  # ldm 3-D layout, one key
+    ((1, 2), 17, 113, 80),
+    ((2, 1), 5, 200, 160),
+    ((1, 1), 1, 77, 40),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,lq,lk,d", ATTENTION_CASES)
+def test_attention_cpu(batch, lq, lk, d, dtype):
+    q, k, v = rand(batch + (lq, d), dtype, seed=1), rand(batch + (lk, d), dtype, seed=2), rand(batch + (lk, d), dtype, seed=3)
+    mask = key_padding_mask(batch[:1] + (1,) * (len(batch) - 1), lk).reshape(batch[:1] + (1,) * (len(batch) - 1) + (1, lk))
+    scale = d ** -0.5
+    for m in (None, mask):
+        out = ops.attention(q, k, v, scale, m)
+        assert_fully_written(out)
+        check_flash_rule(out, q, k, v, scale, m, dtype)
+
+
+def test_attention_cpu_sd_sizes():
+    # SD1.5 top level, cross-attention with CFG batch, fp16 storage; and one long self-attention row set.
+    q, k, v = rand((2, 8, 4096, 40), torch.float16, seed=1), rand((2, 8, 77, 40), torch.float16, seed=2), \
+        rand((2, 8, 77, 40), torch.float16, seed=3)
+    check_flash_rule(ops.attention(q, k, v, 40 ** -0.5, None), q, k, v, 40 ** -0.5, None, torch.float16)
+    q, k, v = rand((1, 1, 256, 40), torch.float32, seed=4), rand((1, 1, 4096, 40), torch.float32, seed=5), \
+        rand((1, 1, 4096, 40), torch.float32, seed=6)
+    check_flash_rule(ops.attention(q, k, v, 40 ** -0.5, None), q, k, v, 40 ** -0.5, None, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_cpu_strided_views_and_masks(dtype):
+    # diffusers' layout: [b, n, h*d] -> view [b, n, h, d] -> transpose: strided q/k/v, no copies.
+    b, h, lq, lk, d = 2, 3, 19, 77, 40
+    q = rand((b, lq, h * d), dtype, seed=1).view(b, lq, h, d).transpose(1, 2)
+    k = rand((b, lk, h * d), dtype, seed=2).view(b, lk, h, d).transpose(1, 2)
+    v = misaligned(rand((b, h, lk, d), dtype, seed=3))
+    full_float = (torch.randn(b, h, lq, lk) * 3).to(dtype)
+    head_bool = torch.rand(1, h, 1, lk) > 0.5
+    for mask in (None, full_float, head_bool, key_padding_mask((b, 1), lk)):
+        out = ops.attention(q, k, v, 0.2, mask)
+        assert out.is_contiguous() and out.shape == q.shape
+        assert_rel_close(out, reference.attention(q, k, v, 0.2, mask), dtype)
+
+
+def test_attention_cpu_empty_and_errors():
+    q = rand((2, 3, 0, 40), torch.float32)
+    assert ops.attention(q, rand((2, 3, 5, 40), torch.float32), rand((2, 3, 5, 40), torch.float32), 1.0, None).shape == q.shape
+    q = rand((2, 4, 40), torch.float32)
+    out = ops.attention(q, rand((2, 0, 40), torch.float32), rand((2, 0, 40), torch.float32), 1.0, None)
+    assert out.shape == q.shape and (out == 0).all()  # softmax over no keys times an empty v
+    k = rand((2, 6, 40), torch.float32)
+    with pytest.raises(ValueError, match="head dim"):
+        ops.attention(q, rand((2, 6, 32), torch.float32), k, 1.0, None)
+    with pytest.raises(ValueError, match="leading"):
+        ops.attention(q, rand((1, 6, 40), torch.float32), rand((1, 6, 40), torch.float32), 1.0, None)
+    with pytest.raises(TypeError, match="share a dtype"):
+        ops.attention(q, k.half(), k, 1.0, None)
+    with pytest.raises(ValueError, match="dim 1 must be 4 or 1"):
+        ops.attention(q, k, k, 1.0, torch.ones(2, 3, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="3 dims"):
+        ops.attention(q, k, k, 1.0, torch.ones(2, 6, dtype=torch.bool))
+
+
+# ------------------------------------------------------------------------------------------------
+# attention: Triton (interpreter on CPU here, compiled on CUDA)
+# ------------------------------------------------------------------------------------------------
+
+TRITON_CASES = [
+    # batch dims, Lq, Lk, d, dtype
+    ((2, 1), 33, 77, 40, torch.float16),
+    ((2,), 20, 1, 64, torch.float32),  # 3-D layout, one key
+    ((1, 2), 17, 113, 80, torch.bfloat16),
+    ((1, 1), 9, 150, 160, torch.float32),  # online-softmax loop (3 key tiles)
+    ((1, 1), 70, 130, 64, torch.float16),  # loop, two query blocks
+]
+
+
+@pytest.mark.parametrize("batch,lq,lk,d,dtype", TRITON_CASES)
+def test_attention_triton(batch, lq, lk, d, dtype):
+    q, k, v = rand(batch + (lq, d), dtype, seed=1), rand(batch + (lk, d), dtype, seed=2), rand(batch + (lk, d), dtype, seed=3)
+    mask = key_padding_mask(batch[:1] + (1,) * (len(batch) - 1), lk).reshape(batch[:1] + (1,) * (len(batch) - 1) + (1, lk))
+    scale = d ** -0.5
+    for m in (None, mask):
+        out = attention_triton(q, k, v, scale, m)
+        assert_fully_written(out)
+        check_flash_rule(out, q, k, v, scale, m, dtype)
+
+
+def test_attention_triton_strided_float_mask_and_minus_inf():
+    b, h, lq, lk, d = 1, 2, 16, 140, 40
+    q = rand((b, lq, h * d), torch.float32, seed=1).view(b, lq, h, d).transpose(1, 2)
+    k = rand((b, lk, h * d), torch.float32, seed=2).view(b, lk, h, d).transpose(1, 2)
+    v = misaligned(rand((b, h, lk, d), torch.float32, seed=3))
+    mask = torch.randn(b, h, lq, lk)
+    mask[..., :64] = float("-inf")  # a whole first key tile of -inf: the online softmax must not NaN
+    out = attention_triton(q, k, v, 0.3, mask)
+    assert_rel_close(out, reference.attention(q, k, v, 0.3, mask), torch.float32)
+
+
+def test_attention_triton_sd_size():
+    # SD1.5's top-level cross-attention (Lq 4096, Lk 77, d 40), one head: the interpreter is slow.
+    q, k, v = rand((1, 1, 4096, 40), torch.float16, seed=1), rand((1, 1, 77, 40), torch.float16, seed=2), \
+        rand((1, 1, 77, 40), torch.float16, seed=3)
+    out = attention_triton(q, k, v, 40 ** -0.5, None)
+    check_flash_rule(out, q, k, v, 40 ** -0.5, None, torch.float16)
+
+
+def test_fused_attention_front_door():
+    q, k, v = rand((2, 2, 9, 40), torch.float32, seed=1), rand((2, 2, 77, 40), torch.float32, seed=2), \
+        rand((2, 2, 77, 40), torch.float32, seed=3)
+    ref = reference.attention(q, k, v, 40 ** -0.5)
+    for backend in ("auto", "native", "triton", "reference"):
+        assert_rel_close(fa.fused_attention(q, k, v, backend=backend), ref, torch.float32, backend)
+    float64_mask = torch.zeros(2, 1, 1, 77, dtype=torch.float64)
+    assert_rel_close(fa.fused_attention(q, k, v, mask=float64_mask), ref, torch.float32, "cast float mask")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fa.fused_attention(q, k, v, backend="cudnn")
+    with pytest.raises(TypeError, match="scale must be"):
+        fa.fused_attention(q, k, v, scale="0.1")
+    with pytest.raises(ValueError, match="q must be"):
+        fa.fused_attention(q[0, 0], k[0, 0], v[0, 0])
+    with pytest.raises(TypeError, match="mask must be bool"):
+        fa.fused_attention(q, k, v, mask=torch.ones(2, 1, 1, 77, dtype=torch.int64))
+    with pytest.raises(ValueError, match="dim 3 must be 77"):
+        attention_triton(q, k, v, 1.0, torch.ones(2, 1, 1, 76, dtype=torch.bool))
+
+
+# ------------------------------------------------------------------------------------------------
+# opcheck: every op on every device here
+# ------------------------------------------------------------------------------------------------
+
+
+def _opcheck_devices():
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", _opcheck_devices())
+def test_opcheck(device):
+    scores = rand((2, 3, 4, 77), torch.float32, device)
+    mask = key_padding_mask((2, 1), 77, device).reshape(2, 1, 1, 77)
+    torch.library.opcheck(ops.scaled_masked_softmax.default, (scores, mask, 0.5))
+    torch.library.opcheck(ops.scaled_masked_softmax_.default, (scores.clone(), None, 0.5))
+    q, k, v = rand((1, 2, 5, 40), torch.float32, device), rand((1, 2, 7, 40), torch.float32, device), \
+        rand((1, 2, 7, 40), torch.float32, device)
+    torch.library.opcheck(ops.attention.default, (q, k, v, 0.3, mask[:1, :, :, :7]))
+    torch.library.opcheck(ops.attention_triton.default, (q, k, v, 0.3, None))
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA
+# ------------------------------------------------------------------------------------------------
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,mask_shape,kind", SOFTMAX_CASES + [((2, 8, 64, 4096), (2, 1, 1, 4096), "bool")])
+def test_scaled_masked_softmax_cuda(shape, mask_shape, kind, dtype):
+    if not fa.has_native_kernel("cuda", "scaled_masked_softmax"):
+        pytest.skip("the extension was built without CUDA kernels")
+    scores = rand(shape, dtype, "cuda") * 4
+    mask = make_mask(mask_shape, kind, dtype, "cuda")
+    out = ops.scaled_masked_softmax(scores, mask, 0.37)
+    assert_fully_written(out)
+    assert_rel_close(out, reference.scaled_masked_softmax(scores, mask, 0.37), dtype)
+    inplace = scores.clone()
+    assert ops.scaled_masked_softmax_(inplace, mask, 0.37) is None
+    assert torch.equal(inplace, out)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,lq,lk,d", ATTENTION_CASES + [((2, 8), 4096, 77, 40), ((1, 2), 1024, 1024, 80),
+                                                          ((2, 8), 64, 64, 160), ((2, 5), 300, 4096, 64)])
+def test_attention_cuda(batch, lq, lk, d, dtype):
+    q, k, v = (rand(batch + (n, d), dtype, "cuda", seed=s) for n, s in ((lq, 1), (lk, 2), (lk, 3)))
+    mask = key_padding_mask(batch[:1] + (1,) * (len(batch) - 1), lk, "cuda").reshape(
+        batch[:1] + (1,) * (len(batch) - 1) + (1, lk))
+    for m in (None, mask):
+        for out in (ops.attention(q, k, v, d ** -0.5, m), attention_triton(q, k, v, d ** -0.5, m)):
+            assert_fully_written(out)
+            check_flash_rule(out, q, k, v, d ** -0.5, m, dtype)
