@@ -14,7 +14,7 @@ import zlib
 import pytest
 import torch
 
-from conftest import DTYPES, TOLERANCES, assert_fully_written, assert_rel_close, misaligned, poison
+from conftest import DTYPES, assert_fully_written, assert_rel_close, misaligned, poison
 from ddim_fast import ops, reference, schedule
 
 SD_START, SD_END = 0.00085, 0.012
@@ -162,7 +162,8 @@ def test_odd_sizes(dtype, shape):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,guided", [((4, 4, 64, 64), False), ((2, 4, 96, 96), True)], ids=["4x4x64x64", "2x4x96x96"])
+@pytest.mark.parametrize("shape,guided", [((4, 4, 64, 64), False), ((2, 4, 96, 96), True)],
+                         ids=["4x4x64x64", "2x4x96x96"])
 def test_real_size(dtype, shape, guided):
     x, mo = _inputs(shape, dtype, guided)
     opts = {"guidance_scale": 7.5} if guided else {}
