@@ -370,6 +370,12 @@ def test_thresholding_and_clipping_match(prediction_type, use_clipped):
             mine, theirs = _one_step_pair(config, t, use_clipped_model_output=use_clipped)
             assert_rel_close(mine.pred_original_sample, theirs.pred_original_sample, SAMPLER_RTOL, f"x0 {config}")
             assert_rel_close(mine.prev_sample, theirs.prev_sample, SAMPLER_RTOL, f"prev {config} t={t}")
+    # The public helper equals diffusers' too.
+    x0 = torch.randn(3, 4, 5, 6, generator=torch.Generator().manual_seed(2)) * 3
+    for max_value in (0.5, 2.0):
+        fast = FastDDIMScheduler(thresholding=True, sample_max_value=max_value, dynamic_thresholding_ratio=0.9)
+        upstream = DDIMScheduler(thresholding=True, sample_max_value=max_value, dynamic_thresholding_ratio=0.9)
+        assert torch.equal(fast._threshold_sample(x0), upstream._threshold_sample(x0))
     # The threshold really clamps: |x0| <= 1 after dividing by s.
     mine, _ = _one_step_pair(dict(thresholding=True, sample_max_value=3.0), 901)
     assert mine.pred_original_sample.abs().max() <= 1.0 + 1e-6
@@ -425,6 +431,29 @@ def test_timestep_forms_and_errors():
     scheduler.step(model_output, 501, sample, eta=0.5)
     scheduler.step(model_output, 401, sample, eta=0.5)
     assert sorted(key[0] for key in scheduler._tables) == [0.0, 0.5]
+
+
+def test_strided_views_match_diffusers():
+    """Sliced (gapped), expanded, permuted and channels-last inputs give diffusers' results."""
+    gen = torch.Generator().manual_seed(12)
+    base = torch.randn(2, 8, 5, 6, generator=gen)
+    model_full = torch.randn(2, 8, 5, 6, generator=gen)
+    noise = torch.randn(2, 4, 5, 6, generator=gen)
+    views = [
+        (base[:, :4], model_full[:, 4:]),
+        (base[:, :4].contiguous(), model_full[:1, :4].expand(2, 4, 5, 6)),
+        (base[:, :4].contiguous().to(memory_format=torch.channels_last), model_full[:, :4].permute(0, 1, 3, 2).mT),
+    ]
+    for sample, model_output in views:
+        for cls, eta in ((FastDDIMScheduler, 0.5), (DDIMScheduler, 0.5)):
+            scheduler = cls(clip_sample=False)
+            scheduler.set_timesteps(10)
+            out = scheduler.step(model_output, 601, sample, eta, variance_noise=noise[:, :, :, :].mT.mT)
+            if cls is FastDDIMScheduler:
+                mine = out
+            else:
+                assert_rel_close(mine.prev_sample, out.prev_sample, SAMPLER_RTOL, "strided prev_sample")
+                assert_rel_close(mine.pred_original_sample, out.pred_original_sample, SAMPLER_RTOL, "strided x0")
 
 
 def test_fp16_step_close_to_diffusers():
