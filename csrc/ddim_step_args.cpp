@@ -44,20 +44,33 @@ Prediction parse_prediction(const std::string& name) {
                     name, "'");
 }
 
+// get_overlap_status answers TooHard for any non-dense tensor, even one on another storage; tensors on
+// different storages (or empty ones) cannot overlap, so answer that first.
+at::MemOverlapStatus overlap_status(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.storage().is_alias_of(b.storage())) {
+    return at::MemOverlapStatus::No;
+  }
+  // The same view (an in-place update of a non-dense x) is a full overlap, which ATen cannot tell.
+  if (a.data_ptr() == b.data_ptr() && a.sizes() == b.sizes() && a.strides() == b.strides()) {
+    return at::MemOverlapStatus::Full;
+  }
+  return at::get_overlap_status(a, b);
+}
+
 void check_written_arg(const at::Tensor& x, const at::Tensor& written, const char* name,
                        const at::Tensor& model_output, const std::optional<at::Tensor>& noise) {
   check_like_x(x, written, name);
   TORCH_CHECK_VALUE(at::has_internal_overlap(written) != at::MemOverlap::Yes, "ddim_step: ", name,
                     " has internal overlap (several elements share memory); pass a dense tensor");
   // out may be x itself (an in-place update) but must not partly overlap it or overlap a read input.
-  const auto with_x = at::get_overlap_status(written, x);
+  const auto with_x = overlap_status(written, x);
   TORCH_CHECK_VALUE(with_x == at::MemOverlapStatus::No ||
                         (with_x == at::MemOverlapStatus::Full && written.strides() == x.strides()),
                     "ddim_step: ", name, " partially overlaps x; it may be x itself or disjoint from it");
-  TORCH_CHECK_VALUE(at::get_overlap_status(written, model_output) == at::MemOverlapStatus::No,
+  TORCH_CHECK_VALUE(overlap_status(written, model_output) == at::MemOverlapStatus::No,
                     "ddim_step: ", name, " overlaps model_output");
   if (noise.has_value()) {
-    TORCH_CHECK_VALUE(at::get_overlap_status(written, *noise) == at::MemOverlapStatus::No, "ddim_step: ",
+    TORCH_CHECK_VALUE(overlap_status(written, *noise) == at::MemOverlapStatus::No, "ddim_step: ",
                       name, " overlaps noise");
   }
 }
@@ -173,7 +186,7 @@ DdimStepParams make_ddim_step_params(const at::Tensor& x, const at::Tensor& mode
   p.out = strided_arg(out);
   if (pred_x0_out.has_value()) {
     check_written_arg(x, *pred_x0_out, "pred_x0_out", model_output, options.noise);
-    TORCH_CHECK_VALUE(at::get_overlap_status(*pred_x0_out, out) == at::MemOverlapStatus::No,
+    TORCH_CHECK_VALUE(overlap_status(*pred_x0_out, out) == at::MemOverlapStatus::No,
                       "ddim_step: pred_x0_out overlaps out");
     p.pred_x0 = strided_arg(*pred_x0_out);
   }

@@ -70,11 +70,17 @@ inline T from_float(float v) {
 // The fp32 compute loop over one block. Loop-invariant options are template parameters or hoisted
 // so the body is straight-line code.
 template <Prediction P, bool kGuided, X0Clamp kClamp>
-void compute_block(const DdimStepParams& p, const StepCoefs& k, int64_t n, const float* x, const float* mu,
+void compute_block(const DdimStepParams& p, const StepCoefs& coefs, int64_t n, const float* x, const float* mu,
                    const float* mc, const float* z, const float* thr, float* x_prev, float* x0_out) {
+  // A local copy: through the reference, stores to x_prev could alias the coefficients, which stops the
+  // compiler from vectorizing (measured: 3.4x slower at 16x4x128x128).
+  const StepCoefs k = coefs;
   const float scale = p.guidance_scale;
   const float clip = p.clip_range;
   const bool reuse_clipped = kClamp != X0Clamp::kNone && p.use_clipped_model_output;
+  // Inputs never alias outputs except out == x element for element (checked by the bindings), which a
+  // vectorized read-then-write of the same index keeps correct.
+#pragma GCC ivdep
   for (int64_t i = 0; i < n; ++i) {
     const float m = kGuided ? guidance_combine(mu[i], mc[i], scale) : mu[i];
     float x0, eps;

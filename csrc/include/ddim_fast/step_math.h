@@ -73,12 +73,16 @@ DDIM_HD void predict_x0_eps(float x, float m, const StepCoefs& k, float* x0, flo
 }
 
 // Clamp x0_hat; `threshold` is the per-sample s of dynamic thresholding (ignored otherwise).
+// Comparisons rather than fminf/fmaxf: a NaN x0 stays NaN (as torch.clamp keeps it; fmaxf would turn it
+// into -clip), and the CPU loop still vectorizes (it does not with fminf/fmaxf).
+DDIM_HD float clamp_symmetric(float v, float c) { return v < -c ? -c : (v > c ? c : v); }
+
 DDIM_HD float clamp_x0(float x0, X0Clamp mode, float clip_range, float threshold) {
   if (mode == X0Clamp::kStatic) {
-    return fminf(fmaxf(x0, -clip_range), clip_range);
+    return clamp_symmetric(x0, clip_range);
   }
   if (mode == X0Clamp::kDynamic) {
-    return fminf(fmaxf(x0, -threshold), threshold) / threshold;
+    return clamp_symmetric(x0, threshold) / threshold;
   }
   return x0;
 }
