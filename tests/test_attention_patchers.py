@@ -1,0 +1,170 @@
+"""patch_attention (ldm CrossAttention, found by structure) and FusedAttnProcessor (diffusers) give the
+original modules' outputs (fp32: relative error <= 1e-5, DESIGN.md's drop-in tolerance)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import einsum, nn
+
+import ddim_fast
+from conftest import SAMPLER_RTOL, assert_rel_close
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # noqa: E402
+
+
+class CrossAttention(nn.Module):
+    """Stability-AI ldm/modules/attention.py CrossAttention, structure and math, without einops."""
+
+    def __init__(self, query_dim, context_dim=None, heads=8, dim_head=64, dropout=0.0):
+        super().__init__()
+        inner_dim = dim_head * heads
+        context_dim = query_dim if context_dim is None else context_dim
+        self.scale = dim_head ** -0.5
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
+        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+
+    def forward(self, x, context=None, mask=None):
+        h = self.heads
+        q = self.to_q(x)
+        context = x if context is None else context
+        k = self.to_k(context)
+        v = self.to_v(context)
+
+        def split(t):  # 'b n (h d) -> (b h) n d'
+            b, n, _ = t.shape
+            return t.reshape(b, n, h, -1).permute(0, 2, 1, 3).reshape(b * h, n, -1)
+
+        q, k, v = split(q), split(k), split(v)
+        sim = einsum("b i d, b j d -> b i j", q.float(), k.float()) * self.scale  # _ATTN_PRECISION == "fp32"
+        if mask is not None:
+            mask = mask.reshape(mask.shape[0], -1)
+            max_neg_value = -torch.finfo(sim.dtype).max
+            mask = mask.repeat_interleave(h, dim=0)[:, None, :]  # 'b j -> (b h) () j'
+            sim.masked_fill_(~mask, max_neg_value)
+        sim = sim.softmax(dim=-1)
+        out = einsum("b i j, b j d -> b i d", sim.to(v.dtype), v)
+        b = out.shape[0] // h
+        out = out.reshape(b, h, out.shape[1], -1).permute(0, 2, 1, 3).reshape(b, out.shape[1], -1)
+        return self.to_out(out)
+
+
+class TinyLdmBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn1 = CrossAttention(32, heads=4, dim_head=8)  # self-attention
+        self.attn2 = CrossAttention(32, context_dim=24, heads=2, dim_head=40)  # cross, SD's d = 40
+        self.other = nn.Linear(32, 32)
+
+    def forward(self, x, context=None, mask=None):
+        x = self.attn1(x) + x
+        return self.attn2(x, context=context, mask=mask) + x
+
+
+def test_patch_ldm_cross_attention():
+    torch.manual_seed(0)
+    model = TinyLdmBlock().eval()
+    x, context = torch.randn(2, 70, 32), torch.randn(2, 77, 24)
+    mask = torch.rand(2, 77) > 0.3
+    mask[0] = False  # fully masked: ldm's masked_fill gives a uniform row
+    with torch.no_grad():
+        expected = model(x, context, mask)
+        expected_no_mask = model(x, context)
+        original_forward = model.attn1.forward
+        assert ddim_fast.patch_attention(model) == 2
+        assert ddim_fast.patch_attention(model) == 0  # idempotent
+        assert "forward" in model.attn1.__dict__ and "forward" in model.attn2.__dict__
+        got = model(x, context, mask)
+        got_no_mask = model(x, context)
+        assert not torch.allclose(expected, expected_no_mask)
+        assert_rel_close(got, expected, SAMPLER_RTOL, "patched ldm (mask)")
+        assert_rel_close(got_no_mask, expected_no_mask, SAMPLER_RTOL, "patched ldm")
+        assert ddim_fast.unpatch_attention(model) == 2
+        assert "forward" not in model.attn1.__dict__ and model.attn1.forward == original_forward
+        assert torch.equal(model(x, context, mask), expected)
+
+
+def test_patch_ldm_fp16_storage():
+    torch.manual_seed(1)
+    model = CrossAttention(32, context_dim=24, heads=2, dim_head=40).eval()
+    x, context = torch.randn(2, 40, 32), torch.randn(2, 77, 24)
+    with torch.no_grad():
+        expected = model(x, context)
+        ddim_fast.patch_attention(model.half())
+        got = model(x.half(), context.half())
+    assert got.dtype == torch.float16
+    assert_rel_close(got, expected, 5e-3, "patched ldm fp16")
+
+
+def test_patch_skips_diffusers_attention_and_rejects_non_modules():
+    model = nn.Sequential(Attention(query_dim=32, heads=2, dim_head=16), nn.Linear(4, 4))
+    assert ddim_fast.patch_attention(model) == 0
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        ddim_fast.patch_attention("not a model")
+
+
+def _compare_processors(attn: Attention, *args, **kwargs):
+    attn.eval()
+    with torch.no_grad():
+        attn.set_processor(AttnProcessor2_0())
+        expected = attn(*args, **kwargs)
+        attn.set_processor(ddim_fast.FusedAttnProcessor())
+        got = attn(*args, **kwargs)
+    assert_rel_close(got, expected, SAMPLER_RTOL, "FusedAttnProcessor")
+    return got
+
+
+def test_fused_processor_attention_features():
+    torch.manual_seed(0)
+    # 4-D input, group_norm, norm_cross, residual_connection, rescale_output_factor, a float mask.
+    attn = Attention(query_dim=32, cross_attention_dim=24, heads=2, dim_head=40, norm_num_groups=8,
+                     cross_attention_norm="layer_norm", residual_connection=True, rescale_output_factor=2.0, bias=True)
+    hidden = torch.randn(2, 32, 6, 5)
+    context = torch.randn(2, 77, 24)
+    mask = torch.zeros(2, 1, 77)
+    mask[1, :, 50:] = -10000.0
+    _compare_processors(attn, hidden, encoder_hidden_states=context, attention_mask=mask)
+    # Self-attention on 3-D input with spatial_norm (VAE decoder style) and a key-padding mask.
+    attn = Attention(query_dim=32, heads=4, dim_head=8, spatial_norm_dim=4)
+    hidden = torch.randn(2, 32, 4, 4)
+    temb = torch.randn(2, 4, 2, 2)
+    _compare_processors(attn, hidden, temb=temb)
+    attn = Attention(query_dim=32, heads=4, dim_head=8)
+    self_mask = torch.zeros(2, 1, 20)
+    self_mask[0, :, 15:] = -10000.0
+    _compare_processors(attn, torch.randn(2, 20, 32), attention_mask=self_mask)
+
+
+def test_fused_processor_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=8, norm_num_groups=8,
+    ).eval()
+    sample = torch.randn(2, 4, 8, 8)
+    context = torch.randn(2, 77, 24)
+    encoder_mask = torch.ones(2, 77, dtype=torch.bool)
+    encoder_mask[1, 40:] = False
+    with torch.no_grad():
+        unet.set_attn_processor(AttnProcessor2_0())
+        expected = unet(sample, 10, context).sample
+        expected_masked = unet(sample, 10, context, encoder_attention_mask=encoder_mask).sample
+        unet.set_attn_processor(ddim_fast.FusedAttnProcessor())
+        got = unet(sample, 10, context).sample
+        got_masked = unet(sample, 10, context, encoder_attention_mask=encoder_mask).sample
+    assert_rel_close(got, expected, SAMPLER_RTOL, "UNet with FusedAttnProcessor")
+    assert_rel_close(got_masked, expected_masked, SAMPLER_RTOL, "UNet with FusedAttnProcessor, masked")
+    assert not torch.allclose(expected_masked, expected), "the encoder mask had no effect: the test would prove nothing"
+    assert all(isinstance(p, ddim_fast.FusedAttnProcessor) for p in unet.attn_processors.values())
+
+
+def test_fused_processor_bad_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ddim_fast.FusedAttnProcessor(backend="flash")
