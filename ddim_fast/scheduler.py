@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -191,22 +191,22 @@ class _FusedDDIMBase(SchedulerMixin, ConfigMixin):
 
     # ---- tables ---------------------------------------------------------------------------------
 
-    def _sigmas_for(self, eta: float) -> np.ndarray | None:
-        return None
-
     def _host_table(self, eta: float) -> torch.Tensor:
         key = (eta, torch.device("cpu"))
         table = self._tables.get(key)
         if table is None:
             rows = np.arange(self._row_alpha.size, dtype=np.int64)
-            table = _schedule.coefficient_table(rows, self._row_alpha, self._row_alpha_prev, self._sigmas_for(eta))
+            # Layout, timestep and alpha columns from the shared builder; the step coefficients (and sigma,
+            # which depends on eta) are then filled with diffusers' own fp32 arithmetic.
+            table = _schedule.coefficient_table(rows, self._row_alpha, self._row_alpha_prev)
             self._match_diffusers_rounding(table, eta)
             self._tables[key] = table
         return table
 
     def _match_diffusers_rounding(self, table: torch.Tensor, eta: float) -> None:
         """Overwrite the step coefficients of `table` with the values diffusers computes per step in fp32
-        (same operations, same order), so the fused step sees bit-identical scalars.
+        (same operations, same order), so the fused step sees bit-identical scalars. sigma_t = eta *
+        sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) (0 for inversion).
 
         The float64-then-round values differ from those by an ulp or two, which is harmless except where
         diffusers' formula cancels: with zero-terminal SNR and eta > 0 the first step's
@@ -247,7 +247,8 @@ class _FusedDDIMBase(SchedulerMixin, ConfigMixin):
                 if timestep.is_floating_point():
                     raise TypeError(f"timestep must be an integer tensor, got {timestep.dtype}")
                 return timestep.reshape(1).to(torch.int64)
-            timestep = timestep.item()  # a CPU scalar: no device sync
+            # A CPU scalar (no device sync), or a tensor on another device than the sample (syncs, unavoidably).
+            timestep = timestep.item()
         if isinstance(timestep, bool) or not isinstance(timestep, (int, np.integer)):
             if isinstance(timestep, float) and timestep.is_integer():
                 timestep = int(timestep)
@@ -425,14 +426,7 @@ class FastDDIMScheduler(_FusedDDIMBase):
         self._row_alpha = self._abar_host
         self._row_alpha_prev = _schedule.alpha_at(self._abar_host, prev, outside=self._final_alpha_host)
         self._reset_tables()
-        self._table(0.0, torch.device(device) if device is not None else torch.device("cpu"))
-
-    def _sigmas_for(self, eta: float) -> np.ndarray | None:
-        if eta == 0.0:
-            return None
-        with np.errstate(divide="ignore", invalid="ignore"):
-            sigmas = _schedule.ddim_sigmas(self._row_alpha, self._row_alpha_prev, eta)
-        return np.nan_to_num(sigmas, nan=0.0, posinf=0.0)
+        self._table(0.0, self.timesteps.device)  # the concrete device (cuda:0, not cuda) that samples report
 
     def step(
         self,
@@ -682,7 +676,7 @@ class FastDDIMInverseScheduler(_FusedDDIMBase):
         self._row_alpha = _schedule.alpha_at(self._abar_host, current, outside=self._initial_alpha_host)
         self._row_alpha_prev = self._abar_host
         self._reset_tables()
-        self._table(0.0, torch.device(device) if device is not None else torch.device("cpu"))
+        self._table(0.0, self.timesteps.device)  # the concrete device (cuda:0, not cuda) that samples report
 
     def step(
         self,

@@ -596,6 +596,7 @@ def test_grid_pairing_differs_exactly_where_it_should(spacing, steps):
     final = float(upstream.final_alpha_cumprod)
     sample, model_output = _random_step_inputs(steps)
     expected_grid_prev = schedule.previous_timesteps(np.array(timesteps), 1000, steps, "grid")
+    assert np.array_equal(grid._row_prev_timestep[timesteps], expected_grid_prev)
     differing = 0
     for t, t_grid_prev in zip(timesteps, expected_grid_prev):
         a = upstream.step(model_output, t, sample).prev_sample
