@@ -232,23 +232,12 @@ def _output_view(like: torch.Tensor, layout: str):
 
 ARGS = ("x", "model_output", "noise", "out", "pred_x0_out")
 
-# csrc/ddim_step_args.cpp checks outputs against inputs with at::get_overlap_status, which answers
-# TooHard whenever either tensor is not dense (sliced, expanded) even for separate storages; TooHard is
-# then rejected as "partially overlaps x" / "overlaps model_output" / "overlaps noise".
-NON_DENSE_OVERLAP_BUG = pytest.mark.xfail(
-    strict=True, raises=ValueError,
-    reason="non-dense (sliced/expanded) arguments rejected as overlapping: at::get_overlap_status returns "
-    "TooHard for non-dense tensors even in different storages (csrc/ddim_step_args.cpp check_written_arg)",
-)
-
-
 def _layout_cases():
     for arg in ARGS:
         for layout in ("transposed", "sliced", "batch_sliced", "misaligned", "expanded"):
             if layout == "expanded" and arg in ("out", "pred_x0_out"):
                 continue  # outputs cannot be expanded: the internal-overlap error test covers that
-            marks = [NON_DENSE_OVERLAP_BUG] if layout in ("sliced", "expanded") else []
-            yield pytest.param(arg, layout, marks=marks, id=f"{arg}-{layout}")
+            yield pytest.param(arg, layout, id=f"{arg}-{layout}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -282,7 +271,7 @@ def test_layouts(dtype, arg, layout):
 
 @pytest.mark.parametrize("layouts", [
     pytest.param(("transposed", "transposed", "transposed", "transposed"), id="permuted"),
-    pytest.param(("transposed", "sliced", "sliced", "transposed"), id="sliced", marks=NON_DENSE_OVERLAP_BUG),
+    pytest.param(("transposed", "sliced", "sliced", "transposed"), id="sliced"),
 ])
 def test_all_arguments_strided_and_parallel(layouts):
     """Every argument strided at once, large enough that at::parallel_for splits it into several tasks
@@ -340,12 +329,20 @@ def test_out_in_place(dtype):
     assert_rel_close(x, ref_out, dtype, "in-place x_prev")
 
 
-def test_out_in_place_transposed():
+@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+def test_out_in_place_strided(layout):
     x, mo = _inputs((2, 3, 8, 5), torch.float32, guided=False)
-    xt, _ = _layout(x, "transposed")
+    xs, base = _layout(x, layout)
+    if base is not None:
+        outside = poison(base.clone())
+        outside_view = outside.as_strided(xs.shape, xs.stride(), xs.storage_offset())
+        outside_view.copy_(xs)
+        xs = outside_view
     ref_out, _ = _reference(x, mo, TABLE, 7)
-    ops.ddim_step(xt, mo, TABLE, 7, out=xt)
-    assert_rel_close(xt, ref_out, torch.float32, "in-place strided x_prev")
+    assert ops.ddim_step(xs, mo, TABLE, 7, out=xs) is xs
+    assert_rel_close(xs, ref_out, torch.float32, "in-place strided x_prev")
+    if layout == "sliced":  # the storage between the view's elements is untouched
+        assert torch.isnan(outside).sum().item() == outside.numel() - xs.numel()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
