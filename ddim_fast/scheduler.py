@@ -145,20 +145,6 @@ def _grid_point_below(grid: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
     return np.where(pos >= 0, ascending[np.clip(pos, 0, None)], -1)
 
 
-def _dense(t: torch.Tensor) -> torch.Tensor:
-    """`t` itself when its elements fill one dense block of memory in some dim order (contiguous or permuted,
-    e.g. channels-last), else a contiguous copy. The op's overlap checks reject gapped or broadcast views
-    (``latents[:, :4]``, ``expand``) even when they cannot overlap the output; such views are rare in
-    pipelines, so copying them costs nothing in the common case."""
-    dims = sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size != 1)
-    expected = 1
-    for stride, size in dims:
-        if stride != expected:
-            return t.contiguous()
-        expected *= size
-    return t
-
-
 def _check_tensor(name: str, value) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -300,8 +286,6 @@ class _FusedDDIMBase(SchedulerMixin, ConfigMixin):
         if prediction_type not in reference.PREDICTION_TYPES:
             raise ValueError(f"prediction_type given as {prediction_type} must be one of `epsilon`, `sample`, "
                              "or `v_prediction`")
-        sample, model_output = _dense(sample), _dense(model_output)
-        noise = None if noise is None else _dense(noise)
         x0_threshold = None
         if thresholding:
             _, x0 = ops.ddim_step(sample, model_output, table, row, guidance_scale=guidance_scale,
