@@ -48,20 +48,32 @@ def canonical_prediction_type(prediction_type: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def has_native_kernel(device_type: str, op: str = "ddim_step") -> bool:
-    """True when the C++ extension registered `op` for this device type ('cpu', 'cuda')."""
+def _has_native_kernel_cached(device_type: str, op: str) -> bool:
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"ddim_fast::{op}", key)
 
 
+# Constants for torch.compile: registrations and imports cannot change while a graph runs, and Dynamo
+# cannot trace the dispatcher query or the import, so both are evaluated once at trace time.
+@torch.compiler.assume_constant_result
+def has_native_kernel(device_type: str, op: str = "ddim_step") -> bool:
+    """True when the C++ extension registered `op` for this device type ('cpu', 'cuda')."""
+    return _has_native_kernel_cached(device_type, op)
+
+
 @functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    """True when ddim_fast's Triton kernels can run here (a CUDA GPU, or TRITON_INTERPRET=1 on CPU)."""
+def _triton_available_cached() -> bool:
     try:
         from ddim_fast.triton import ddim_step as _  # noqa: F401
     except Exception:  # triton missing or broken: the other backends still work
         return False
     return True
+
+
+@torch.compiler.assume_constant_result
+def triton_available() -> bool:
+    """True when ddim_fast's Triton kernels can run here (a CUDA GPU, or TRITON_INTERPRET=1 on CPU)."""
+    return _triton_available_cached()
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -87,9 +99,19 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+def _check_same_device(x, **tensors):
+    # The Meta dispatch key outranks CPU, so a call mixing CPU and meta tensors lands in the fake kernel,
+    # not in the C++ checks: reject it with the message the kernels give.
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"ddim_step: {name} must be on x's device {x.device}, got {t.device}")
+
+
 @torch.library.register_fake("ddim_fast::ddim_step")
 def _ddim_step_fake(x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
                     use_clipped_model_output, noise, rng_state, temperature, return_pred_x0):
+    _check_same_device(x, model_output=model_output, table=table, step=step, x0_threshold=x0_threshold,
+                       noise=noise, rng_state=rng_state)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     pred_x0 = torch.empty(x.shape if return_pred_x0 else (0,), dtype=x.dtype, device=x.device)
     return out, pred_x0
@@ -98,6 +120,8 @@ def _ddim_step_fake(x, model_output, table, step, guidance_scale, prediction_typ
 @torch.library.register_fake("ddim_fast::ddim_step_out")
 def _ddim_step_out_fake(x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
                         use_clipped_model_output, noise, rng_state, temperature, out, pred_x0_out):
+    _check_same_device(x, model_output=model_output, table=table, step=step, x0_threshold=x0_threshold,
+                       noise=noise, rng_state=rng_state, out=out, pred_x0_out=pred_x0_out)
     return None
 
 
@@ -183,9 +207,8 @@ def ddim_step(
 
     # Promote like eager PyTorch would (ldm under autocast feeds fp16 model outputs to fp32 latents).
     dtype = torch.promote_types(x.dtype, model_output.dtype)
-    if dtype == torch.float64:
-        raise TypeError("ddim_step: float64 is not supported by the kernels (use backend='reference')"
-                        if backend != "reference" else "")
+    if dtype == torch.float64 and backend != "reference":
+        raise TypeError("ddim_step: float64 is not supported by the kernels (use backend='reference')")
     x_in = x if x.dtype == dtype else x.to(dtype)
     model_output = model_output if model_output.dtype == dtype else model_output.to(dtype)
     if noise is not None and noise.dtype != dtype:

@@ -579,12 +579,6 @@ def test_compile_torch_ops_once_over_schedule():
     _compile_over_schedule(_torch_ops_step, "aot_eager")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ops.ddim_step -> resolve_backend -> has_native_kernel calls "
-    "torch._C._dispatch_has_kernel_for_dispatch_key, which Dynamo cannot trace (graph break, "
-    "fullgraph=True fails); fix in ddim_fast/ops.py: torch.compiler.assume_constant_result",
-)
 def test_compile_ops_wrapper_once_over_schedule():
     _compile_over_schedule(_wrapper_step, "inductor")
 
@@ -603,11 +597,6 @@ def test_reference_backend_matches_native():
     assert_rel_close(native[1], ref[1], 1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ops.ddim_step raises TypeError('') for float64 even with backend='reference', which its own "
-    "error message recommends (ops.py: `raise TypeError(... if backend != 'reference' else '')`)",
-)
 def test_reference_backend_accepts_float64():
     x, mo = _inputs((2, 3, 6), torch.float64, guided=False)
     out = ops.ddim_step(x, mo, TABLE, 4, backend="reference")
@@ -746,11 +735,6 @@ def test_bad_inputs_leave_out_untouched():
     assert torch.isnan(out).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a CPU x with a meta model_output/table/step reaches the fake (Meta) kernel, which checks no "
-    "devices and returns an uninitialised CPU tensor; fix: device checks in ops.py's fake kernels",
-)
 @pytest.mark.parametrize("arg", ["model_output", "table", "step"])
 def test_device_mismatch_meta(arg):
     tensors = {"model_output": _MO, "table": TABLE, "step": _STEP}
