@@ -17,6 +17,7 @@ _LAZY = {
     "slerp": "ddim_fast.sampler",
     "FastDDIMScheduler": "ddim_fast.scheduler",
     "FastDDIMInverseScheduler": "ddim_fast.scheduler",
+    "graphed_denoise_loop": "ddim_fast.scheduler",
     "patch_attention": "ddim_fast.attention",
     "unpatch_attention": "ddim_fast.attention",
     "FusedAttnProcessor": "ddim_fast.attention",
