@@ -3,7 +3,8 @@
 Groups (the baseline of each is marked ``extra_info['baseline']``):
 
 * ``e2e cpu tiny-unet``: tiny diffusers UNet (random weights) on the CPU, fp32, CFG 7.5, 10 steps —
-  diffusers' DDIMScheduler loop (baseline), the plain-PyTorch reference loop, FastDDIMSampler;
+  diffusers' DDIMScheduler loop (baseline), the plain-PyTorch reference loop, FastDDIMSampler, and
+  FastDDIMSampler with the fused attention patched into the UNet;
 * ``e2e cpu embedded``: the demo's embedded model (exact denoiser), 50 steps — reference loop
   (baseline) vs FastDDIMSampler, where the step math is a larger share of the run;
 * ``e2e cuda sd15-unet``: SD1.5-config UNet, fp16, 512x512, CFG 7.5, 50 steps — diffusers loop
@@ -70,16 +71,27 @@ def tiny_problem():
     return problem
 
 
+def _patched(problem: bench.Problem) -> bench.Problem:
+    """A copy of the problem whose UNet (a deep copy) has ddim_fast's fused attention patched in."""
+    attention = pytest.importorskip("ddim_fast.attention")
+    unet = copy.deepcopy(problem.unet)
+    attention.patch_attention(unet)
+    patched = copy.copy(problem)
+    patched.unet, patched.model = unet, bench.LdmUNetModel(unet)
+    return patched
+
+
 @pytest.mark.benchmark(group="e2e cpu tiny-unet")
-@pytest.mark.parametrize("loop", ["diffusers", "reference", "fast"])
+@pytest.mark.parametrize("loop", ["diffusers", "reference", "fast", "fast+attn"])
 def test_e2e_cpu_tiny_unet(benchmark, tiny_problem, loop):
     if loop == "diffusers":
         fn = lambda: bench.diffusers_loop(tiny_problem)  # noqa: E731
     elif loop == "reference":
         fn = lambda: bench.reference_loop(tiny_problem)  # noqa: E731
     else:
-        sampler = bench.make_fast_sampler(tiny_problem)
-        fn = lambda: bench.fast_loop(tiny_problem, sampler)  # noqa: E731
+        problem = _patched(tiny_problem) if loop == "fast+attn" else tiny_problem
+        sampler = bench.make_fast_sampler(problem)
+        fn = lambda: bench.fast_loop(problem, sampler)  # noqa: E731
     out = fn()
     assert reference.relative_error(out, tiny_problem.extra["expected"]) <= bench.RUN_TOLERANCES[torch.float32]
     _extra(benchmark, tiny_problem, baseline=loop == "diffusers")
@@ -134,13 +146,7 @@ def test_e2e_cuda_sd15(benchmark, sd15_problem, loop):
     if loop == "diffusers":
         fn = lambda: bench.diffusers_loop(problem)  # noqa: E731
     else:
-        run_problem = problem
-        if loop == "fast+attn":
-            attention = pytest.importorskip("ddim_fast.attention")
-            unet = copy.deepcopy(problem.unet)
-            attention.patch_attention(unet)
-            run_problem = copy.copy(problem)
-            run_problem.unet, run_problem.model = unet, bench.LdmUNetModel(unet)
+        run_problem = _patched(problem) if loop == "fast+attn" else problem
         sampler = bench.make_fast_sampler(run_problem, cuda_graph=loop in ("fast+graph", "fast+attn"))
         fn = lambda: bench.fast_loop(run_problem, sampler)  # noqa: E731
     torch.manual_seed(0)

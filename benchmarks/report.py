@@ -111,7 +111,7 @@ def pytest_benchmark_section(name: str, data: dict[str, Any]) -> tuple[list[str]
     for b in data.get("benchmarks", []):
         groups.setdefault(b.get("group") or "(no group)", []).append(b)
     chart = []
-    lines += ["| group | benchmark | median per call | per step | rounds | vs baseline |", "|---|---|---:|---:|---:|---:|"]
+    lines += ["| group | benchmark | median per call | per step (or op) | rounds | vs baseline |", "|---|---|---:|---:|---:|---:|"]
     for group, entries in groups.items():
         base = pick_baseline(entries)
         for e in entries:

@@ -218,6 +218,7 @@ def run_demo(out_dir: str = "ddim_fast_demo", *, quick: bool = False, steps: int
           f"{psnr_r.mean():.1f} dB (>= {RECONSTRUCTION_PSNR_DB:.0f}): {'PASS' if ok_r else 'FAIL'}")
     report["checks"]["inversion"] = {"psnr_min": psnr_r.min().item(), "psnr_mean": psnr_r.mean().item(),
                                      "passed": ok_r}
+    # inversion.png rows: the data images, their DDIM-inverted x_T, the reconstructions.
     files.append(save_png(image_grid(torch.cat([x0, x_inv.clamp(-1, 1), recon]), len(pick), upscale=64 // size),
                           os.path.join(out_dir, "inversion.png")))
 
