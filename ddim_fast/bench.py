@@ -483,7 +483,7 @@ def _patch_attention(unet) -> str | None:
 def run_bench(model: str = "tiny-unet", *, steps: int = 50, batch: int = 1, dtype: str = "fp32",
               guidance: float = 7.5, resolution: int | None = None, device: str | None = None,
               repeats: int = 3, seed: int = 0, backend: str = "auto", variants: tuple[str, ...] | None = None,
-              check: bool = True) -> dict[str, Any]:
+              check: bool = True, noise_mode: str = "torch") -> dict[str, Any]:
     """Time every loop on the same problem; returns the JSON-able result (see module docstring).
     Raises AssertionError when a loop's output disagrees with the diffusers loop."""
     from ddim_fast import info
@@ -519,7 +519,7 @@ def run_bench(model: str = "tiny-unet", *, steps: int = 50, batch: int = 1, dtyp
                 run_problem = copy.copy(problem)
                 run_problem.unet = patched
                 run_problem.model = LdmUNetModel(patched)
-            sampler = make_fast_sampler(run_problem, backend=backend, cuda_graph=graph)
+            sampler = make_fast_sampler(run_problem, backend=backend, cuda_graph=graph, noise_mode=noise_mode)
             fn = (lambda p=run_problem, s=sampler: fast_loop(p, s))
         elif name == "reference":
             fn = lambda: reference_loop(problem)  # noqa: E731
@@ -569,7 +569,7 @@ def run_bench(model: str = "tiny-unet", *, steps: int = 50, batch: int = 1, dtyp
         "environment": info.environment_summary(dev),
         "config": {"model": model, "steps": steps, "batch": batch, "dtype": dtype, "guidance": guidance,
                    "latent": list(problem.x_T.shape[1:]), "device": str(dev), "repeats": repeats,
-                   "backend": backend, "seed": seed, "tolerance": tol},
+                   "backend": backend, "noise_mode": noise_mode, "seed": seed, "tolerance": tol},
         "unet_only_ms_per_step": unet_ms,
         "unet_graph_ms_per_step": unet_graph_ms,
         "results": results,
@@ -623,6 +623,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--resolution", type=int, default=None, help="image size in pixels (latent = /8)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--backend", default="auto", choices=("auto", "native", "triton"))
+    parser.add_argument("--noise-mode", choices=("torch", "philox"), default="torch",
+                        help="FastDDIMSampler noise: 'torch' draws ldm's per-step randn (exact drop-in), "
+                             "'philox' draws in-kernel (nothing at eta = 0)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", default=None,
@@ -634,7 +637,7 @@ def main(args) -> int:
     variants = tuple(v.strip() for v in args.variants.split(",")) if args.variants else None
     report = run_bench(args.model, steps=args.steps, batch=args.batch, dtype=args.dtype, guidance=args.guidance,
                        resolution=args.resolution, device=args.device, repeats=args.repeats, seed=args.seed,
-                       backend=args.backend, variants=variants, check=False)
+                       backend=args.backend, variants=variants, check=False, noise_mode=args.noise_mode)
     print(format_bench(_check(report)))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
