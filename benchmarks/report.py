@@ -136,10 +136,18 @@ def pytest_benchmark_section(name: str, data: dict[str, Any]) -> tuple[list[str]
     return lines, chart
 
 
+def _hardware(data: dict[str, Any]) -> str:
+    env = data.get("environment", {})
+    threads = env.get("torch_threads")
+    on_cpu = "cuda" not in str(data.get("config", {}).get("device", ""))
+    return env.get("hardware", "?") + (f", {threads} torch thread{'s' if threads != 1 else ''}"
+                                       if threads and on_cpu else "")
+
+
 def bench_section(name: str, data: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, float]]]:
     cfg = data.get("config", {})
     base = data.get("baseline", "diffusers")
-    hw = data.get("environment", {}).get("hardware", "?")
+    hw = _hardware(data)
     latent = "x".join(str(v) for v in cfg.get("latent", []))
     lines = [f"#### `{name}` — `python -m ddim_fast bench`, {hw}, {data.get('date', '?')}", "",
              f"{cfg.get('model')} (random weights), {cfg.get('dtype')}, batch {cfg.get('batch')}, latent {latent}, "
@@ -167,7 +175,7 @@ def bench_section(name: str, data: dict[str, Any]) -> tuple[list[str], list[tupl
 
 def profile_section(name: str, data: dict[str, Any]) -> list[str]:
     cfg, s = data.get("config", {}), data.get("summary", {})
-    hw = data.get("environment", {}).get("hardware", "?")
+    hw = _hardware(data)
     tot, model, upd = s.get("total_ms", {}), s.get("model_ms", {}), s.get("update_ms", {})
 
     def f(d, k):
@@ -176,7 +184,8 @@ def profile_section(name: str, data: dict[str, Any]) -> list[str]:
 
     return [f"#### `{name}` — `python -m ddim_fast profile`, {hw}, {data.get('date', '?')}", "",
             f"{cfg.get('model')} {cfg.get('shape')}, {cfg.get('dtype')}, CFG {cfg.get('guidance')}, backend "
-            f"{cfg.get('backend')}{', CUDA graph' if cfg.get('cuda_graph') else ''} ({cfg.get('timer')}):", "",
+            f"{cfg.get('backend')}{', CUDA graph' if cfg.get('cuda_graph') else ''} ({cfg.get('timer')}, "
+            f"median of {cfg.get('repeats', 1)} timed run{'s' if cfg.get('repeats', 1) != 1 else ''} per step):", "",
             "| ms per step | mean | p50 | p90 |", "|---|---:|---:|---:|",
             f"| model | {f(model, 'mean')} | {f(model, 'p50')} | {f(model, 'p90')} |",
             f"| guidance + update | {f(upd, 'mean')} | {f(upd, 'p50')} | {f(upd, 'p90')} |",

@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--progress", action="store_true", help="show the samplers' progress bars")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 gives steadier CPU timings on a busy machine)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,profile,bench,info}")
     for name, module, help_text in (
         ("demo", demo, "sample the embedded model, write PNGs, check the result"),
@@ -54,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return int(args.handler(args) or 0)
     except (RuntimeError, ValueError, TypeError) as exc:

@@ -162,8 +162,8 @@ def run_demo(out_dir: str = "ddim_fast_demo", *, quick: bool = False, steps: int
     cond = toy_data.class_embedding(cond_labels, device=dev)
     uncond = toy_data.class_embedding(None, batch, device=dev)
     problem = bench.Problem(model, x_T, cond, uncond, steps, guidance)
-    ref_rows, ref_out = profiler.profile_steps(problem, backend="reference")
-    fast_rows, fast_out = profiler.profile_steps(problem, backend=backend)
+    ref_rows, ref_out = profiler.profile_steps(problem, backend="reference", repeats=3)
+    fast_rows, fast_out = profiler.profile_steps(problem, backend=backend, repeats=3)
     ref_ms = profiler.summary(ref_rows)["total_ms"]["mean"]
     fast_ms = profiler.summary(fast_rows)["total_ms"]["mean"]
     rel = reference.relative_error(fast_out, ref_out)

@@ -101,6 +101,7 @@ def environment_summary(device: torch.device | str | None = None) -> dict[str, A
         "hardware": hardware_name(device),
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": _version("triton"),

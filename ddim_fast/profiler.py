@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 import time
 from typing import Any
 
@@ -74,11 +75,14 @@ class _RecordFunctionHooks(bench.StepHooks):
 
 
 def profile_steps(problem: bench.Problem, *, backend: str = "auto", cuda_graph: bool = False,
-                  noise_mode: str = "torch", warmup: int = 1, trace: str | None = None,
+                  noise_mode: str = "torch", warmup: int = 1, repeats: int = 1, trace: str | None = None,
                   ) -> tuple[list[dict[str, float]], torch.Tensor]:
-    """Run the loop ``warmup`` times untimed, then once with per-step stamps; returns (one row per step
-    (see ``bench.StepHooks.rows``), the timed run's samples [B, C, H, W]). backend 'reference' times the plain-PyTorch loop, anything else
-    ``FastDDIMSampler(backend=...)``."""
+    """Run the loop ``warmup`` times untimed, then ``repeats`` times with per-step stamps; returns (one
+    row per step, each column the median over the repeats (see ``bench.StepHooks.rows``), the last timed
+    run's samples [B, C, H, W]). backend 'reference' times the plain-PyTorch loop, anything else
+    ``FastDDIMSampler(backend=...)``. ``trace`` records the first timed run."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     device = problem.device
     hooks_type = _RecordFunctionHooks if trace else bench.StepHooks
 
@@ -102,25 +106,35 @@ def profile_steps(problem: bench.Problem, *, backend: str = "auto", cuda_graph: 
     for _ in range(warmup):
         run(bench.StepHooks(device, nvtx=False))
     bench.synchronize(device)
-    hooks = hooks_type(device)
-    if trace:
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities) as prof:
+    runs = []
+    for r in range(repeats):
+        hooks = hooks_type(device)
+        if trace and r == 0:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            with torch.profiler.profile(activities=activities) as prof:
+                hooks.begin()
+                samples = run(hooks)
+                hooks.finish()
+                bench.synchronize(device)
+            prof.export_chrome_trace(trace)
+        else:
             hooks.begin()
             samples = run(hooks)
             hooks.finish()
-            bench.synchronize(device)
-        prof.export_chrome_trace(trace)
-    else:
-        hooks.begin()
-        samples = run(hooks)
-        hooks.finish()
-    rows = hooks.rows()
-    if len(rows) == 0:
+        runs.append(hooks.rows())
+    if len(runs[0]) == 0:
         raise RuntimeError("no step was timed: the sampler never called its callback")
+    rows = [{"step": per_run[0]["step"],
+             **{col: _median([r[col] for r in per_run]) for col in ("model_ms", "update_ms", "total_ms")}}
+            for per_run in zip(*runs)]
     return rows, samples
+
+
+def _median(values: list[float]) -> float:
+    kept = sorted(v for v in values if v == v)
+    return statistics.median(kept) if kept else float("nan")
 
 
 def summary(rows: list[dict[str, float]]) -> dict[str, Any]:
@@ -178,7 +192,7 @@ def write_plot(rows: list[dict[str, float]], path: str, title: str) -> bool:
 def run_profile(model: str = "embedded", *, steps: int = 50, batch: int = 4, dtype: str = "fp32",
                 guidance: float | None = None, backend: str = "auto", cuda_graph: bool = False,
                 noise_mode: str = "torch", device: str | None = None, resolution: int | None = None,
-                warmup: int = 1, seed: int = 0, trace: str | None = None) -> dict[str, Any]:
+                warmup: int = 1, repeats: int = 1, seed: int = 0, trace: str | None = None) -> dict[str, Any]:
     """Profile one configuration; returns the JSON-able report (rows + summary + environment)."""
     from ddim_fast import info
 
@@ -190,14 +204,14 @@ def run_profile(model: str = "embedded", *, steps: int = 50, batch: int = 4, dty
     problem = build_problem(model, dev, bench.DTYPES[dtype], batch=batch, steps=steps, guidance=guidance,
                             resolution=resolution, seed=seed)
     rows, _ = profile_steps(problem, backend=backend, cuda_graph=cuda_graph, noise_mode=noise_mode, warmup=warmup,
-                         trace=trace)
+                            repeats=repeats, trace=trace)
     return {
         "kind": "profile",
         "date": time.strftime("%Y-%m-%d"),
         "environment": info.environment_summary(dev),
         "config": {"model": model, "steps": steps, "batch": batch, "dtype": dtype, "guidance": guidance,
                    "backend": backend, "cuda_graph": cuda_graph, "noise_mode": noise_mode, "device": str(dev),
-                   "shape": list(problem.x_T.shape), "timer": "cuda events" if dev.type == "cuda" else "perf_counter"},
+                   "shape": list(problem.x_T.shape), "repeats": repeats, "timer": "cuda events" if dev.type == "cuda" else "perf_counter"},
         "rows": rows,
         "summary": summary(rows),
     }
@@ -216,7 +230,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--noise-mode", choices=("torch", "philox"), default="torch")
     parser.add_argument("--resolution", type=int, default=None, help="UNet models: image size in pixels")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs; each step's times are their median")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trace", metavar="FILE", help="write a Chrome trace (torch.profiler) of the timed run")
     parser.add_argument("--plot", metavar="FILE", help="write a PNG of latency per step (needs matplotlib)")
@@ -226,7 +241,7 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     report = run_profile(args.model, steps=args.steps, batch=args.batch, dtype=args.dtype, guidance=args.guidance,
                          backend=args.backend, cuda_graph=args.cuda_graph, noise_mode=args.noise_mode,
-                         device=args.device, resolution=args.resolution, warmup=args.warmup, seed=args.seed,
+                         device=args.device, resolution=args.resolution, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
                          trace=args.trace)
     cfg = report["config"]
     header = (f"profile: {cfg['model']} {cfg['shape']} {cfg['dtype']}, CFG {cfg['guidance']}, backend {cfg['backend']}"

@@ -137,7 +137,8 @@ def test_demo_self_check_fails_on_wrong_samples(tmp_path, monkeypatch):
 
 def test_profile_json_and_plot_on_the_embedded_model(tmp_path, capsys):
     out_json, out_png = tmp_path / "p.json", tmp_path / "p.png"
-    rc = cli.main(["profile", "--steps", "5", "--batch", "2", "--json", str(out_json), "--plot", str(out_png)])
+    rc = cli.main(["profile", "--steps", "5", "--batch", "2", "--repeats", "2", "--json", str(out_json),
+                   "--plot", str(out_png)])
     out = capsys.readouterr().out
     assert rc == 0, out
     report = json.loads(out_json.read_text())
@@ -149,7 +150,7 @@ def test_profile_json_and_plot_on_the_embedded_model(tmp_path, capsys):
     s = report["summary"]
     assert s["steps"] == 5 and s["total_ms"]["p50"] <= s["total_ms"]["p90"]
     assert s["it_per_s"] == pytest.approx(1e3 / s["total_ms"]["mean"])
-    assert report["config"]["timer"] == "perf_counter"
+    assert report["config"]["timer"] == "perf_counter" and report["config"]["repeats"] == 2
     try:
         import matplotlib  # noqa: F401
     except ImportError:
