@@ -111,7 +111,8 @@ def pytest_benchmark_section(name: str, data: dict[str, Any]) -> tuple[list[str]
     for b in data.get("benchmarks", []):
         groups.setdefault(b.get("group") or "(no group)", []).append(b)
     chart = []
-    lines += ["| group | benchmark | median per call | per step (or op) | rounds | vs baseline |", "|---|---|---:|---:|---:|---:|"]
+    lines += ["| group | benchmark | median per call | per step (or op) | rounds | vs baseline |",
+              "|---|---|---:|---:|---:|---:|"]
     for group, entries in groups.items():
         base = pick_baseline(entries)
         for e in entries:
@@ -169,6 +170,8 @@ def bench_section(name: str, data: dict[str, Any]) -> tuple[list[str], list[tupl
             chart.append((f"bench {cfg.get('model')} {cfg.get('dtype')}", loop, speed))
     for loop, why in (data.get("skipped") or {}).items():
         lines.append(f"| {loop} | skipped: {why} | | | | | |")
+    for loop, why in (data.get("failed") or {}).items():
+        lines.append(f"| {loop} | FAILED: {why} | | | | | |")
     lines.append("")
     return lines, chart
 

@@ -493,42 +493,58 @@ def run_bench(model: str = "tiny-unet", *, steps: int = 50, batch: int = 1, dtyp
     problem = unet_problem(model, dev, torch_dtype, batch=batch, steps=steps, guidance=guidance,
                            resolution=resolution, seed=seed)
     if variants is None:
-        variants = ("diffusers", "fast", "fast+graph", "fast+attn") if dev.type == "cuda" else ("diffusers", "fast", "fast+attn")
+        variants = ("diffusers", "fast", "fast+graph", "fast+attn") if dev.type == "cuda" else (
+            "diffusers", "fast", "fast+attn")
     tol = RUN_TOLERANCES[torch_dtype]
 
     results: dict[str, Any] = {}
     outputs: dict[str, torch.Tensor] = {}
     skipped: dict[str, str] = {}
+    failed: dict[str, str] = {}
+
+    def build_loop(name: str) -> Callable[[], torch.Tensor] | str:
+        """The loop to time, or why it is skipped here."""
+        if name == "diffusers":
+            return lambda: diffusers_loop(problem)
+        if name == "reference":
+            return lambda: reference_loop(problem)
+        if name not in ("fast", "fast+graph", "fast+attn"):
+            raise ValueError(f"unknown bench variant {name!r}; expected diffusers, fast, fast+graph, fast+attn, "
+                             "reference")
+        graph = name == "fast+graph" or (name == "fast+attn" and dev.type == "cuda")
+        if graph and dev.type != "cuda":
+            return "CUDA graphs need a GPU"
+        run_problem = problem
+        if name == "fast+attn":
+            patched = copy.deepcopy(problem.unet)
+            why = _patch_attention(patched)
+            if why is not None:
+                return why
+            run_problem = copy.copy(problem)
+            run_problem.unet = patched
+            run_problem.model = LdmUNetModel(patched)
+        sampler = make_fast_sampler(run_problem, backend=backend, cuda_graph=graph, noise_mode=noise_mode)
+        return lambda: fast_loop(run_problem, sampler)
 
     loops: dict[str, Callable[[], torch.Tensor]] = {}
     for name in variants:
-        if name == "diffusers":
-            fn = lambda: diffusers_loop(problem)  # noqa: E731
-        elif name in ("fast", "fast+graph", "fast+attn"):
-            graph = name == "fast+graph" or (name == "fast+attn" and dev.type == "cuda")
-            if graph and dev.type != "cuda":
-                skipped[name] = "CUDA graphs need a GPU"
+        try:
+            fn = build_loop(name)
+            if isinstance(fn, str):
+                skipped[name] = fn
                 continue
-            run_problem = problem
-            if name == "fast+attn":
-                patched = copy.deepcopy(problem.unet)
-                why = _patch_attention(patched)
-                if why is not None:
-                    skipped[name] = why
-                    continue
-                run_problem = copy.copy(problem)
-                run_problem.unet = patched
-                run_problem.model = LdmUNetModel(patched)
-            sampler = make_fast_sampler(run_problem, backend=backend, cuda_graph=graph, noise_mode=noise_mode)
-            fn = (lambda p=run_problem, s=sampler: fast_loop(p, s))
-        elif name == "reference":
-            fn = lambda: reference_loop(problem)  # noqa: E731
-        else:
-            raise ValueError(f"unknown variant {name!r}")
-        # Same global RNG state for every loop: ldm-style samplers draw from it even at eta = 0. This
-        # first call is also the warm-up (graph capture, Triton compilation, allocator).
-        torch.manual_seed(seed)
-        outputs[name] = fn()
+            # Same global RNG state for every loop: ldm-style samplers draw from it even at eta = 0. This
+            # first call is also the warm-up (graph capture, Triton compilation, allocator).
+            torch.manual_seed(seed)
+            outputs[name] = fn()
+        except ValueError:
+            raise
+        except Exception as exc:  # one broken variant must not hide the others' numbers; reported as failed
+            if check:
+                raise
+            failed[name] = f"{type(exc).__name__}: {exc}"
+            logger.debug("bench variant %s failed", name, exc_info=True)
+            continue
         loops[name] = fn
     floors = {"unet": lambda: unet_only_loop(problem)}
     if dev.type == "cuda" and any(n in loops for n in ("fast+graph", "fast+attn")):
@@ -574,6 +590,7 @@ def run_bench(model: str = "tiny-unet", *, steps: int = 50, batch: int = 1, dtyp
         "unet_graph_ms_per_step": unet_graph_ms,
         "results": results,
         "skipped": skipped,
+        "failed": failed,
         "baseline": baseline,
     }
     if check:
@@ -606,6 +623,8 @@ def format_bench(report: dict[str, Any]) -> str:
             f"{'-' if err is None else format(err, '.2e'):>10}")
     for name, why in report["skipped"].items():
         lines.append(f"{name:<12} skipped: {why}")
+    for name, why in report.get("failed", {}).items():
+        lines.append(f"{name:<12} FAILED: {why}")
     if "agree" in report:
         lines.append(f"agreement with {base} (tolerance {cfg['tolerance']:.0e}): "
                      f"{'PASS' if report['agree'] else 'FAIL'}")
@@ -648,5 +667,6 @@ def main(args) -> int:
 def _check(report: dict[str, Any]) -> dict[str, Any]:
     """Fill report['agree'] (every loop within the dtype's tolerance of the baseline)."""
     base, tol = report["baseline"], report["config"]["tolerance"]
-    report["agree"] = all(r["rel_error_vs_" + base] <= tol for n, r in report["results"].items() if n != base)
+    report["agree"] = not report.get("failed") and all(
+        r["rel_error_vs_" + base] <= tol for n, r in report["results"].items() if n != base)
     return report

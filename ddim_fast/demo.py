@@ -143,7 +143,8 @@ def run_demo(out_dir: str = "ddim_fast_demo", *, quick: bool = False, steps: int
 
     model = toy_data.EmbeddedLdmModel(size=size, device=dev)
     images, labels = model.images, model.labels.cpu()
-    report: dict[str, Any] = {"device": str(dev), "steps": steps, "batch": batch, "image_shape": list(model.image_shape),
+    report: dict[str, Any] = {"device": str(dev), "steps": steps, "batch": batch,
+                              "image_shape": list(model.image_shape),
                               "guidance": guidance, "checks": {}, "files": []}
     files = report["files"]
     files.append(save_png(image_grid(images, toy_data.IMAGES_PER_CLASS, upscale=64 // size),

@@ -117,7 +117,8 @@ def format_info(data: dict[str, Any]) -> str:
     lines.append("hardware:")
     if data["gpu"]:
         g = data["gpu"]
-        lines.append(f"  GPU   {g['name']} (sm_{g['capability'].replace('.', '')}, {g['memory_gib']} GiB) x{g['count']}")
+        sm = g["capability"].replace(".", "")
+        lines.append(f"  GPU   {g['name']} (sm_{sm}, {g['memory_gib']} GiB) x{g['count']}")
     else:
         lines.append("  GPU   none visible to torch")
     lines.append(f"  CPU   {data['cpu']['model']}, {data['cpu']['cores']} cores")

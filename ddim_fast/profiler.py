@@ -211,7 +211,8 @@ def run_profile(model: str = "embedded", *, steps: int = 50, batch: int = 4, dty
         "environment": info.environment_summary(dev),
         "config": {"model": model, "steps": steps, "batch": batch, "dtype": dtype, "guidance": guidance,
                    "backend": backend, "cuda_graph": cuda_graph, "noise_mode": noise_mode, "device": str(dev),
-                   "shape": list(problem.x_T.shape), "repeats": repeats, "timer": "cuda events" if dev.type == "cuda" else "perf_counter"},
+                   "shape": list(problem.x_T.shape), "repeats": repeats,
+                   "timer": "cuda events" if dev.type == "cuda" else "perf_counter"},
         "rows": rows,
         "summary": summary(rows),
     }
@@ -241,7 +242,8 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     report = run_profile(args.model, steps=args.steps, batch=args.batch, dtype=args.dtype, guidance=args.guidance,
                          backend=args.backend, cuda_graph=args.cuda_graph, noise_mode=args.noise_mode,
-                         device=args.device, resolution=args.resolution, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
+                         device=args.device, resolution=args.resolution, warmup=args.warmup, repeats=args.repeats,
+                         seed=args.seed,
                          trace=args.trace)
     cfg = report["config"]
     header = (f"profile: {cfg['model']} {cfg['shape']} {cfg['dtype']}, CFG {cfg['guidance']}, backend {cfg['backend']}"

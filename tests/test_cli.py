@@ -211,6 +211,17 @@ def test_bench_detects_disagreement(monkeypatch):
         bench.run_bench("tiny-unet", steps=2, repeats=1, variants=("diffusers", "fast"))
 
 
+def test_bench_reports_a_failing_loop_and_exits_nonzero(monkeypatch, capsys):
+    def broken_sampler(*args, **kwargs):
+        raise RuntimeError("sampler exploded")
+
+    monkeypatch.setattr(bench, "make_fast_sampler", broken_sampler)
+    rc = cli.main(["bench", "--model", "tiny-unet", "--steps", "2", "--repeats", "1", "--variants", "diffusers,fast"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "fast" in out and "FAILED: RuntimeError: sampler exploded" in out
+
+
 # --------------------------------------------------------------------------------------------------
 # info
 # --------------------------------------------------------------------------------------------------
