@@ -4,11 +4,12 @@
 // (ddim_fast/attention.py, torch.library.register_kernel), so nothing for it here.
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <cuda_runtime_api.h>
 
 #include <optional>
 
@@ -24,8 +25,8 @@ SoftmaxParams make_softmax_params(const char* op, const at::Tensor& scores, cons
 
 namespace {
 
+// The caller holds a CUDAGuard for scores' device.
 void run_softmax_cuda(const char* op, const at::Tensor& scores, const SoftmaxParams& params) {
-  const c10::cuda::CUDAGuard guard(scores.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(scores.device().index()).stream();
   const cudaError_t status = launch_scaled_masked_softmax(params, stream);
   TORCH_CHECK(status == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(status));
@@ -42,6 +43,7 @@ void check_cuda_inputs(const char* op, const at::Tensor& scores, const std::opti
 at::Tensor scaled_masked_softmax_cuda(const at::Tensor& scores, const std::optional<at::Tensor>& mask, double scale) {
   const char* op = "scaled_masked_softmax";
   check_cuda_inputs(op, scores, mask);
+  const c10::cuda::CUDAGuard guard(scores.device());
   at::Tensor out = at::empty(scores.sizes(), scores.options());
   const SoftmaxParams params = make_softmax_params(op, scores, mask, scale, out);
   run_softmax_cuda(op, scores, params);
@@ -51,8 +53,13 @@ at::Tensor scaled_masked_softmax_cuda(const at::Tensor& scores, const std::optio
 void scaled_masked_softmax_inplace_cuda(at::Tensor& scores, const std::optional<at::Tensor>& mask, double scale) {
   const char* op = "scaled_masked_softmax_";
   check_cuda_inputs(op, scores, mask);
+  const c10::cuda::CUDAGuard guard(scores.device());
   if (mask.has_value()) {
-    TORCH_CHECK_VALUE(at::get_overlap_status(scores, *mask) == at::MemOverlapStatus::No, op,
+    // get_overlap_status answers TooHard for any non-dense tensor (an expanded key-padding mask, a
+    // sliced scores view) even on another storage: only tensors sharing a storage can overlap.
+    const bool may_overlap = scores.numel() > 0 && mask->numel() > 0 &&
+                             scores.storage().is_alias_of(mask->storage());
+    TORCH_CHECK_VALUE(!may_overlap || at::get_overlap_status(scores, *mask) == at::MemOverlapStatus::No, op,
                       ": mask overlaps scores, which are overwritten");
   }
   const SoftmaxParams params = make_softmax_params(op, scores, mask, scale, scores);
