@@ -183,25 +183,49 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# CUDA tiles (BLOCK_M, BLOCK_N or None = every key in one tile, num_warps) by (fp32?, BLOCK_D, single tile,
+# BLOCK_N of the single tile). Chosen from offline sm_90 compiles (triton.compile with
+# GPUTarget("cuda", 90, 32), then ptxas -v) so that no variant spills registers: the [BLOCK_M, BLOCK_N]
+# fp32 scores, the [BLOCK_M, BLOCK_D] fp32 accumulator and the dot operands all live in registers, so wide
+# head dims and the 128-key single tile need 8 warps or fewer query rows. fp32 uses IEEE dots, which
+# Triton lowers to unrolled FMA loops on whole register tiles: only small tiles fit, and never the
+# 128-key single tile (it spilled tens of KiB per thread), so fp32 always takes the key loop.
+_HALF_SINGLE_TILES = {  # block_d -> {single-tile block_n: (block_m, num_warps)}
+    64: {128: (128, 8), 64: (128, 8), 32: (128, 8), 16: (128, 8)},
+    128: {128: (32, 8), 64: (64, 8), 32: (64, 8), 16: (64, 8)},
+    256: {128: (32, 8), 64: (32, 8), 32: (32, 8), 16: (32, 8)},
+}
+_HALF_LOOP_TILES = {64: (128, 64, 8), 128: (64, 32, 8), 256: (32, 32, 8)}  # block_d -> (block_m, block_n, warps)
+_HALF_LOOP_TILES_MASKED = {64: (128, 32, 8), 128: (64, 32, 8), 256: (32, 16, 8)}  # the mask tile costs registers
+_FP32_LOOP_TILES = {64: (32, 32, 4), 128: (32, 32, 8), 256: (16, 16, 4)}
+
+
 def launch_config(batch_heads: int, lq: int, lk: int, head_dim: int, dtype: torch.dtype,
-                  device: torch.device) -> dict:
+                  device: torch.device, masked: bool = False) -> dict:
     """Tile sizes and warps for one call: {BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_TILE, num_warps, num_stages}."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     single = lk <= _SINGLE_TILE_MAX_KEYS
-    block_n = max(16, triton.next_power_of_2(lk)) if single else 64
     if device.type != "cuda":
         # Interpreter: fewer, larger programs run faster; no warps to tune.
+        block_n = max(16, triton.next_power_of_2(lk)) if single else 64
         return dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_D=block_d, SINGLE_TILE=single, num_warps=4, num_stages=1)
-    wide = dtype == torch.float32 or block_d > 64  # register pressure: fp32 tiles or a 128/256 head dim
-    block_m = 64 if wide else 128
-    if block_d >= 256:
-        block_m = 32 if dtype == torch.float32 else 64
-    # Small query levels (Lq 256 / 64 at 512 px) would leave SMs idle: shrink the query tile until
-    # the grid covers every SM about twice (or the tile hits the tl.dot minimum of 16).
+    block_d = max(64, block_d)  # the tables start at 64: narrower heads pad to it (masked columns)
+    if dtype == torch.float32:
+        single = False
+        block_m, block_n, num_warps = _FP32_LOOP_TILES[block_d]
+        min_block_m = 16
+    elif single:
+        block_n = max(16, triton.next_power_of_2(lk))
+        block_m, num_warps = _HALF_SINGLE_TILES[block_d][block_n]
+        min_block_m = 32
+    else:
+        block_m, block_n, num_warps = (_HALF_LOOP_TILES_MASKED if masked else _HALF_LOOP_TILES)[block_d]
+        min_block_m = 32
+    # Small query levels (Lq 256 / 64 at 512 px) would leave SMs idle: shrink the query tile until the
+    # grid covers every SM about twice (shrinking only lowers register use, so no variant starts spilling).
     target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    while block_m > 16 and batch_heads * triton.cdiv(lq, block_m) < target:
+    while block_m > min_block_m and batch_heads * triton.cdiv(lq, block_m) < target:
         block_m //= 2
-    num_warps = 8 if (block_d >= 128 and block_m >= 64) or (block_m >= 128 and not single) else 4
     num_stages = 1 if single else (2 if block_d >= 128 else 3)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SINGLE_TILE=single, num_warps=num_warps,
                 num_stages=num_stages)
@@ -280,7 +304,7 @@ def attention_triton_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     batch = q.shape[0]
     heads = q.shape[1] if q.dim() == 4 else 1
     batch_heads = batch * heads
-    cfg = launch_config(batch_heads, lq, lk, head_dim, q.dtype, q.device)
+    cfg = launch_config(batch_heads, lq, lk, head_dim, q.dtype, q.device, masked=mask is not None)
 
     if mask is None:
         mask_kind, mask_arg, mask_strides = _MASK_NONE, q, [0, 0, 0, 0]  # any pointer: never read
