@@ -26,6 +26,7 @@ imported) with a fixed block size; on CUDA the block size and warp count are cho
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Optional
@@ -436,10 +437,14 @@ def _collapse(shape, strides_per_arg):
     return sizes, strides
 
 
-def _launch_config(numel: int) -> tuple[int, int]:
+def _launch_config(numel: int, contiguous: bool) -> tuple[int, int]:
     """(BLOCK_GROUPS, num_warps). The interpreter pays per program, not per element: big fixed blocks."""
     if _interpreting():
         return 1024, 4
+    if not contiguous:
+        # Six int64 index -> offset decompositions per element: 512-group blocks need 255 registers and
+        # spill on sm_90 (offline ptxas -v); 128 groups on 4 warps stay spill-free.
+        return 128, 4
     if numel < (1 << 16):
         return 128, 4  # 512 elements: enough programs to spread small latents over the SMs
     if numel < (1 << 22):
@@ -481,23 +486,25 @@ def _run(x, model_output, table, step, guidance_scale, prediction_type, clip_ran
         sizes = [1] * _KERNEL_DIMS
         strides = [[0] * _KERNEL_DIMS for _ in args]
 
-    block_groups, num_warps = _launch_config(numel)
+    block_groups, num_warps = _launch_config(numel, contiguous)
     grid = (triton.cdiv(numel, _GROUP * block_groups),)
     sample_numel = numel // x.shape[0]
-    _ddim_step_kernel[grid](
-        *args, table, step, rng_state if rng_state is not None else step,
-        x0_threshold if x0_threshold is not None else table,
-        numel, sample_numel, table.shape[0],
-        sizes[1], sizes[2], sizes[3],
-        *[s for st in strides for s in st],
-        1.0 if guidance_scale is None else float(guidance_scale),
-        1.0 if clip_range is None else float(clip_range),
-        float(temperature),
-        PREDICTION=v["prediction"], GUIDED=v["guided"], CLAMP=v["clamp"],
-        USE_CLIPPED=bool(use_clipped_model_output), NOISE=v["noise_mode"],
-        WRITE_X0=pred_x0_out is not None, CONTIGUOUS=contiguous, BLOCK_GROUPS=block_groups,
-        num_warps=num_warps,
-    )
+    # Triton launches on the current device's stream: make that x's device (a no-op when it already is).
+    with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+        _ddim_step_kernel[grid](
+            *args, table, step, rng_state if rng_state is not None else step,
+            x0_threshold if x0_threshold is not None else table,
+            numel, sample_numel, table.shape[0],
+            sizes[1], sizes[2], sizes[3],
+            *[s for st in strides for s in st],
+            1.0 if guidance_scale is None else float(guidance_scale),
+            1.0 if clip_range is None else float(clip_range),
+            float(temperature),
+            PREDICTION=v["prediction"], GUIDED=v["guided"], CLAMP=v["clamp"],
+            USE_CLIPPED=bool(use_clipped_model_output), NOISE=v["noise_mode"],
+            WRITE_X0=pred_x0_out is not None, CONTIGUOUS=contiguous, BLOCK_GROUPS=block_groups,
+            num_warps=num_warps,
+        )
     for dst, tmp in write_back:
         dst.copy_(tmp)
 
