@@ -214,8 +214,9 @@ def ldm_table(model, steps: int, eta: float = 0.0) -> torch.Tensor:
 @torch.no_grad()
 def reference_loop(problem: Problem, hooks: "StepHooks | None" = None) -> torch.Tensor:
     """The plain-PyTorch DDIM loop (what ldm does, unfused): apply_model on cat([x, x]), then
-    ``reference.ddim_step`` (chunk, combine, x0/eps, update as separate fp32 tensor ops) per step.
-    Returns x_0 [B, C, H, W] in x_T's dtype."""
+    ``reference.ddim_step`` (chunk, combine, x0/eps, update as separate fp32 tensor ops) per step,
+    including ldm's per-step ``randn(x.shape)`` from the global generator (drawn even at eta = 0, where
+    sigma = 0 multiplies it away). Returns x_0 [B, C, H, W] in x_T's dtype."""
     model, x = problem.model, problem.x_T
     table = ldm_table(model, problem.steps)
     host_table = table.cpu()
@@ -230,9 +231,10 @@ def reference_loop(problem: Problem, hooks: "StepHooks | None" = None) -> torch.
             out = model.apply_model(x, t, problem.cond)
         if hooks:
             hooks.model_end(i)
+        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype)
         x_prev, _ = reference.ddim_step(x, out, host_table if x.device.type == "cpu" else table, i,
                                         guidance_scale=problem.guidance if problem.uses_guidance else None,
-                                        compute_dtype=torch.float32)
+                                        noise=noise, compute_dtype=torch.float32)
         x = x_prev.to(problem.x_T.dtype)
         if hooks:
             hooks.step_end(i)

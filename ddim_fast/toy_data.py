@@ -115,33 +115,37 @@ class ExactDenoiser(torch.nn.Module):
         if images.dim() != 4:
             raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
         self.register_buffer("images", images.float())
+        flat = images.reshape(images.shape[0], -1).double()
+        # float64 copies for the logits: see posterior_logits.
+        self.register_buffer("flat_images64", flat)
+        self.register_buffer("sq_norms64", flat.pow(2).sum(-1))
         membership = torch.nn.functional.one_hot(labels.long(), NUM_CLASSES).float()  # [N, K]
         self.register_buffer("membership", membership)
         self.register_buffer("alphas_cumprod", alphas_cumprod.float())
 
     def posterior_logits(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
-        """log p(i | x_t, c) up to a constant: [B, N] float32."""
+        """log p(i | x_t, c) up to a constant: [B, N] float64."""
         b = x.shape[0]
-        a = self.alphas_cumprod[t.reshape(-1).long()].reshape(-1, 1)  # [B or 1, 1]
+        a = self.alphas_cumprod[t.reshape(-1).long()].double().reshape(-1, 1)  # [B or 1, 1]
         a = a.expand(b, 1) if a.shape[0] == 1 else a
-        flat_x = x.reshape(b, -1).float()
-        flat_data = self.images.reshape(self.images.shape[0], -1)
-        # Direct differences rather than ||x||^2 - 2 x.y + ||y||^2: at small t the distances are tiny
-        # next to the norms and the expanded form would lose them to fp32 cancellation.
-        diff = flat_x[:, None, :] - a.sqrt()[:, :, None] * flat_data[None]
-        logits = -diff.pow(2).sum(-1) / (2 * (1 - a))
+        flat_x = x.reshape(b, -1).double()
+        # ||x - sqrt(a) y||^2 = ||x||^2 - 2 sqrt(a) x.y + a ||y||^2: one [B, D] x [D, N] product instead
+        # of a [B, N, D] difference tensor. At small t the distances are tiny next to the norms, so this
+        # is done in float64 (fp32 would lose them to cancellation).
+        sq_dist = (flat_x.pow(2).sum(-1, keepdim=True) - 2 * a.sqrt() * (flat_x @ self.flat_images64.T)
+                   + a * self.sq_norms64[None])
+        logits = -sq_dist.clamp_min(0) / (2 * (1 - a))
         if c is not None:
-            weights = c.reshape(b, -1).float() @ self.membership.T  # [B, N]: prior mass of image i given c
+            weights = c.reshape(b, -1).double() @ self.membership.double().T  # [B, N]: prior mass of image i
             unconditional = weights.sum(-1, keepdim=True) <= 0
-            log_prior = torch.where(weights > 0, weights.clamp_min(1e-30).log(), torch.full_like(weights, -math.inf))
+            log_prior = torch.where(weights > 0, weights.clamp_min(1e-300).log(), torch.full_like(weights, -math.inf))
             logits = logits + torch.where(unconditional, torch.zeros_like(log_prior), log_prior)
         return logits
 
     def predict_x0(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
-        """E[x0 | x_t, c]: [B, C, H, W]."""
+        """E[x0 | x_t, c]: [B, C, H, W] float32."""
         probs = torch.softmax(self.posterior_logits(x, t, c), dim=-1)
-        flat_data = self.images.reshape(self.images.shape[0], -1)
-        return (probs @ flat_data).reshape(x.shape)
+        return (probs @ self.flat_images64).float().reshape(x.shape)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         t = torch.as_tensor(t, device=x.device)
