@@ -81,7 +81,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     done
   fi
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-  note "wheels: $(ls .whl/*.whl | wc -l) from .whl/ installed into /tmp/site (PYTHONPATH)"
+  note "wheels: $(ls .whl/*.whl | wc -l) in .whl/, installed into /tmp/site (on PYTHONPATH; see wheels.log)"
 else
   note "wheels: no .whl/ folder (tests needing diffusers/transformers will skip)"
 fi
@@ -127,10 +127,13 @@ if ! compgen -G "ddim_fast/_C*.so" >/dev/null; then
     || { note "build failed: nothing else can run"; exit 1; }
 fi
 grep -h "ddim_fast: building" "$LOGS"/build*.log | sort -u | tee -a "$SUMMARY"
-"$PY" -c "import ddim_fast.ops as o; assert o.has_native_kernel('cuda'), 'no CUDA ddim_step kernel registered'; \
-assert o.has_native_kernel('cuda', 'scaled_masked_softmax'), 'no CUDA softmax kernel registered'; print('CUDA kernels registered')" \
-  2>&1 | tail -n 1 | tee -a "$SUMMARY"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+if registered=$("$PY" -c "import ddim_fast.ops as o; assert o.has_native_kernel('cuda'), 'no CUDA ddim_step kernel'; \
+assert o.has_native_kernel('cuda', 'scaled_masked_softmax'), 'no CUDA softmax kernel'" 2>&1); then
+  note "ok    CUDA kernels registered (ddim_step, scaled_masked_softmax)"
+else
+  note "FAIL  CUDA kernels not registered: $(echo "$registered" | tail -n 1)"
+  status=1
+fi
 
 # 3. tests on CUDA -----------------------------------------------------------------------------------
 stage "pytest tests (CUDA)" 230 "$LOGS/tests.log" \
