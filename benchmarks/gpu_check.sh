@@ -171,6 +171,7 @@ print("softmax sanitizer run: ok")
 EOF
   for tool in memcheck racecheck; do
     stage "compute-sanitizer $tool (softmax)" 60 "$LOGS/sanitizer_${tool}_softmax.log" \
+      env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \
       "$SAN" --tool "$tool" --error-exitcode 99 "$PY" "$LOGS/softmax_san.py"
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY|ok$" "$LOGS/sanitizer_${tool}_softmax.log" | tail -n 2 | tee -a "$SUMMARY"
   done
