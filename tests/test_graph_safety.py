@@ -170,8 +170,9 @@ def test_cuda_graph_replays_every_step(backend, dtype):
         static_step.add_(1)  # the only per-step work: bump the device step index
     torch.cuda.synchronize()
     assert static_step.item() == NUM_STEPS
-    # Same kernels on the same inputs: equal up to library (cuBLAS) algorithm choices inside the capture.
-    assert_rel_close(static_x, expected, 1e-6 if dtype == torch.float32 else 1e-3, "graph replay vs eager loop")
+    # Same kernels on the same inputs: equal up to library (cuBLAS) algorithm choices inside the capture,
+    # which guidance 7.5 amplifies over 50 steps. A replay bug (stale step, noise not advancing) is O(1).
+    assert_rel_close(static_x, expected, 1e-5 if dtype == torch.float32 else 1e-3, "graph replay vs eager loop")
 
 
 @requires_cuda
