@@ -8,7 +8,7 @@
 #   2. builds the extension with `pip install --no-build-isolation --no-deps -e .` (an editable build
 #      compiles in place; TORCH_CUDA_ARCH_LIST = this GPU only), falling back to
 #      `setup.py build_ext --inplace` if pip cannot do it, and checks the CUDA kernels registered
-#   3. runs the whole test suite on CUDA (JUnit XML)
+#   3. runs the whole test suite on CUDA, the GPU kernel tests first (JUnit XML)
 #   4. compute-sanitizer memcheck on the step tests and the softmax kernels, racecheck on the softmax
 #      block-per-row kernel (the only kernel with shared memory) -- skipped with a message if missing
 #   5. `python -m ddim_fast bench` and `python -m ddim_fast profile` with the SD1.5 UNet config (random
@@ -135,10 +135,15 @@ else
   status=1
 fi
 
-# 3. tests on CUDA -----------------------------------------------------------------------------------
-stage "pytest tests (CUDA)" 230 "$LOGS/tests.log" \
-  "$PY" -m pytest tests -q -p no:cacheprovider -rs --durations=25 --junitxml="$LOGS/tests.xml"
-tail -n 3 "$LOGS/tests.log" | tee -a "$SUMMARY"
+# 3. tests on CUDA: the GPU kernel tests first (they matter most if time runs short), then the rest ------
+GPU_TESTS="tests/test_ddim_step_cuda.py tests/test_graph_safety.py tests/test_attention_ops.py tests/test_ddim_step_triton.py"
+stage "pytest GPU kernel tests (CUDA)" 200 "$LOGS/tests_gpu.log" \
+  "$PY" -m pytest $GPU_TESTS -q -p no:cacheprovider -rs --durations=25 --junitxml="$LOGS/tests_gpu.xml"
+tail -n 3 "$LOGS/tests_gpu.log" | tee -a "$SUMMARY"
+stage "pytest other tests (CUDA)" 180 "$LOGS/tests_rest.log" \
+  "$PY" -m pytest tests -q -p no:cacheprovider -rs --durations=25 --junitxml="$LOGS/tests_rest.xml" \
+  $(for f in $GPU_TESTS; do printf -- "--ignore=%s " "$f"; done)
+tail -n 3 "$LOGS/tests_rest.log" | tee -a "$SUMMARY"
 
 # 4. compute-sanitizer ---------------------------------------------------------------------------------
 SAN=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer \
