@@ -192,7 +192,10 @@ at::Tensor scaled_masked_softmax_cpu(const at::Tensor& scores, const std::option
 void scaled_masked_softmax_inplace_cpu(at::Tensor& scores, const std::optional<at::Tensor>& mask, double scale) {
   TORCH_CHECK_VALUE(scores.device().is_cpu(), "scaled_masked_softmax_: scores must be a CPU tensor here");
   if (mask.has_value()) {
-    TORCH_CHECK_VALUE(at::get_overlap_status(scores, *mask) == at::MemOverlapStatus::No,
+    // get_overlap_status gives up (TooHard) on non-dense masks, e.g. a key-padding mask expanded over
+    // heads; a mask on another storage cannot overlap, so ask that first.
+    TORCH_CHECK_VALUE(!scores.storage().is_alias_of(mask->storage()) ||
+                          at::get_overlap_status(scores, *mask) == at::MemOverlapStatus::No,
                       "scaled_masked_softmax_: mask overlaps scores, which are overwritten");
   }
   run_softmax_cpu(make_softmax_params("scaled_masked_softmax_", scores, mask, scale, scores));
