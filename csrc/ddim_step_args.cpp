@@ -77,6 +77,22 @@ void check_written_arg(const at::Tensor& x, const at::Tensor& written, const cha
 
 }  // namespace
 
+StepOptions make_step_options(std::optional<double> guidance_scale, c10::string_view prediction_type,
+                              std::optional<double> clip_range, const std::optional<at::Tensor>& x0_threshold,
+                              bool use_clipped_model_output, const std::optional<at::Tensor>& noise,
+                              const std::optional<at::Tensor>& rng_state, double temperature) {
+  StepOptions o;
+  o.guidance_scale = guidance_scale;
+  o.prediction_type = std::string(prediction_type);
+  o.clip_range = clip_range;
+  o.x0_threshold = x0_threshold;
+  o.use_clipped_model_output = use_clipped_model_output;
+  o.noise = noise;
+  o.rng_state = rng_state;
+  o.temperature = temperature;
+  return o;
+}
+
 DdimStepParams make_ddim_step_params(const at::Tensor& x, const at::Tensor& model_output,
                                      const at::Tensor& table, const at::Tensor& step,
                                      const StepOptions& options, const at::Tensor& out,

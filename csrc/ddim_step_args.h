@@ -6,6 +6,7 @@
 #include <string>
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
 
 #include "ddim_fast/step_params.h"
 
@@ -21,6 +22,12 @@ struct StepOptions {
   std::optional<at::Tensor> rng_state;
   double temperature = 1.0;
 };
+
+// The schema's option arguments gathered into StepOptions (shared by the CPU and CUDA bindings).
+StepOptions make_step_options(std::optional<double> guidance_scale, c10::string_view prediction_type,
+                              std::optional<double> clip_range, const std::optional<at::Tensor>& x0_threshold,
+                              bool use_clipped_model_output, const std::optional<at::Tensor>& noise,
+                              const std::optional<at::Tensor>& rng_state, double temperature);
 
 // Validates every argument against x (device, dtype, shape, overlap) and returns the launch params.
 // `out` and `pred_x0_out` must already have x's shape and dtype (checked).

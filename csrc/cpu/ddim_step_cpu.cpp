@@ -245,30 +245,14 @@ void run_ddim_step_cpu(const DdimStepParams& p) {
   });
 }
 
-StepOptions to_options(std::optional<double> guidance_scale, const std::string& prediction_type,
-                       std::optional<double> clip_range, const std::optional<at::Tensor>& x0_threshold,
-                       bool use_clipped_model_output, const std::optional<at::Tensor>& noise,
-                       const std::optional<at::Tensor>& rng_state, double temperature) {
-  StepOptions o;
-  o.guidance_scale = guidance_scale;
-  o.prediction_type = prediction_type;
-  o.clip_range = clip_range;
-  o.x0_threshold = x0_threshold;
-  o.use_clipped_model_output = use_clipped_model_output;
-  o.noise = noise;
-  o.rng_state = rng_state;
-  o.temperature = temperature;
-  return o;
-}
-
 void ddim_step_out_cpu(const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& table,
                        const at::Tensor& step, std::optional<double> guidance_scale,
                        c10::string_view prediction_type, std::optional<double> clip_range,
                        const std::optional<at::Tensor>& x0_threshold, bool use_clipped_model_output,
                        const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& rng_state,
                        double temperature, const at::Tensor& out, const std::optional<at::Tensor>& pred_x0_out) {
-  const StepOptions o = to_options(guidance_scale, std::string(prediction_type), clip_range, x0_threshold,
-                                   use_clipped_model_output, noise, rng_state, temperature);
+  const StepOptions o = make_step_options(guidance_scale, prediction_type, clip_range, x0_threshold,
+                                          use_clipped_model_output, noise, rng_state, temperature);
   TORCH_CHECK_VALUE(x.device().is_cpu(), "ddim_step (CPU kernel): x must be a CPU tensor, got ", x.device());
   run_ddim_step_cpu(make_ddim_step_params(x, model_output, table, step, o, out, pred_x0_out));
 }

@@ -19,22 +19,6 @@
 namespace ddim_fast {
 namespace {
 
-StepOptions make_options(std::optional<double> guidance_scale, c10::string_view prediction_type,
-                         std::optional<double> clip_range, const std::optional<at::Tensor>& x0_threshold,
-                         bool use_clipped_model_output, const std::optional<at::Tensor>& noise,
-                         const std::optional<at::Tensor>& rng_state, double temperature) {
-  StepOptions o;
-  o.guidance_scale = guidance_scale;
-  o.prediction_type = std::string(prediction_type);
-  o.clip_range = clip_range;
-  o.x0_threshold = x0_threshold;
-  o.use_clipped_model_output = use_clipped_model_output;
-  o.noise = noise;
-  o.rng_state = rng_state;
-  o.temperature = temperature;
-  return o;
-}
-
 void ddim_step_out_cuda(const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& table,
                         const at::Tensor& step, std::optional<double> guidance_scale,
                         c10::string_view prediction_type, std::optional<double> clip_range,
@@ -45,8 +29,8 @@ void ddim_step_out_cuda(const at::Tensor& x, const at::Tensor& model_output, con
   // Every other tensor is checked to be on x's device by make_ddim_step_params; the guard makes that
   // device current so the launch (and the SM count the launcher reads) use it.
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const StepOptions options = make_options(guidance_scale, prediction_type, clip_range, x0_threshold,
-                                           use_clipped_model_output, noise, rng_state, temperature);
+  const StepOptions options = make_step_options(guidance_scale, prediction_type, clip_range, x0_threshold,
+                                                use_clipped_model_output, noise, rng_state, temperature);
   const DdimStepParams params = make_ddim_step_params(x, model_output, table, step, options, out, pred_x0_out);
   if (params.numel == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
