@@ -108,7 +108,6 @@ def _register_cuda_attention() -> None:
     torch.library.register_kernel("ddim_fast::attention", "cuda", attention_cuda)
 
 
-_register_cuda_attention()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -124,18 +123,17 @@ def _require_float_tensor(op: str, name: str, t) -> torch.Tensor:
     return t
 
 
-def _check_mask(op: str, mask, score_shape: tuple, dtype: torch.dtype, device: torch.device):
-    """Validates the documented mask rule; casts a float mask to the scores' dtype. Returns the mask."""
-    if mask is None:
-        return None
+def check_mask(op: str, mask: torch.Tensor, score_shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    """The mask rule shared by every attention op (Python wrappers and the Triton op): mask.dim() ==
+    len(score_shape) ([..., Lq, Lk]), last dim Lk, every other dim equal or 1 (broadcast without a copy);
+    bool (True = keep) or additive in the scores' dtype; on the scores' device."""
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{op}: mask must be a torch.Tensor or None, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        if not mask.is_floating_point():
-            raise TypeError(f"{op}: mask must be bool (True = keep) or floating point (additive), got {mask.dtype}")
-        mask = mask.to(dtype)
     if mask.device != device:
         raise ValueError(f"{op}: mask must be on device {device}, got {mask.device}")
+    if mask.dtype != torch.bool and mask.dtype != dtype:
+        raise TypeError(f"{op}: mask must be bool (True = keep) or have the scores' dtype {dtype} (additive), "
+                        f"got {mask.dtype}")
     if mask.dim() != len(score_shape):
         raise ValueError(f"{op}: mask must have {len(score_shape)} dims like the scores {score_shape} "
                          f"(each dim equal or 1, last dim = Lk), got shape {tuple(mask.shape)}")
@@ -144,6 +142,18 @@ def _check_mask(op: str, mask, score_shape: tuple, dtype: torch.dtype, device: t
         if m != s and (last or m != 1):
             raise ValueError(f"{op}: mask shape {tuple(mask.shape)} does not fit scores {score_shape}: dim {d} "
                              f"must be {s}{'' if last else ' or 1'} (only size-1 dims are broadcast)")
+
+
+def _check_mask(op: str, mask, score_shape: tuple, dtype: torch.dtype, device: torch.device):
+    """check_mask after casting a float mask to the scores' dtype (the wrappers accept any float mask).
+    Returns the mask (None stays None)."""
+    if mask is None:
+        return None
+    if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
+        if not mask.is_floating_point():
+            raise TypeError(f"{op}: mask must be bool (True = keep) or floating point (additive), got {mask.dtype}")
+        mask = mask.to(dtype)
+    check_mask(op, mask, score_shape, dtype, device)
     return mask
 
 
@@ -404,3 +414,7 @@ class FusedAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+# Last, once every helper above exists: the Triton module imports check_mask from this one.
+_register_cuda_attention()

@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ddim_fast.attention import check_mask
+
 __all__ = ["attention_triton", "attention_triton_impl", "launch_config"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -261,26 +263,6 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
         raise RuntimeError(f"{op}: CPU tensors run only under TRITON_INTERPRET=1 (set before triton is imported)")
     if mask is not None:
         check_mask(op, mask, tuple(q.shape[:-1]) + (k.shape[-2],), q.dtype, q.device)
-
-
-def check_mask(op: str, mask: torch.Tensor, score_shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
-    """The mask rule shared by every attention op: mask.dim() == len(score_shape) ([..., Lq, Lk]), last dim
-    Lk, every other dim equal or 1; bool (True = keep) or additive in the scores' dtype."""
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{op}: mask must be a torch.Tensor or None, got {type(mask).__name__}")
-    if mask.device != device:
-        raise ValueError(f"{op}: mask must be on device {device}, got {mask.device}")
-    if mask.dtype != torch.bool and mask.dtype != dtype:
-        raise TypeError(f"{op}: mask must be bool (True = keep) or have the scores' dtype {dtype} (additive), "
-                        f"got {mask.dtype}")
-    if mask.dim() != len(score_shape):
-        raise ValueError(f"{op}: mask must have {len(score_shape)} dims like the scores {score_shape} "
-                         f"(each dim equal or 1, last dim = Lk), got shape {tuple(mask.shape)}")
-    for d, (m, s) in enumerate(zip(mask.shape, score_shape)):
-        last = d == len(score_shape) - 1
-        if m != s and (last or m != 1):
-            raise ValueError(f"{op}: mask shape {tuple(mask.shape)} does not fit scores {score_shape}: dim {d} "
-                             f"must be {s}{'' if last else ' or 1'} (only size-1 dims are broadcast)")
 
 
 def _strides4(t: torch.Tensor) -> list[int]:
