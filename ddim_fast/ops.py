@@ -107,14 +107,20 @@ def _check_same_device(x, **tensors):
             raise ValueError(f"ddim_step: {name} must be on x's device {x.device}, got {t.device}")
 
 
+def allocate_step_outputs(x: torch.Tensor, return_pred_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The functional step's outputs: (x_prev, pred_x0), contiguous, x's dtype; pred_x0 is [0] unless asked.
+    Mirrors allocate_ddim_step_outputs in csrc/ddim_step_args.cpp (fake and Triton kernels use this)."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    pred_x0 = torch.empty(x.shape if return_pred_x0 else (0,), dtype=x.dtype, device=x.device)
+    return out, pred_x0
+
+
 @torch.library.register_fake("ddim_fast::ddim_step")
 def _ddim_step_fake(x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
                     use_clipped_model_output, noise, rng_state, temperature, return_pred_x0):
     _check_same_device(x, model_output=model_output, table=table, step=step, x0_threshold=x0_threshold,
                        noise=noise, rng_state=rng_state)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    pred_x0 = torch.empty(x.shape if return_pred_x0 else (0,), dtype=x.dtype, device=x.device)
-    return out, pred_x0
+    return allocate_step_outputs(x, return_pred_x0)
 
 
 @torch.library.register_fake("ddim_fast::ddim_step_out")

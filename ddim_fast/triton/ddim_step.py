@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from ddim_fast import schedule as _schedule
+from ddim_fast.ops import allocate_step_outputs
 
 __all__ = ["ddim_step_triton", "ddim_step_triton_out"]
 
@@ -534,8 +535,7 @@ def ddim_step_triton(
     with guidance_scale; table [S, 8] fp32; step int64 [1] (the row, read on the device); x0_threshold [B]
     fp32 or None; noise [B, ...] or None; rng_state int64 [2] = (seed, offset) or None.
     Returns (x_prev [B, ...], pred_x0 [B, ...], or [0] unless return_pred_x0), contiguous, x's dtype."""
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    pred_x0 = torch.empty(x.shape if return_pred_x0 else (0,), dtype=x.dtype, device=x.device)
+    out, pred_x0 = allocate_step_outputs(x, return_pred_x0)
     _run(x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
          use_clipped_model_output, noise, rng_state, temperature, out, pred_x0 if return_pred_x0 else None)
     return out, pred_x0
@@ -544,9 +544,7 @@ def ddim_step_triton(
 @ddim_step_triton.register_fake
 def _ddim_step_triton_fake(x, model_output, table, step, guidance_scale, prediction_type, clip_range,
                            x0_threshold, use_clipped_model_output, noise, rng_state, temperature, return_pred_x0):
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    pred_x0 = torch.empty(x.shape if return_pred_x0 else (0,), dtype=x.dtype, device=x.device)
-    return out, pred_x0
+    return allocate_step_outputs(x, return_pred_x0)
 
 
 @torch.library.custom_op("ddim_fast::ddim_step_triton_out", mutates_args=("out", "pred_x0_out"))
