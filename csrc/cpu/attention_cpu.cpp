@@ -10,13 +10,18 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "ddim_fast/softmax_math.h"
@@ -203,10 +208,294 @@ void scaled_masked_softmax_inplace_cpu(at::Tensor& scores, const std::optional<a
 
 // ------------------------------------------------------------------------------------------------
 // attention: softmax(q k^T * scale (+ mask)) v
+//
+// Work split: a task is (batch*head, a chunk of query rows). It converts K and V of its head to fp32
+// once (skipped for fp32 inputs with unit last-dim stride: the GEMMs read them in place), then walks
+// its chunk in query blocks: S = Q K^T by an fp32 GEMM into a per-thread buffer, an exact two-pass
+// softmax over each full row of S (scale, mask, max; then exp and sum, both vectorized), O = P V by a
+// second GEMM, and each output row is multiplied by 1/sum while it is stored in the input dtype.
+// The GEMMs run single-threaded inside at::parallel_for (nested ATen parallelism runs inline and MKL
+// drops to one thread inside an OpenMP region), so the two levels never oversubscribe the cores.
 // ------------------------------------------------------------------------------------------------
 
-constexpr int64_t kQueryBlock = 32;  // query rows per task: their scores row block stays in L2
-constexpr int64_t kKeyBlock = 64;    // keys converted to fp32 at a time (K^T block is D x 64 floats)
+// The hot loops below are written with GCC/Clang vector extensions (16 floats) and compiled three
+// times on x86 (AVX-512, AVX2+FMA, baseline SSE2), picked at load time by an ifunc: the extension is
+// built without -march, and ATen's at::vec types only vectorize inside ATen's own dispatched kernels.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
+#define DDIM_FAST_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DDIM_FAST_SIMD_CLONES
+#endif
+// Helpers must be inlined into each clone (an out-of-line copy would be built for the baseline ISA and
+// take its 64-byte vector arguments by a different ABI).
+#define DDIM_FAST_VEC_INLINE inline __attribute__((always_inline))
+
+#pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vectors in always-inlined helpers never cross an ABI
+
+constexpr int64_t kLanes = 16;
+typedef float VecF __attribute__((vector_size(64)));
+typedef int32_t VecI __attribute__((vector_size(64)));
+typedef uint32_t VecU __attribute__((vector_size(64)));
+typedef uint16_t VecU16 __attribute__((vector_size(32)));
+typedef uint8_t VecU8 __attribute__((vector_size(16)));
+
+template <typename V, typename E>
+DDIM_FAST_VEC_INLINE V vload(const E* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V, typename E>
+DDIM_FAST_VEC_INLINE void vstore(E* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+DDIM_FAST_VEC_INLINE VecF vsplat(float x) { return VecF{} + x; }
+// Lane-wise m ? a : b for a comparison result m (all ones / all zeros per lane).
+DDIM_FAST_VEC_INLINE VecF vselect(VecI m, VecF a, VecF b) { return (VecF)(((VecI)a & m) | ((VecI)b & ~m)); }
+DDIM_FAST_VEC_INLINE VecU vselect_u(VecI m, VecU a, VecU b) { return (a & (VecU)m) | (b & ~(VecU)m); }
+DDIM_FAST_VEC_INLINE float hsum(VecF v) {
+  float s = 0.0f;
+  for (int64_t l = 0; l < kLanes; ++l) s += v[l];
+  return s;
+}
+DDIM_FAST_VEC_INLINE float hmax(VecF v) {
+  float m = v[0];
+  for (int64_t l = 1; l < kLanes; ++l) m = v[l] > m ? v[l] : m;
+  return m;
+}
+DDIM_FAST_VEC_INLINE VecI lanes_below(int64_t n) {
+  const VecI iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  return iota < static_cast<int32_t>(n);
+}
+
+// exp(x) for the softmax arguments x = logit - row max <= 0 (and -inf). x = n ln2 + r with n = round(x
+// log2 e) (the 1.5 * 2^23 shift leaves n in the low mantissa bits of t), r from a two-constant Cody-Waite
+// reduction, exp(r) by Cephes' degree-6 minimax polynomial (about 1 ulp), 2^n written into the exponent
+// field. Below -87.3 the result would be subnormal; it is flushed to 0, which changes a row sum that is
+// >= 1 (the max term) by less than 1e-37 relative. NaN propagates through the arithmetic.
+DDIM_FAST_VEC_INLINE VecF vexp_nonpositive(VecF x) {
+  const VecF t = x * 1.44269504088896341f + 12582912.0f;
+  const VecF n = t - 12582912.0f;
+  VecF r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  VecF poly = 1.9875691500e-4f * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const VecF exp_r = poly * (r * r) + r + 1.0f;
+  const VecI two_n = (((VecI)t - 0x4B400000) + 127) << 23;
+  return vselect(x < -87.3f, vsplat(0.0f), exp_r * (VecF)two_n);
+}
+
+// IEEE half <-> float, bit-exact with c10::Half (round to nearest even, NaN -> quiet NaN, overflow ->
+// inf, subnormals kept), so the vector and scalar paths agree.
+DDIM_FAST_VEC_INLINE VecF half_to_float(VecU16 h) {
+  const VecU w = __builtin_convertvector(h, VecU);
+  const VecU sign = (w & 0x8000u) << 16;
+  const VecU magnitude = w & 0x7FFFu;
+  VecU normal = (magnitude << 13) + 0x38000000u;  // rebias the exponent by 127 - 15
+  normal = vselect_u(magnitude >= 0x7C00u, normal + 0x38000000u, normal);  // inf/NaN: exponent 255
+  // Subnormal halves (and zero) are magnitude * 2^-24, exact in fp32.
+  const VecF subnormal = __builtin_convertvector((VecI)magnitude, VecF) * 5.9604644775390625e-8f;
+  return (VecF)(sign | vselect_u(magnitude < 0x400u, (VecU)subnormal, normal));
+}
+DDIM_FAST_VEC_INLINE VecU16 float_to_half(VecF f) {
+  const VecU u = (VecU)f;
+  const VecU sign = (u >> 16) & 0x8000u;
+  const VecU a = u & 0x7FFFFFFFu;
+  // Normal range: rebias, add 0xFFF plus the kept mantissa's lowest bit (ties to even), drop 13 bits.
+  // A carry out of the mantissa correctly bumps the exponent, up to inf.
+  const VecU normal = (a + 0xC8000FFFu + ((a >> 13) & 1u)) >> 13;
+  // Below 2^-14 the fp32 adder rounds for us: |f| + 0.5 has its ulp at 2^-24, the half subnormal step.
+  const VecU subnormal = (VecU)((VecF)a + 0.5f) - 0x3F000000u;
+  const VecU huge = vselect_u(a > 0x7F800000u, VecU{} + 0x7E00u, VecU{} + 0x7C00u);  // NaN, else inf
+  const VecU bits = vselect_u(a >= 0x47800000u, huge, vselect_u(a < 0x38800000u, subnormal, normal));
+  return __builtin_convertvector(sign | bits, VecU16);
+}
+// bfloat16 <-> float, bit-exact with c10::BFloat16 (round to nearest even, NaN -> 0x7FC0).
+DDIM_FAST_VEC_INLINE VecF bf16_to_float(VecU16 h) { return (VecF)(__builtin_convertvector(h, VecU) << 16); }
+DDIM_FAST_VEC_INLINE VecU16 float_to_bf16(VecF f) {
+  const VecU u = (VecU)f;
+  const VecU rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return __builtin_convertvector(vselect_u(f != f, VecU{} + 0x7FC0u, rounded), VecU16);
+}
+
+// Contiguous conversions into fp32 (loads) and from fp32 times `scale` (stores). The tails go through a
+// lane-sized stack buffer so every element takes the same (vector) rounding path.
+template <typename Elem, typename Vec, VecF (*ToFloat)(Vec)>
+DDIM_FAST_VEC_INLINE void load_to_float(const Elem* src, float* dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) vstore(dst + j, ToFloat(vload<Vec>(src + j)));
+  if (j < n) {
+    Elem tail[kLanes] = {};
+    float out[kLanes];
+    std::memcpy(tail, src + j, (n - j) * sizeof(Elem));
+    vstore(out, ToFloat(vload<Vec>(tail)));
+    std::memcpy(dst + j, out, (n - j) * sizeof(float));
+  }
+}
+template <typename Elem, typename Vec, Vec (*FromFloat)(VecF)>
+DDIM_FAST_VEC_INLINE void store_scaled(const float* src, float scale, Elem* dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) vstore(dst + j, FromFloat(vload<VecF>(src + j) * scale));
+  if (j < n) {
+    float tail[kLanes] = {};
+    Elem out[kLanes];
+    std::memcpy(tail, src + j, (n - j) * sizeof(float));
+    vstore(out, FromFloat(vload<VecF>(tail) * scale));
+    std::memcpy(dst + j, out, (n - j) * sizeof(Elem));
+  }
+}
+DDIM_FAST_VEC_INLINE VecF float_identity(VecF f) { return f; }
+
+DDIM_FAST_SIMD_CLONES void half_row_to_float(const uint16_t* src, float* dst, int64_t n) {
+  load_to_float<uint16_t, VecU16, half_to_float>(src, dst, n);
+}
+DDIM_FAST_SIMD_CLONES void bf16_row_to_float(const uint16_t* src, float* dst, int64_t n) {
+  load_to_float<uint16_t, VecU16, bf16_to_float>(src, dst, n);
+}
+DDIM_FAST_SIMD_CLONES void store_row_scaled_float(const float* src, float scale, float* dst, int64_t n) {
+  store_scaled<float, VecF, float_identity>(src, scale, dst, n);
+}
+DDIM_FAST_SIMD_CLONES void store_row_scaled_half(const float* src, float scale, uint16_t* dst, int64_t n) {
+  store_scaled<uint16_t, VecU16, float_to_half>(src, scale, dst, n);
+}
+DDIM_FAST_SIMD_CLONES void store_row_scaled_bf16(const float* src, float scale, uint16_t* dst, int64_t n) {
+  store_scaled<uint16_t, VecU16, float_to_bf16>(src, scale, dst, n);
+}
+
+// One logit vector in the reference's order: score * scale, then masked_fill(-FLT_MAX) / + mask.
+template <MaskKind kMask>
+DDIM_FAST_VEC_INLINE VecF logits_of(VecF scores, float scale, const uint8_t* keep, const float* bias) {
+  const VecF x = scores * scale;
+  if (kMask == MaskKind::kBool) {
+    const VecI kept = __builtin_convertvector(vload<VecU8>(keep), VecI) != 0;
+    return vselect(kept, x, vsplat(kMaskedLogit));
+  } else if (kMask == MaskKind::kAdditive) {
+    return x + vload<VecF>(bias);
+  }
+  return x;
+}
+
+// One row of the exact softmax, left unnormalized: s[j] <- exp(logit_j - max); returns the sum. Pass 1
+// only finds the max; pass 2 recomputes the logits (cheaper than storing and reloading them) and
+// exponentiates. 16 lane partial sums keep the summation chains short even at 4096 keys.
+template <MaskKind kMask>
+DDIM_FAST_VEC_INLINE float softmax_row_impl(float* s, int64_t n, float scale, const uint8_t* keep, const float* bias) {
+  const int64_t full = n - n % kLanes, rest = n - full;
+  // The tail goes through lane-sized stack copies (mask lanes past n are "keep"/0; they are dropped).
+  float s_tail[kLanes] = {}, bias_tail[kLanes] = {};
+  uint8_t keep_tail[kLanes] = {};
+  std::memcpy(s_tail, s + full, rest * sizeof(float));
+  if (kMask == MaskKind::kBool) std::memcpy(keep_tail, keep + full, rest);
+  if (kMask == MaskKind::kAdditive) std::memcpy(bias_tail, bias + full, rest * sizeof(float));
+  const VecI tail_lanes = lanes_below(rest);
+
+  VecF row_max = vsplat(-__builtin_huge_valf());
+  for (int64_t j = 0; j < full; j += kLanes) {
+    const VecF x = logits_of<kMask>(vload<VecF>(s + j), scale, keep + j, bias + j);
+    row_max = vselect(x > row_max, x, row_max);
+  }
+  if (rest > 0) {
+    VecF x = logits_of<kMask>(vload<VecF>(s_tail), scale, keep_tail, bias_tail);
+    x = vselect(tail_lanes, x, vsplat(-__builtin_huge_valf()));
+    row_max = vselect(x > row_max, x, row_max);
+  }
+  const float shift = softmax_shift(hmax(row_max));
+
+  VecF sum = vsplat(0.0f);
+  for (int64_t j = 0; j < full; j += kLanes) {
+    const VecF e = vexp_nonpositive(logits_of<kMask>(vload<VecF>(s + j), scale, keep + j, bias + j) - shift);
+    vstore(s + j, e);
+    sum += e;
+  }
+  if (rest > 0) {
+    VecF e = vexp_nonpositive(logits_of<kMask>(vload<VecF>(s_tail), scale, keep_tail, bias_tail) - shift);
+    e = vselect(tail_lanes, e, vsplat(0.0f));
+    vstore(s_tail, e);
+    std::memcpy(s + full, s_tail, rest * sizeof(float));
+    sum += e;
+  }
+  return hsum(sum);
+}
+
+// s[0, n) holds raw scores q.k; `keep` (bool masks, 0/1 bytes) or `bias` (additive masks, fp32) are
+// contiguous rows of length n, or null.
+DDIM_FAST_SIMD_CLONES float softmax_row_unnormalized(float* s, int64_t n, float scale, const uint8_t* keep,
+                                                     const float* bias) {
+  if (keep != nullptr) return softmax_row_impl<MaskKind::kBool>(s, n, scale, keep, nullptr);
+  if (bias != nullptr) return softmax_row_impl<MaskKind::kAdditive>(s, n, scale, nullptr, bias);
+  return softmax_row_impl<MaskKind::kNone>(s, n, scale, nullptr, nullptr);
+}
+
+// The clones' ifunc resolvers are emitted at the end of the file, so -Wpsabi stays off from here on
+// (no vector type crosses a call boundary: every vector helper is always_inline).
+
+// Row of `len` elements at `src` with element stride `stride` -> contiguous fp32.
+template <typename T>
+void row_to_float(const T* src, int64_t stride, int64_t len, float* dst) {
+  if (stride == 1) {
+    if constexpr (std::is_same_v<T, float>) {
+      std::memcpy(dst, src, len * sizeof(float));
+    } else if constexpr (std::is_same_v<T, c10::Half>) {
+      half_row_to_float(reinterpret_cast<const uint16_t*>(src), dst, len);
+    } else {
+      bf16_row_to_float(reinterpret_cast<const uint16_t*>(src), dst, len);
+    }
+    return;
+  }
+  for (int64_t c = 0; c < len; ++c) dst[c] = static_cast<float>(src[c * stride]);
+}
+
+// Contiguous fp32 row times `scale` -> contiguous T row (dst may equal src for T = float).
+template <typename T>
+void store_row_scaled(const float* src, float scale, T* dst, int64_t len) {
+  if constexpr (std::is_same_v<T, float>) {
+    store_row_scaled_float(src, scale, dst, len);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    store_row_scaled_half(src, scale, reinterpret_cast<uint16_t*>(dst), len);
+  } else {
+    store_row_scaled_bf16(src, scale, reinterpret_cast<uint16_t*>(dst), len);
+  }
+}
+
+// MKL's per-thread thread count (declared weak: null when torch's BLAS is not MKL). torch calls
+// mkl_set_dynamic(false), so an sgemm issued from an at::parallel_for worker opens its own nested
+// OpenMP team and the threads oversubscribe the cores and spin in barriers (measured: 100x slower on
+// 2 loaded cores). Each worker pins MKL to one thread while it runs attention tasks.
+extern "C" int MKL_Set_Num_Threads_Local(int nthreads) __attribute__((weak));
+
+class SingleThreadedBlas {
+ public:
+  SingleThreadedBlas() : previous_(MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous_);  // 0 = the global setting
+  }
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  int previous_;
+};
+
+// An fp32 matrix view: `rows` rows of `cols` elements, `ld` elements apart, unit column stride.
+struct MatF {
+  float* data;
+  int64_t rows, cols, ld;
+};
+
+at::Tensor wrap(const MatF& m) {
+  return at::from_blob(m.data, {m.rows, m.cols}, {m.ld, 1}, at::TensorOptions().dtype(at::kFloat));
+}
+
+// c = a b^T (b_transposed) or a b, fp32, single-threaded inside a parallel region. ATen's CPU mm routes
+// fp32 to the BLAS sgemm (MKL here) with the strides given, without copies.
+void gemm_f32(const MatF& a, const MatF& b, bool b_transposed, const MatF& c) {
+  at::Tensor bt = wrap(b);
+  at::Tensor out = wrap(c);
+  at::mm_out(out, wrap(a), b_transposed ? bt.t() : bt);
+}
 
 struct AttentionDims {
   int64_t sizes[4];  // [b0, b1, Lq, Lk] of the scores (leading dims padded with 1)
@@ -220,110 +509,120 @@ void pad_qkv(const at::Tensor& t, int64_t* strides) {
   for (int64_t d = 0; d < 4; ++d) strides[d] = d < pad ? 0 : t.stride(d - pad);
 }
 
+// Whether an fp32 [len, d] operand with these strides can go to the GEMM in place (BLAS needs a unit
+// column stride and a row stride of at least d).
+bool usable_in_place(bool is_float, int64_t len, int64_t d, int64_t row_stride, int64_t col_stride) {
+  return is_float && (col_stride == 1 || d == 1) && (row_stride >= d || len == 1);
+}
+
+// Query rows per GEMM block: the fp32 score block (rows x Lk) is kept near 128 KiB so it stays in L2
+// between the two softmax passes and the P V GEMM, with at least 16 rows (GEMM efficiency) and at most
+// 256 (beyond that the per-call overhead is already negligible).
+int64_t query_block_rows(int64_t lk) {
+  return std::clamp<int64_t>((int64_t{32} << 10) / std::max<int64_t>(lk, 1), 16, 256);
+}
+
 template <typename T, MaskKind kMask>
 void attention_cpu_kernel(const AttentionDims& dims, const SoftmaxParams& p, const T* q, const T* k, const T* v,
                           T* out) {
-  const int64_t lq = dims.sizes[2], lk = dims.sizes[3], d = dims.head_dim;
-  const int64_t heads = dims.sizes[1];
-  const int64_t q_blocks = (lq + kQueryBlock - 1) / kQueryBlock;
-  const int64_t tasks = dims.sizes[0] * heads * q_blocks;
+  constexpr bool kFloat = std::is_same_v<T, float>;
+  const int64_t heads = dims.sizes[1], lq = dims.sizes[2], lk = dims.sizes[3], d = dims.head_dim;
+  const int64_t batch_heads = dims.sizes[0] * heads;
+  const int64_t block_rows = std::min(query_block_rows(lk), lq);
+  // Chunks of query rows per head: enough tasks to keep every thread busy (4 per thread evens out the
+  // tail), but no smaller than a block, since each task converts its head's K and V once.
+  const int64_t blocks_per_head = (lq + block_rows - 1) / block_rows;
+  const int64_t wanted = (4 * at::get_num_threads() + batch_heads - 1) / batch_heads;
+  const int64_t chunks_per_head = std::clamp<int64_t>(wanted, 1, blocks_per_head);
+  const int64_t chunk_rows = ((blocks_per_head + chunks_per_head - 1) / chunks_per_head) * block_rows;
+  const int64_t tasks = batch_heads * chunks_per_head;
+
+  const bool q_in_place = usable_in_place(kFloat, lq, d, dims.q_strides[2], dims.q_strides[3]);
+  const bool k_in_place = usable_in_place(kFloat, lk, d, dims.k_strides[2], dims.k_strides[3]);
+  const bool v_in_place = usable_in_place(kFloat, lk, d, dims.v_strides[2], dims.v_strides[3]);
+  const int64_t mask_elem = kMask == MaskKind::kBool ? sizeof(bool) : sizeof(T);
 
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q_tile(kQueryBlock * d), k_t(d * kKeyBlock), v_tile(kKeyBlock * d);
-    std::vector<float> scores(kQueryBlock * lk), acc(kQueryBlock * d), block_acc(d);
+    const SingleThreadedBlas single_threaded_blas;
+    // Per-thread workspace, allocated once per thread's range of tasks.
+    std::vector<float> k_buf(k_in_place ? 0 : lk * d), v_buf(v_in_place ? 0 : lk * d);
+    std::vector<float> q_buf(q_in_place ? 0 : block_rows * d), o_buf(kFloat ? 0 : block_rows * d);
+    std::vector<float> scores(block_rows * lk), bias_buf(kMask == MaskKind::kAdditive ? lk : 0);
+    std::vector<uint8_t> keep_buf(kMask == MaskKind::kBool ? lk : 0);
+
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t qb = task % q_blocks;
-      const int64_t bh = task / q_blocks;
-      const int64_t b1 = bh % heads, b0 = bh / heads;
-      const int64_t q0 = qb * kQueryBlock;
-      const int64_t rows = std::min(kQueryBlock, lq - q0);
-      const T* q_base = q + b0 * dims.q_strides[0] + b1 * dims.q_strides[1];
-      const T* k_base = k + b0 * dims.k_strides[0] + b1 * dims.k_strides[1];
-      const T* v_base = v + b0 * dims.v_strides[0] + b1 * dims.v_strides[1];
+      const int64_t bh = task / chunks_per_head;
+      const int64_t chunk_begin = (task % chunks_per_head) * chunk_rows;
+      const int64_t chunk_end = std::min(lq, chunk_begin + chunk_rows);
+      if (chunk_begin >= chunk_end) continue;
+      const int64_t b0 = bh / heads, b1 = bh % heads;
+      const T* q_head = q + b0 * dims.q_strides[0] + b1 * dims.q_strides[1];
+      const T* k_head = k + b0 * dims.k_strides[0] + b1 * dims.k_strides[1];
+      const T* v_head = v + b0 * dims.v_strides[0] + b1 * dims.v_strides[1];
 
-      for (int64_t i = 0; i < rows; ++i)
-        for (int64_t c = 0; c < d; ++c)
-          q_tile[i * d + c] = to_f32(q_base[(q0 + i) * dims.q_strides[2] + c * dims.q_strides[3]]);
+      // K and V as fp32 [Lk, D] row-major (in place when they already are).
+      MatF k_mat{k_in_place ? const_cast<float*>(reinterpret_cast<const float*>(k_head)) : k_buf.data(), lk, d,
+                 k_in_place ? std::max(dims.k_strides[2], d) : d};
+      MatF v_mat{v_in_place ? const_cast<float*>(reinterpret_cast<const float*>(v_head)) : v_buf.data(), lk, d,
+                 v_in_place ? std::max(dims.v_strides[2], d) : d};
+      if (!k_in_place)
+        for (int64_t j = 0; j < lk; ++j) row_to_float(k_head + j * dims.k_strides[2], dims.k_strides[3], d, k_buf.data() + j * d);
+      if (!v_in_place)
+        for (int64_t j = 0; j < lk; ++j) row_to_float(v_head + j * dims.v_strides[2], dims.v_strides[3], d, v_buf.data() + j * d);
 
-      // S = Q K^T, a key block at a time; K is transposed into k_t so the inner loop runs over keys
-      // with unit stride (vectorizes without reassociating a dot-product reduction).
-      for (int64_t j0 = 0; j0 < lk; j0 += kKeyBlock) {
-        const int64_t keys = std::min(kKeyBlock, lk - j0);
-        for (int64_t j = 0; j < keys; ++j)
-          for (int64_t c = 0; c < d; ++c)
-            k_t[c * kKeyBlock + j] = to_f32(k_base[(j0 + j) * dims.k_strides[2] + c * dims.k_strides[3]]);
+      const char* cached_mask_row = nullptr;  // broadcast masks (q stride 0) are converted once
+      for (int64_t q0 = chunk_begin; q0 < chunk_end; q0 += block_rows) {
+        const int64_t rows = std::min(block_rows, chunk_end - q0);
+        const T* q_rows = q_head + q0 * dims.q_strides[2];
+        MatF q_mat{q_in_place ? const_cast<float*>(reinterpret_cast<const float*>(q_rows)) : q_buf.data(), rows, d,
+                   q_in_place ? std::max(dims.q_strides[2], d) : d};
+        if (!q_in_place)
+          for (int64_t i = 0; i < rows; ++i)
+            row_to_float(q_rows + i * dims.q_strides[2], dims.q_strides[3], d, q_buf.data() + i * d);
+
+        // S = Q K^T (unscaled, like the reference's matmul).
+        const MatF s_mat{scores.data(), rows, lk, lk};
+        gemm_f32(q_mat, k_mat, /*b_transposed=*/true, s_mat);
+
+        // Exact softmax of each full row, left unnormalized: exp(logit - max), sums kept per row.
+        const int64_t row0 = bh * lq + q0;
+        float inv_sums[256];
         for (int64_t i = 0; i < rows; ++i) {
-          float* s_row = scores.data() + i * lk + j0;
-          for (int64_t j = 0; j < keys; ++j) s_row[j] = 0.0f;
-          for (int64_t c = 0; c < d; ++c) {
-            const float qc = q_tile[i * d + c];
-            const float* kc = k_t.data() + c * kKeyBlock;
-            for (int64_t j = 0; j < keys; ++j) s_row[j] += qc * kc[j];
+          const uint8_t* keep = nullptr;
+          const float* bias = nullptr;
+          if (kMask != MaskKind::kNone) {
+            const char* mask_row =
+                static_cast<const char*>(p.mask) + softmax_row_offset(row0 + i, p.sizes, p.mask_strides) * mask_elem;
+            const int64_t ms = p.mask_strides[3];
+            if (kMask == MaskKind::kBool && ms == 1) {
+              keep = reinterpret_cast<const uint8_t*>(mask_row);  // torch bools are 0/1 bytes
+            } else if (kMask == MaskKind::kAdditive && kFloat && ms == 1) {
+              bias = reinterpret_cast<const float*>(mask_row);
+            } else {
+              if (mask_row != cached_mask_row) {
+                for (int64_t j = 0; j < lk; ++j) {
+                  if (kMask == MaskKind::kBool) {
+                    keep_buf[j] = reinterpret_cast<const bool*>(mask_row)[j * ms] ? 1 : 0;
+                  } else {
+                    bias_buf[j] = static_cast<float>(reinterpret_cast<const T*>(mask_row)[j * ms]);
+                  }
+                }
+                cached_mask_row = mask_row;
+              }
+              keep = kMask == MaskKind::kBool ? keep_buf.data() : nullptr;
+              bias = kMask == MaskKind::kAdditive ? bias_buf.data() : nullptr;
+            }
           }
+          // 1/0 = inf for rows of -inf logits (additive -inf masks): 0 * inf = NaN, as in PyTorch.
+          inv_sums[i] = 1.0f / softmax_row_unnormalized(scores.data() + i * lk, lk, p.scale, keep, bias);
         }
-      }
 
-      // Exact row softmax of the scaled, masked scores (the whole row is in `scores`).
-      const int64_t row0 = (b0 * heads + b1) * lq + q0;
-      for (int64_t i = 0; i < rows; ++i) {
-        float* s_row = scores.data() + i * lk;
-        const char* mask_row = nullptr;
-        if (kMask != MaskKind::kNone) {
-          const int64_t elem = kMask == MaskKind::kBool ? sizeof(bool) : sizeof(T);
-          mask_row = static_cast<const char*>(p.mask) + softmax_row_offset(row0 + i, p.sizes, p.mask_strides) * elem;
-        }
-        float row_max = -__builtin_huge_valf();
-        for (int64_t j = 0; j < lk; ++j) {
-          float x = s_row[j];
-          if (kMask == MaskKind::kBool) {
-            x = masked_logit_bool(x, p.scale, reinterpret_cast<const bool*>(mask_row)[j * p.mask_strides[3]]);
-          } else if (kMask == MaskKind::kAdditive) {
-            x = masked_logit_additive(x, p.scale, to_f32(reinterpret_cast<const T*>(mask_row)[j * p.mask_strides[3]]));
-          } else {
-            x = x * p.scale;
-          }
-          s_row[j] = x;
-          row_max = std::max(row_max, x);
-        }
-        const float shift = softmax_shift(row_max);
-        float row_sum = 0.0f;  // blocked like the P V sum above
-        for (int64_t j0 = 0; j0 < lk; j0 += kKeyBlock) {
-          float block_sum = 0.0f;
-          for (int64_t j = j0; j < std::min(j0 + kKeyBlock, lk); ++j) {
-            s_row[j] = fast_expf(s_row[j] - shift);
-            block_sum += s_row[j];
-          }
-          row_sum += block_sum;
-        }
-        const float inv_sum = 1.0f / row_sum;
-        for (int64_t j = 0; j < lk; ++j) s_row[j] *= inv_sum;
+        // O = P V, then each row times 1/sum, stored in T (fp32: the GEMM writes the output directly).
+        T* out_rows = out + row0 * d;
+        const MatF o_mat{kFloat ? reinterpret_cast<float*>(out_rows) : o_buf.data(), rows, d, d};
+        gemm_f32(s_mat, v_mat, /*b_transposed=*/false, o_mat);
+        for (int64_t i = 0; i < rows; ++i) store_row_scaled(o_mat.data + i * d, inv_sums[i], out_rows + i * d, d);
       }
-
-      // O = P V in fp32, a key block at a time; the inner loop runs over the head dim.
-      std::fill(acc.begin(), acc.begin() + rows * d, 0.0f);
-      for (int64_t j0 = 0; j0 < lk; j0 += kKeyBlock) {
-        const int64_t keys = std::min(kKeyBlock, lk - j0);
-        for (int64_t j = 0; j < keys; ++j)
-          for (int64_t c = 0; c < d; ++c)
-            v_tile[j * d + c] = to_f32(v_base[(j0 + j) * dims.v_strides[2] + c * dims.v_strides[3]]);
-        // Two-level summation: each key block is summed on its own, then added to the total. With
-        // 4096 keys the output is a small average of many terms; one long running sum would lose
-        // ~sqrt(4096) more bits than the blocked matmuls of PyTorch.
-        for (int64_t i = 0; i < rows; ++i) {
-          float* a_row = acc.data() + i * d;
-          const float* p_row = scores.data() + i * lk + j0;
-          std::fill(block_acc.begin(), block_acc.end(), 0.0f);
-          for (int64_t j = 0; j < keys; ++j) {
-            const float pj = p_row[j];
-            const float* vj = v_tile.data() + j * d;
-            for (int64_t c = 0; c < d; ++c) block_acc[c] += pj * vj[c];
-          }
-          for (int64_t c = 0; c < d; ++c) a_row[c] += block_acc[c];
-        }
-      }
-      // out is contiguous [b0, b1, Lq, D].
-      T* out_rows = out + (row0) * d;
-      for (int64_t i = 0; i < rows * d; ++i) out_rows[i] = static_cast<T>(acc[i]);
     }
   });
 }
