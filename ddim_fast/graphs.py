@@ -7,18 +7,27 @@ The pattern (one denoising step = model call + guidance + fused DDIM step, repla
    that change per step must live in device memory (the step index, the latents, the noise buffer),
    never in Python floats.
 2. Wrap the step in a :class:`CapturedStep` ``(fn, static_inputs)``. ``fn(static_inputs)`` must only
-   launch device work on the current stream (no ``.item()``, no host reads, no new Python-side
-   decisions per call) and may update its static inputs in place (e.g. ``x`` <- x_prev and
-   ``step += 1``). :meth:`CapturedStep.capture` warms ``fn`` up on a side stream (lazy cuBLAS/cuDNN
-   init, autotuning), restores the static inputs it mutated, then captures it once into a
-   ``torch.cuda.CUDAGraph``. :meth:`CapturedStep.replay` relaunches the whole step with one call.
+   launch device work on the current stream (no ``.item()``, no host reads, no host-to-device copies
+   of CPU tensors, no new Python-side decisions per call) and may update its static inputs in place
+   (e.g. ``x`` <- x_prev and ``step += 1``). :meth:`CapturedStep.capture` warms ``fn`` up on a side
+   stream (lazy cuBLAS/cuDNN init, Triton compiles), the last warm-up run with PyTorch's sync
+   debug mode set to "error" so that a host sync is reported before capture starts, restores the
+   static inputs it mutated, then captures it once into a ``torch.cuda.CUDAGraph`` on that same
+   side stream (one stream per device: the cuBLAS workspace made during warm-up is the one the
+   capture uses, and captures that share a memory pool must share a stream).
+   :meth:`CapturedStep.replay` relaunches the whole step with one call on the current stream.
 3. Keep captured steps in a :class:`GraphCache` (a small LRU) keyed by :func:`tree_signature` of
    what the capture baked in (shapes, dtypes, devices, conditioning structure, Python scalars such
-   as the guidance scale).
+   as the guidance scale). Its entries share one graph memory pool per device
+   (:meth:`GraphCache.pool`): they never replay concurrently and keep no pool tensor alive between
+   replays except their static outputs, so one pool sized for the largest step serves them all.
 
 Where CUDA graphs are not available (a CPU device, or ``torch.cuda`` missing), use
 :func:`make_step` which returns an :class:`EagerStep` with the same interface: ``replay`` just
 calls ``fn(static_inputs)``, so callers keep one code path. The fallback is logged once per reason.
+:func:`capture_step` also falls back to an :class:`EagerStep` (with a warning) when the capture
+itself fails, e.g. for a model that copies a CPU tensor to the GPU on every call, as ldm's
+``timestep_embedding`` does (it builds its frequency table with ``torch.arange`` on the CPU).
 
 Parameters of the model are read by address at replay time, so weights modified *in place* (e.g. a
 LoRA merged into the same tensors with ``param.data.add_``) take effect on the next replay; weights
@@ -34,7 +43,8 @@ Example (the shape of what ``ddim_fast.sampler`` does)::
         ops.ddim_step(s["x"], model_output, table, s["step"], out=s["x"])   # x <- x_prev, in place
         s["step"].add_(1)
 
-    runner = cache.get_or_create(tree_signature(static), lambda: make_step(one_step, static).capture())
+    runner = cache.get_or_create(tree_signature(static),
+                                 lambda: capture_step(one_step, static, pool=cache.pool(x.device)))
     copy_into(runner.static_inputs, {"x": x, "step": step, "cond": cond})
     for _ in range(num_steps):
         runner.replay()
@@ -54,6 +64,9 @@ __all__ = [
     "CapturedStep",
     "EagerStep",
     "GraphCache",
+    "GraphCaptureError",
+    "capture_step",
+    "capture_stream",
     "copy_into",
     "cuda_graphs_available",
     "make_static",
@@ -65,10 +78,15 @@ __all__ = [
 _LOGGED: set[str] = set()
 
 
-def _log_once(key: str, message: str, *args) -> None:
+def _log_once(key: str, message: str, *args, level: int = logging.INFO) -> None:
     if key not in _LOGGED:
         _LOGGED.add(key)
-        logger.info(message, *args)
+        logger.log(level, message, *args)
+
+
+class GraphCaptureError(RuntimeError):
+    """A step could not be captured into a CUDA graph (it syncs the host, copies from host memory, ...).
+    Nothing is left half-done: the caller's stream is current again and the static inputs are restored."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,6 +214,26 @@ class EagerStep:
         return self.static_outputs
 
 
+_CAPTURE_STREAMS: dict[torch.device, Any] = {}
+_FAILED_CAPTURES: list[Any] = []  # see CapturedStep.capture
+
+
+def capture_stream(device: torch.device | str) -> "torch.cuda.Stream":
+    """The side stream on which every warm-up and capture for `device` runs (created once per device).
+
+    One stream for warm-up and capture: per-stream library state (the cuBLAS workspace) is then set up
+    by the warm-up, not inside the capture; and graphs sharing a memory pool must be captured on the
+    same stream for the pool to be reused (torch.cuda.graph's note on ``pool``)."""
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    stream = _CAPTURE_STREAMS.get(device)
+    if stream is None:
+        stream = torch.cuda.Stream(device=device)
+        _CAPTURE_STREAMS[device] = stream
+    return stream
+
+
 class CapturedStep:
     """One step function captured into a CUDA graph over static input buffers.
 
@@ -203,9 +241,12 @@ class CapturedStep:
     whatever it returns (tensors allocated during capture live in the graph's private memory pool)
     becomes ``static_outputs``, overwritten by every replay — clone what you keep.
 
-    ``warmup_iters`` eager runs happen on a side stream before capture (required by CUDA graphs for
-    lazy library initialisation); static inputs are snapshotted before and restored after each, so
-    warm-up leaves no trace. ``pool`` may be shared between captures that never run concurrently.
+    ``warmup_iters`` eager runs happen on the device's :func:`capture_stream` before capture (required
+    by CUDA graphs for lazy library initialisation); static inputs are snapshotted before and restored
+    after each, so warm-up leaves no trace. The last warm-up run has PyTorch's sync debug mode set to
+    "error", so a host sync in ``fn`` (``.item()``, a CPU -> GPU copy, ...) raises
+    :class:`GraphCaptureError` before any capture starts. ``pool`` (``torch.cuda.graph_pool_handle()``)
+    may be shared between captures that never replay concurrently.
     """
 
     captured = True
@@ -235,23 +276,60 @@ class CapturedStep:
         for buffer, saved in zip(tree_tensors(self.static_inputs), snapshot):
             buffer.copy_(saved)
 
+    def _checked_warmup_run(self) -> None:
+        """One warm-up run that raises GraphCaptureError on a host sync (what capture would fail on)."""
+        previous_mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            self.fn(self.static_inputs)
+        except Exception as exc:
+            raise GraphCaptureError(
+                "the step's last warm-up run failed under torch.cuda.set_sync_debug_mode('error') (a host "
+                f"sync, which a CUDA graph cannot capture): {exc}") from exc
+        finally:
+            torch.cuda.set_sync_debug_mode(previous_mode)
+
     def capture(self) -> "CapturedStep":
-        """Warm up on a side stream, capture once, leave the static inputs as they were. Returns self."""
+        """Warm up on the capture stream, capture once there, leave the static inputs as they were.
+        Returns self; raises :class:`GraphCaptureError` (caller's stream current again, inputs
+        restored) when ``fn`` cannot be captured."""
         with torch.cuda.device(self.device):
+            caller = torch.cuda.current_stream()
+            side = capture_stream(self.device)
             snapshot = self._snapshot()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup_iters):
-                    self.fn(self.static_inputs)
+            side.wait_stream(caller)
+            try:
+                with torch.cuda.stream(side):
+                    for i in range(self.warmup_iters):
+                        if i == self.warmup_iters - 1:
+                            self._checked_warmup_run()
+                        else:
+                            self.fn(self.static_inputs)
+                        self._restore(snapshot)
+                graph = torch.cuda.CUDAGraph()
+                try:
+                    with torch.cuda.graph(graph, pool=self.pool, stream=side):
+                        outputs = self.fn(self.static_inputs)
+                except Exception as exc:
+                    # When capture_end raises, torch.cuda.graph never leaves its stream context: the
+                    # capture stream would stay current for everything the caller does next.
+                    torch.cuda.set_stream(caller)
+                    # A capture invalidated by CUDA makes CUDAGraph::capture_end throw before it
+                    # unregisters its allocation filter, a closure over the CUDAGraph object that the
+                    # allocator evaluates during later captures: keep the object alive (its pool's
+                    # leftovers are the price; fallbacks are cached per key, so this happens rarely).
+                    _FAILED_CAPTURES.append(graph)
+                    try:
+                        torch.cuda.synchronize(self.device)
+                    except Exception:  # the capture's own error again; nothing else is pending
+                        logger.debug("ddim_fast.graphs: synchronize after a failed capture raised", exc_info=True)
+                    raise GraphCaptureError(f"CUDA graph capture of the step failed: {exc}") from exc
+            finally:
+                # Capture runs no device work, but Python-side effects of fn (on CPU leaves) did happen.
+                with torch.cuda.stream(side):
                     self._restore(snapshot)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.static_outputs = self.fn(self.static_inputs)
-            # Capture records kernels without running them, but restore anyway: some ops (host-side
-            # bookkeeping of custom kernels) may have touched the buffers.
-            self._restore(snapshot)
+                caller.wait_stream(side)
+            self.static_outputs = outputs
             self.graph = graph
         return self
 
@@ -275,6 +353,26 @@ def make_step(fn: Callable[[Any], Any], static_inputs: Any, *, use_graph: bool =
     return EagerStep(fn, static_inputs)
 
 
+def capture_step(fn: Callable[[Any], Any], static_inputs: Any, *, use_graph: bool = True, warmup_iters: int = 2,
+                 pool=None, fallback: bool = True) -> CapturedStep | EagerStep:
+    """``make_step(...).capture()``; when the capture fails with :class:`GraphCaptureError` and
+    `fallback`, a warning is logged (once per distinct reason) and an :class:`EagerStep` over the same
+    static inputs is returned instead, so the caller's loop runs unchanged, only without the graph."""
+    step = make_step(fn, static_inputs, use_graph=use_graph, warmup_iters=warmup_iters, pool=pool)
+    try:
+        return step.capture()
+    except GraphCaptureError as exc:
+        if not fallback:
+            raise
+        reason = str(exc.__cause__ or exc)
+        _log_once(f"capture-failed-{reason}", "ddim_fast.graphs: %s; running the step eagerly over the same "
+                  "static buffers instead (same results, no graph speed-up). A common cause is a model that "
+                  "builds a tensor on the CPU and copies it to the GPU per call, like ldm's "
+                  "timestep_embedding (torch.arange without device=): create it on the GPU instead.",
+                  exc, level=logging.WARNING)
+        return EagerStep(fn, static_inputs)
+
+
 # --------------------------------------------------------------------------------------------------
 # The per-shape cache
 # --------------------------------------------------------------------------------------------------
@@ -283,8 +381,11 @@ def make_step(fn: Callable[[Any], Any], static_inputs: Any, *, use_graph: bool =
 class GraphCache:
     """A small LRU of captured steps keyed by a hashable signature (see :func:`tree_signature`).
 
-    Each entry holds a graph and its memory pool, so keep ``maxsize`` small (a few shapes / guidance
-    scales). ``hits`` / ``misses`` / ``evictions`` count lookups, for tests and profiling.
+    Each entry holds a graph; capture them with ``pool=cache.pool(device)`` so that all entries on a
+    device share one graph memory pool (safe: the cache's steps replay one after another on one
+    stream, and a captured step keeps nothing in the pool alive between replays except its static
+    outputs, which the allocator never hands to another capture). ``maxsize`` bounds the number of
+    graphs (a few shapes / guidance scales). ``hits`` / ``misses`` / ``evictions`` count lookups.
     """
 
     def __init__(self, maxsize: int = 4):
@@ -295,6 +396,20 @@ class GraphCache:
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+        self._pools: dict[torch.device, Any] = {}
+
+    def pool(self, device: torch.device | str):
+        """The graph memory pool shared by this cache's captures on `device` (None off CUDA)."""
+        device = torch.device(device)
+        if device.type != "cuda" or not torch.cuda.is_available():
+            return None
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        handle = self._pools.get(device)
+        if handle is None:
+            handle = torch.cuda.graph_pool_handle()
+            self._pools[device] = handle
+        return handle
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -333,5 +448,6 @@ class GraphCache:
         return entry
 
     def clear(self) -> None:
-        """Drop every captured step (and with it its graph memory pool)."""
+        """Drop every captured step (the shared pool's memory is released with the last graph using it)."""
         self._entries.clear()
+        self._pools.clear()
