@@ -483,10 +483,12 @@ class FastDDIMSampler:
         batch = img.shape[0]
         if runner is None or runner.light_key != (use_cfg, scale):
             has_noise_buffer = self.noise_mode == "torch" and config.has_noise
+            # The noise buffer has randn's default dtype, as the eager draw: the op then casts it to the
+            # step dtype inside the graph exactly as it casts the eager z (fp16 latents included).
+            noise_buffer = torch.empty(img.shape, device=img.device) if has_noise_buffer else None
             static_values = {
                 "x": img, "step": step, "table": config.table, "timesteps": config.timestep_rows,
-                "cond": cond_in, "noise": torch.empty_like(img) if has_noise_buffer else None,
-                "rng": config.rng_state, "pred": torch.empty_like(img),
+                "cond": cond_in, "noise": noise_buffer, "rng": config.rng_state, "pred": torch.empty_like(img),
             }
             key = ("ldm-step", id(self.model), _graphs.tree_signature(static_values), use_cfg,
                    scale if use_cfg else None, config.prediction_type, config.temperature, self.backend)
