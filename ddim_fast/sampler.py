@@ -41,7 +41,13 @@ Philox stream (seed drawn once per ``sample()`` from ``generator=`` or the globa
 is drawn at eta = 0) — faster, deterministic per seed, but not upstream's stream. ``backend`` is passed
 to ``ops.ddim_step``. ``cuda_graph=True`` captures model call + guidance + step once per (shape, dtype,
 conditioning structure, guidance scale) and replays it (see ``ddim_fast.graphs``); on CPU it runs the
-same static-buffer loop eagerly.
+same static-buffer loop eagerly, and so it does on a GPU when the model cannot be captured (logged once;
+CompVis ldm's UNet is such a model: its ``timestep_embedding`` copies a CPU ``arange`` to the GPU on every
+call — build it with ``device=timesteps.device`` to get the graph). In the default ``noise_mode="torch"``
+the per-step ``randn`` is drawn *outside* the graph, before each replay, into a static buffer (default
+dtype, like upstream's ``torch.randn(x.shape)``): same global-generator draws, in the same order, as the
+eager loop, hence the same numbers. With ``"philox"`` the kernel draws in the graph from the device
+``rng_state`` and the step index.
 """
 
 from __future__ import annotations
@@ -517,7 +523,9 @@ class FastDDIMSampler:
     def _capture(self, static_values, key, batch, use_cfg, scale, config):
         static = _graphs.make_static(static_values)
         fn = self._make_graph_fn(batch, use_cfg, scale, config)
-        entry = _graphs.make_step(fn, static, use_graph=True).capture()
+        # Falls back to the eager static-buffer step (logged) when the model cannot be captured; the
+        # fallback is cached under the key too, so capture is not retried every sample() call.
+        entry = _graphs.capture_step(fn, static, use_graph=True, pool=self.graph_cache.pool(static["x"].device))
         entry.key = key
         return entry
 
