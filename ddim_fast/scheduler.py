@@ -250,11 +250,10 @@ class _FusedDDIMBase(SchedulerMixin, ConfigMixin):
         return index[timestep:timestep + 1]
 
     def _reset_tables(self) -> None:
+        # Captured graph steps (FastDDIMScheduler.graph_step) read the table and the timesteps from their
+        # own static buffers, refilled on every graph_step call, so they stay valid across set_timesteps:
+        # a pipeline calling set_timesteps(S) before each image reuses its graph instead of recapturing.
         self._tables = {}
-        # Captured graphs bake the tables' and timesteps' addresses: a new schedule needs new graphs.
-        cache = getattr(self, "_graph_cache", None)
-        if cache is not None:
-            cache.clear()
 
     # ---- diffusers API shared by both ---------------------------------------------------------
 
@@ -506,8 +505,11 @@ class FastDDIMScheduler(_FusedDDIMBase):
         given (encoder_hidden_states [2B, L, D] = cat([uncond, cond])), else x [B, C, H, W]; t is an int64 [1]
         device tensor. latents [B, C, H, W]. With eta > 0 all per-step noise is drawn here, up front, with
         ``randn_tensor(latents.shape, generator=...)`` in step order — the draws diffusers' pipeline loop makes.
-        Captured steps are cached per shape / guidance scale / eta on this scheduler (cleared by
-        ``set_timesteps``). Call ``set_timesteps(S, device=latents.device)`` first.
+        Captured steps are cached on this scheduler per (shapes, dtypes, number of steps, unet, guidance
+        scale, eta, prediction type, clipping); the table and timesteps are static inputs refilled here, so
+        a cached step survives ``set_timesteps`` with the same number of steps. A unet that cannot be
+        captured (it syncs the host) runs the same step eagerly (logged once). Call
+        ``set_timesteps(S, device=latents.device)`` first.
         """
         from ddim_fast import graphs
 
@@ -536,7 +538,7 @@ class FastDDIMScheduler(_FusedDDIMBase):
             noise = torch.stack([randn_tensor(latents.shape, generator=generator, device=device, dtype=model_dtype)
                                  for _ in range(num_steps)])
         values = {"x": latents, "step": torch.zeros(1, dtype=torch.int64, device=device),
-                  "cond": encoder_hidden_states, "noise": noise}
+                  "cond": encoder_hidden_states, "noise": noise, "table": table, "timesteps": timesteps}
         cfg = self.config
         clip_range = float(cfg.clip_sample_range) if cfg.clip_sample else None
         prediction_type = cfg.prediction_type
@@ -544,20 +546,23 @@ class FastDDIMScheduler(_FusedDDIMBase):
         @torch.no_grad()
         def one_step(static):
             x, step = static["x"], static["step"]
-            t = timesteps.index_select(0, step)  # the row of the table is the timestep itself
+            t = static["timesteps"].index_select(0, step)  # the row of the table is the timestep itself
             model_input = torch.cat([x, x]) if guided else x
             model_output = unet(model_input, t, encoder_hidden_states=static["cond"], return_dict=False)[0]
             step_noise = None if static["noise"] is None else static["noise"].index_select(0, step).squeeze(0)
-            ops.ddim_step(x, model_output, table, t, guidance_scale=guidance_scale, prediction_type=prediction_type,
-                          clip_range=clip_range, noise=step_noise, out=x)
+            ops.ddim_step(x, model_output, static["table"], t, guidance_scale=guidance_scale,
+                          prediction_type=prediction_type, clip_range=clip_range, noise=step_noise, out=x)
             step.add_(1)
 
         if getattr(self, "_graph_cache", None) is None:
             self._graph_cache = graphs.GraphCache(maxsize=2)
-        key = (graphs.tree_signature(values), id(unet), guidance_scale, eta, bool(use_graph))
+        # Everything one_step bakes in: shapes/dtypes (signature), the unet, and the Python scalars.
+        key = (graphs.tree_signature(values), id(unet), guidance_scale, eta, prediction_type, clip_range,
+               bool(use_graph))
 
         def build():
-            return graphs.make_step(one_step, graphs.make_static(values), use_graph=use_graph).capture()
+            return graphs.capture_step(one_step, graphs.make_static(values), use_graph=use_graph,
+                                       pool=self._graph_cache.pool(device))
 
         runner = self._graph_cache.get_or_create(key, build)
         graphs.copy_into(runner.static_inputs, values)
