@@ -335,6 +335,7 @@ class StepHooks:
         self.model_ends: dict[int, Any] = {}
         self.step_ends: dict[int, Any] = {}
         self._step_open = False
+        self._model_open = False
 
     def _stamp(self):
         if self.cuda:
@@ -373,23 +374,31 @@ class StepHooks:
             return
         if not self._step_open:  # a loop run without begin(): open the step here
             self._open_step(i)
-        if self.nvtx:
+        if self.nvtx and not self._model_open:
             torch.cuda.nvtx.range_push("model")
+        self._model_open = True
         self.model_starts.setdefault(i, self._stamp())  # first call of the step (models may be called twice)
 
     def model_end(self, i: int) -> None:
         if self._capturing():
             return
         self.model_ends[i] = self._stamp()
-        if self.nvtx:
+        self._close_model()
+
+    def _close_model(self) -> None:
+        if self._model_open and self.nvtx:
             torch.cuda.nvtx.range_pop()
+        self._model_open = False
 
     def step_end(self, i: int) -> None:
         self.step_ends[i] = self._stamp()
+        self._close_model()
         self._close_step()
         self._open_step(i + 1)
 
     def finish(self) -> None:
+        """Close every range still open (innermost first); safe to call twice and after an exception."""
+        self._close_model()
         self._close_step()
 
     def _ms(self, a, b) -> float:
@@ -435,7 +444,11 @@ class HookedModel:
     def apply_model(self, *args, **kwargs):
         i = len(self._hooks.step_ends)
         self._hooks.model_start(i)
-        out = self._model.apply_model(*args, **kwargs)
+        try:
+            out = self._model.apply_model(*args, **kwargs)
+        except BaseException:
+            self._hooks.finish()  # leave no NVTX / profiler range open behind the exception
+            raise
         self._hooks.model_end(i)
         return out
 

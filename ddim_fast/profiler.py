@@ -83,6 +83,9 @@ def profile_steps(problem: bench.Problem, *, backend: str = "auto", cuda_graph: 
     ``FastDDIMSampler(backend=...)``. ``trace`` records the first timed run."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if cuda_graph and warmup < 1:
+        raise ValueError("cuda_graph needs warmup >= 1: the first run captures the graph (warm-up model calls "
+                         "and capture would land in the timed run)")
     device = problem.device
     hooks_type = _RecordFunctionHooks if trace else bench.StepHooks
 
@@ -103,6 +106,13 @@ def profile_steps(problem: bench.Problem, *, backend: str = "auto", cuda_graph: 
             hooked._hooks = hooks
             return bench.fast_loop(hooked_problem, sampler, callback=hooks.step_end)
 
+    def timed_run(hooks):
+        hooks.begin()
+        try:
+            return run(hooks)
+        finally:
+            hooks.finish()  # NVTX / record_function ranges closed even when the loop raises
+
     for _ in range(warmup):
         run(bench.StepHooks(device, nvtx=False))
     bench.synchronize(device)
@@ -114,15 +124,11 @@ def profile_steps(problem: bench.Problem, *, backend: str = "auto", cuda_graph: 
             if device.type == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             with torch.profiler.profile(activities=activities) as prof:
-                hooks.begin()
-                samples = run(hooks)
-                hooks.finish()
+                samples = timed_run(hooks)
                 bench.synchronize(device)
             prof.export_chrome_trace(trace)
         else:
-            hooks.begin()
-            samples = run(hooks)
-            hooks.finish()
+            samples = timed_run(hooks)
         runs.append(hooks.rows())
     if len(runs[0]) == 0:
         raise RuntimeError("no step was timed: the sampler never called its callback")
