@@ -88,9 +88,11 @@ def synchronize(device: torch.device) -> None:
 class StepTimer:
     """Calls ``step_fn()`` ``steps`` times per ``__call__``.
 
-    ``use_graph`` (CUDA only): the ``steps`` calls are captured once into one CUDA graph (after a warm-up
-    on a side stream) and each ``__call__`` replays it, so per-launch CPU overhead disappears and what is
-    left is kernel time. ``step_fn`` must then be capture-safe (static buffers, no host sync).
+    ``use_graph`` (CUDA only): the ``steps`` calls are captured once into one CUDA graph and each
+    ``__call__`` replays it, so per-launch CPU overhead disappears and what is left is kernel time.
+    Captured with ``ddim_fast.graphs.CapturedStep`` (warm-up and capture on one side stream, a host
+    sync reported as ``GraphCaptureError`` before capture, the caller's stream current again after a
+    failure). ``step_fn`` must then be capture-safe (static buffers, no host sync).
     """
 
     def __init__(self, step_fn: Callable[[], object], device: torch.device | str, steps: int,
@@ -102,37 +104,43 @@ class StepTimer:
         if use_graph:
             if self.device.type != "cuda":
                 raise ValueError(f"StepTimer: use_graph needs a CUDA device, got {self.device}")
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    step_fn()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            from ddim_fast.graphs import CapturedStep
+
+            def unrolled(_static):
                 for _ in range(steps):
                     step_fn()
+
+            # The step functions read and write their own fixed tensors; the anchor only names the device.
+            anchor = {"device": torch.empty(0, device=self.device)}
+            self.graph = CapturedStep(unrolled, anchor, warmup_iters=2).capture().graph
         else:
             for _ in range(2):  # warm-up: lazy init, Triton/inductor compiles, allocator
                 step_fn()
         synchronize(self.device)
 
-    def __call__(self) -> None:
+    def launch(self) -> None:
+        """Enqueue one call's work (``steps`` steps) without waiting for it."""
         if self.graph is not None:
             self.graph.replay()
         else:
             for _ in range(self.steps):
                 self.step_fn()
+
+    def __call__(self) -> None:
+        self.launch()
         synchronize(self.device)
 
     def seconds_per_step(self, repeats: int = 5) -> float:
-        """Median over `repeats` of the time per step: CUDA events on the GPU, perf_counter on the CPU."""
+        """Median over `repeats` of the time per step: CUDA events on the GPU (the end event is
+        recorded right after the work is enqueued, before the host waits, so the host's wake-up is not
+        counted), perf_counter on the CPU."""
         samples = []
         for _ in range(repeats):
             if self.device.type == "cuda":
+                synchronize(self.device)  # nothing of the previous repeat still queued ahead of `start`
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                self()
+                self.launch()
                 end.record()
                 end.synchronize()
                 samples.append(start.elapsed_time(end) / 1e3 / self.steps)
