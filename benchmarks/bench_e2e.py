@@ -143,14 +143,21 @@ def sd15_problem():
 @pytest.mark.parametrize("loop", ["diffusers", "fast", "fast+graph", "fast+attn"])
 def test_e2e_cuda_sd15(benchmark, sd15_problem, loop):
     problem = sd15_problem
+    graph = loop in ("fast+graph", "fast+attn")
     if loop == "diffusers":
         fn = lambda: bench.diffusers_loop(problem)  # noqa: E731
     else:
         run_problem = _patched(problem) if loop == "fast+attn" else problem
-        sampler = bench.make_fast_sampler(run_problem, cuda_graph=loop in ("fast+graph", "fast+attn"))
+        sampler = bench.make_fast_sampler(run_problem, cuda_graph=graph)
         fn = lambda: bench.fast_loop(run_problem, sampler)  # noqa: E731
     torch.manual_seed(0)
-    out = fn()
+    out = fn()  # also the capture
     assert reference.relative_error(out, problem.extra["expected"]) <= bench.RUN_TOLERANCES[torch.float16]
+    if graph:
+        # The sampler falls back to its eager step when capture fails: that must not be timed as "graph".
+        entries = [sampler.graph_cache.get(key) for key in sampler.graph_cache.keys()]
+        assert entries and all(entry.captured for entry in entries), \
+            f"{loop}: the SD1.5 UNet step was not captured into a CUDA graph (see the warning logged)"
     _extra(benchmark, problem, baseline=loop == "diffusers")
+    benchmark.extra_info["cuda_graph"] = graph
     _time(benchmark, fn, problem.device, rounds=3)
