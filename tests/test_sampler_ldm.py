@@ -509,6 +509,31 @@ def test_make_step_falls_back_to_eager_on_cpu(caplog):
         graphs.CapturedStep(fn, static)
 
 
+def test_capture_step_falls_back_to_eager_when_capture_fails(monkeypatch, caplog):
+    """A GraphCaptureError from capture() gives an EagerStep over the same static inputs, with a warning
+    each time; fallback=False re-raises. (The capture itself needs a GPU: see the requires_cuda tests.)"""
+    static = graphs.make_static({"x": torch.zeros(3)})
+
+    def fn(s):
+        s["x"].add_(1.0)
+
+    class FailingCapture:
+        def capture(self):
+            raise graphs.GraphCaptureError("CUDA graph capture of the step failed: no") from RuntimeError("no")
+
+    monkeypatch.setattr(graphs, "make_step", lambda *a, **k: FailingCapture())
+    with caplog.at_level(logging.WARNING, logger="ddim_fast.graphs"):
+        runner = graphs.capture_step(fn, static)
+        graphs.capture_step(fn, static)
+    assert isinstance(runner, graphs.EagerStep) and runner.static_inputs is static
+    assert sum("running the step eagerly" in r.message for r in caplog.records) == 2
+    runner.replay()
+    torch.testing.assert_close(static["x"], torch.ones(3))
+    with pytest.raises(graphs.GraphCaptureError):
+        graphs.capture_step(fn, static, fallback=False)
+    assert graphs.GraphCache(2).pool("cpu") is None
+
+
 def test_graph_path_on_cpu_matches_eager_and_reuses_cache(models, conds):
     c, uc = conds
     model = models["eps"]
@@ -547,13 +572,35 @@ def test_captured_step_on_gpu_restores_warmup_and_replays():
         s["x"].add_(s["step"].float() + 1.0)
         s["step"].add_(1)
 
+    caller = torch.cuda.current_stream()
     runner = graphs.make_step(fn, static).capture()
     assert isinstance(runner, graphs.CapturedStep) and runner.captured
+    assert torch.cuda.current_stream() == caller  # capture ran on the side stream, not the caller's
     assert torch.equal(static["x"].cpu(), torch.zeros(5)) and int(static["step"]) == 0  # warm-up left no trace
     for _ in range(3):
         runner.replay()
     torch.testing.assert_close(static["x"].cpu(), torch.full((5,), 6.0))  # 1 + 2 + 3
     assert int(static["step"]) == 3
+
+    # A step that syncs the host (.item(), a CPU -> GPU copy as in ldm's timestep_embedding) is refused
+    # before capture: GraphCaptureError, caller's stream current, static inputs restored, the sync debug
+    # mode as it was; capture_step then falls back to the eager step.
+    for syncing in (lambda s: s["x"].add_(float(s["step"].item())),
+                    lambda s: s["x"].add_(torch.arange(5, dtype=torch.float32).to(s["x"].device))):
+        static["x"].fill_(2.0)
+        with pytest.raises(graphs.GraphCaptureError, match="sync"):
+            graphs.make_step(syncing, static).capture()
+        assert torch.cuda.current_stream() == caller
+        assert torch.cuda.get_sync_debug_mode() == 0
+        assert torch.equal(static["x"].cpu(), torch.full((5,), 2.0)) and int(static["step"]) == 3
+        eager = graphs.capture_step(syncing, static)
+        assert isinstance(eager, graphs.EagerStep)
+    # the device keeps working normally after the refused captures, and a new capture succeeds
+    again = graphs.capture_step(fn, graphs.make_static({"x": torch.zeros(5, device="cuda"),
+                                                        "step": torch.zeros(1, dtype=torch.int64, device="cuda")}))
+    assert again.captured
+    again.replay()
+    torch.testing.assert_close(again.static_inputs["x"].cpu(), torch.ones(5))
 
 
 @requires_cuda
@@ -588,6 +635,82 @@ def test_cuda_graph_matches_eager_on_gpu(conds):
     runs = [ph.sample(6, BATCH, SHAPE, conditioning=c, eta=1.0, x_T=x_T, verbose=False,
                       generator=torch.Generator().manual_seed(4))[0] for _ in range(2)]
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+
+
+@requires_cuda
+def test_cuda_graph_every_path_matches_eager_on_gpu(conds):
+    """ucg_schedule (two captured runners sharing x and the step), inpainting mask (q_sample draws outside
+    the graph), img_callback / intermediates (snapshots, not the static buffers), noise_dropout, and two
+    batch sizes sharing the cache's memory pool: all equal the eager loop (same global-RNG draws)."""
+    model = ToyLDM(parameterization="eps", device="cuda")
+    c, uc = (t.cuda() for t in conds)
+    eager = FastDDIMSampler(model)
+    graphed = FastDDIMSampler(model, cuda_graph=True)
+    x0 = torch.randn(BATCH, *SHAPE, device="cuda")
+    mask = (torch.rand(BATCH, 1, *SHAPE[1:], device="cuda") > 0.5).float()
+    # S = 5 divides T = 1000: exactly 5 steps, one guidance scale each (1.0 = a step without CFG)
+    kw = dict(conditioning=c, unconditional_conditioning=uc, unconditional_guidance_scale=3.0, eta=0.8,
+              ucg_schedule=[3.0, 1.0, 3.0, 5.0, 1.0], mask=mask, x0=x0, noise_dropout=0.2, log_every_t=2,
+              verbose=False)
+    outs = {}
+    for name, sampler in (("eager", eager), ("graph", graphed)):
+        preds = []
+        torch.manual_seed(11)
+        outs[name] = sampler.sample(5, BATCH, SHAPE, img_callback=lambda x, i, p=preds: p.append(x), **kw)
+        outs[name + "_preds"] = preds
+    _assert_runs_equal(outs["graph"], outs["eager"], "cuda graph, every path")
+    assert len({p.data_ptr() for p in outs["graph_preds"]}) == len(outs["graph_preds"])  # no aliasing
+    for j, (a, b) in enumerate(zip(outs["graph_preds"], outs["eager_preds"])):
+        _assert_close(a, b, f"img_callback pred_x0 {j}")
+    assert len(graphed.graph_cache) == 3 and all(graphed.graph_cache.get(k).captured
+                                                 for k in graphed.graph_cache.keys())
+    # another batch size: a new graph in the same pool; the earlier ones still replay correctly
+    torch.manual_seed(2)
+    ref1 = eager.sample(4, 1, SHAPE, conditioning=c[:1], eta=0.5, verbose=False)[0]
+    torch.manual_seed(2)
+    _assert_close(graphed.sample(4, 1, SHAPE, conditioning=c[:1], eta=0.5, verbose=False)[0], ref1, "batch 1")
+    torch.manual_seed(11)
+    _assert_close(graphed.sample(5, BATCH, SHAPE, **kw)[0], outs["eager"][0], "first graphs after another capture")
+    assert graphed.graph_cache.evictions == 0 and graphed.graph_cache.hits >= 3
+
+
+class _HostCopyTimeEmbedding(torch.nn.Module):
+    """ldm's UNet habit: the timestep-embedding frequencies are built on the CPU and copied to the GPU on
+    every call (ldm.modules.diffusionmodules.util.timestep_embedding) — a sync no graph can capture."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+    def apply_model(self, x, t, cond):
+        freqs = torch.exp(-torch.arange(0, 4, dtype=torch.float32) / 4).to(device=t.device)
+        return self.inner.apply_model(x, t, cond) + 0.0 * freqs.sum()
+
+
+@requires_cuda
+def test_cuda_graph_falls_back_to_eager_for_an_uncapturable_model(conds, caplog):
+    model = _HostCopyTimeEmbedding(ToyLDM(parameterization="eps", device="cuda"))
+    c, uc = (t.cuda() for t in conds)
+    kw = dict(conditioning=c, unconditional_conditioning=uc, unconditional_guidance_scale=4.0, eta=0.5,
+              verbose=False)
+    graphed = FastDDIMSampler(model, cuda_graph=True)
+    torch.manual_seed(0)
+    ref = FastDDIMSampler(model).sample(5, BATCH, SHAPE, **kw)
+    with caplog.at_level(logging.WARNING, logger="ddim_fast.graphs"):
+        for _ in range(2):
+            torch.manual_seed(0)
+            out = graphed.sample(5, BATCH, SHAPE, **kw)
+            _assert_runs_equal(out, ref, "eager fallback")
+    assert "running the step eagerly" in caplog.text
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    entry = graphed.graph_cache.get(graphed.graph_cache.keys()[-1])
+    assert not entry.captured and (graphed.graph_cache.misses, graphed.graph_cache.hits) == (1, 1)
 
 
 # --------------------------------------------------------------------------------------------------
