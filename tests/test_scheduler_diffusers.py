@@ -682,3 +682,101 @@ def test_cuda_loop_without_host_sync():
     for t in upstream.timesteps:
         x_ref = upstream.step(model(x_ref, 500), t, x_ref).prev_sample
     assert_rel_close(x, x_ref, SAMPLER_RTOL, "cuda loop")
+
+
+# ==================================================================================================
+# graph_step / graphed_denoise_loop: the captured whole step (eager twin on CPU)
+# ==================================================================================================
+
+
+class _ToyUNet(torch.nn.Module):
+    """A diffusers-UNet-shaped callable, ``unet(x, t, encoder_hidden_states=..., return_dict=False)[0]``,
+    nonlinear in x, t and the context, and graph-safe (t is read on the device, any shape [1] or [B])."""
+
+    def __init__(self, channels: int = 4, context_dim: int = 6, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.w_ctx = torch.nn.Parameter(torch.randn(channels, context_dim, generator=gen) * 0.5)
+        self.w_mix = torch.nn.Parameter(torch.randn(channels, channels, generator=gen) * 0.4)
+
+    def forward(self, x, t, encoder_hidden_states, return_dict=True):
+        scale = (0.5 + 0.0005 * t.reshape(-1).to(x.dtype)).reshape(-1, 1, 1, 1)
+        ctx = torch.tanh(encoder_hidden_states @ self.w_ctx.t()).mean(dim=1)[:, :, None, None]
+        out = 0.9 * torch.tanh(torch.einsum("bchw,dc->bdhw", x, self.w_mix) * scale + ctx)
+        return (out,) if not return_dict else {"sample": out}
+
+
+GRAPH_CONFIG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                    set_alpha_to_one=False, steps_offset=1)
+
+
+def _diffusers_guided_loop(unet, latents, cond, steps, guidance_scale, eta, generator, config):
+    """diffusers' pipeline loop: UNet on cat([x, x]), chunk, combine, DDIMScheduler.step."""
+    scheduler = DDIMScheduler(**config)
+    scheduler.set_timesteps(steps, device=latents.device)
+    x = latents
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            uncond, text = unet(torch.cat([x, x]), t, encoder_hidden_states=cond, return_dict=False)[0].chunk(2)
+            x = scheduler.step(uncond + guidance_scale * (text - uncond), t, x, eta, generator=generator).prev_sample
+    return x
+
+
+def _graphed_loop_checks(device: torch.device):
+    from ddim_fast.scheduler import graphed_denoise_loop
+
+    unet = _ToyUNet().to(device)
+    gen = torch.Generator().manual_seed(4)
+    latents = torch.randn(1, 4, 6, 5, generator=gen).to(device)
+    cond = torch.randn(2, 3, 6, generator=gen).to(device)
+    fast = FastDDIMScheduler(**GRAPH_CONFIG)
+    for steps, eta in ((5, 0.0), (5, 0.7), (4, 0.7)):
+        for _ in range(2):  # a pipeline sets the timesteps before every image: the graph must survive it
+            fast.set_timesteps(steps, device=device)
+            expected = _diffusers_guided_loop(unet, latents, cond, steps, 7.5, eta,
+                                              torch.Generator(device=device).manual_seed(9), GRAPH_CONFIG)
+            got = graphed_denoise_loop(fast, unet, latents, cond, guidance_scale=7.5, eta=eta,
+                                       generator=torch.Generator(device=device).manual_seed(9))
+            assert_rel_close(got, expected, SAMPLER_RTOL, f"graphed loop S={steps} eta={eta} on {device}")
+            assert got.data_ptr() != latents.data_ptr()
+    # one capture per (eta, S): set_timesteps did not throw the graphs away (cache of 2: one eviction)
+    assert (fast._graph_cache.misses, fast._graph_cache.hits, fast._graph_cache.evictions) == (3, 3, 1)
+    return fast, unet, latents, cond
+
+
+def test_graphed_loop_survives_set_timesteps_and_matches_diffusers():
+    _graphed_loop_checks(torch.device("cpu"))
+
+
+@requires_cuda
+def test_graphed_loop_captured_on_cuda_without_host_sync():
+    device = torch.device("cuda")
+    fast, unet, latents, cond = _graphed_loop_checks(device)
+    runners = list(fast._graph_cache._entries.values())
+    assert runners and all(r.captured for r in runners)
+    # replays alone never sync the host; and the graph equals the eager fused steps on the same device
+    fast.set_timesteps(5, device=device)
+    runner = fast.graph_step(unet, latents, cond, guidance_scale=7.5)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            runner.replay()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    x = latents
+    with torch.no_grad():
+        for t in fast.timesteps:
+            x = fast.step(unet(torch.cat([x, x]), t, encoder_hidden_states=cond, return_dict=False)[0], t, x,
+                          guidance_scale=7.5).prev_sample
+    assert_rel_close(runner.static_inputs["x"], x, 1e-6, "graph vs eager fused steps (fp32)")
+    assert int(runner.static_inputs["step"]) == 5
+    # weights changed in place are read by the next replay (a LoRA merged into the same tensors)
+    with torch.no_grad():
+        unet.w_mix.mul_(1.3)
+    fast.set_timesteps(5, device=device)
+    expected = _diffusers_guided_loop(unet, latents, cond, 5, 7.5, 0.0, None, GRAPH_CONFIG)
+    from ddim_fast.scheduler import graphed_denoise_loop
+
+    assert_rel_close(graphed_denoise_loop(fast, unet, latents, cond, guidance_scale=7.5), expected, SAMPLER_RTOL,
+                     "after an in-place weight update")
