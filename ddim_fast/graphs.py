@@ -53,6 +53,7 @@ Example (the shape of what ``ddim_fast.sampler`` does)::
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 from typing import Any, Callable, Hashable
 
@@ -78,10 +79,10 @@ __all__ = [
 _LOGGED: set[str] = set()
 
 
-def _log_once(key: str, message: str, *args, level: int = logging.INFO) -> None:
+def _log_once(key: str, message: str, *args) -> None:
     if key not in _LOGGED:
         _LOGGED.add(key)
-        logger.log(level, message, *args)
+        logger.info(message, *args)
 
 
 class GraphCaptureError(RuntimeError):
@@ -292,8 +293,13 @@ class CapturedStep:
     def capture(self) -> "CapturedStep":
         """Warm up on the capture stream, capture once there, leave the static inputs as they were.
         Returns self; raises :class:`GraphCaptureError` (caller's stream current again, inputs
-        restored) when ``fn`` cannot be captured."""
-        with torch.cuda.device(self.device):
+        restored) when ``fn`` cannot be captured.
+
+        Under ``torch.autocast`` (ldm's scripts sample inside one) warm-up and capture run with the
+        autocast weight cache off: with it on, the capture would record no cast kernels and read the
+        fp16 weight copies cached during warm-up, which the caller's autocast frees when it exits
+        (later replays would read freed memory and never see in-place weight updates)."""
+        with torch.cuda.device(self.device), self._autocast_without_cache():
             caller = torch.cuda.current_stream()
             side = capture_stream(self.device)
             snapshot = self._snapshot()
@@ -333,6 +339,12 @@ class CapturedStep:
             self.graph = graph
         return self
 
+    @staticmethod
+    def _autocast_without_cache():
+        if not torch.is_autocast_enabled("cuda"):
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+
     def replay(self) -> Any:
         """Relaunch the captured step on the current stream; returns the static outputs."""
         if self.graph is None:
@@ -356,20 +368,19 @@ def make_step(fn: Callable[[Any], Any], static_inputs: Any, *, use_graph: bool =
 def capture_step(fn: Callable[[Any], Any], static_inputs: Any, *, use_graph: bool = True, warmup_iters: int = 2,
                  pool=None, fallback: bool = True) -> CapturedStep | EagerStep:
     """``make_step(...).capture()``; when the capture fails with :class:`GraphCaptureError` and
-    `fallback`, a warning is logged (once per distinct reason) and an :class:`EagerStep` over the same
-    static inputs is returned instead, so the caller's loop runs unchanged, only without the graph."""
+    `fallback`, a warning is logged and an :class:`EagerStep` over the same static inputs is returned
+    instead, so the caller's loop runs unchanged, only without the graph. (Callers cache the result per
+    key, so the warning comes once per cache miss, not per step.)"""
     step = make_step(fn, static_inputs, use_graph=use_graph, warmup_iters=warmup_iters, pool=pool)
     try:
         return step.capture()
     except GraphCaptureError as exc:
         if not fallback:
             raise
-        reason = str(exc.__cause__ or exc)
-        _log_once(f"capture-failed-{reason}", "ddim_fast.graphs: %s; running the step eagerly over the same "
-                  "static buffers instead (same results, no graph speed-up). A common cause is a model that "
-                  "builds a tensor on the CPU and copies it to the GPU per call, like ldm's "
-                  "timestep_embedding (torch.arange without device=): create it on the GPU instead.",
-                  exc, level=logging.WARNING)
+        logger.warning("ddim_fast.graphs: %s; running the step eagerly over the same static buffers instead "
+                       "(same results, no graph speed-up). A common cause is a model that builds a tensor on "
+                       "the CPU and copies it to the GPU per call, like ldm's timestep_embedding "
+                       "(torch.arange without device=): create it on the GPU instead.", exc)
         return EagerStep(fn, static_inputs)
 
 
