@@ -376,6 +376,10 @@ class FastDDIMSampler:
         batch = img.shape[0]
         step = torch.full((1,), config.start_row, dtype=torch.int64, device=img.device)
         use_graph = self._graph_eligible(config)
+        # Half-precision latents with a model that answers in fp32 come out of the first step in fp32
+        # (type promotion, as upstream): static buffers cannot change dtype, so that step runs eagerly and
+        # the graph takes over with the dtype every later step has.
+        eager_first_step = use_graph and img.dtype in (torch.float16, torch.bfloat16)
         cond_cfg = None
         if uncond is not None and any(s != 1.0 for s in scales):
             cond_cfg = _cfg_cat(cond, uncond)
@@ -386,7 +390,7 @@ class FastDDIMSampler:
             want_pred = img_callback is not None or log_now
             scale = scales[i]
             use_cfg = uncond is not None and scale != 1.0
-            if use_graph:
+            if use_graph and not (eager_first_step and i == 0):
                 runner, img, pred_x0 = self._graph_step(runner, img, step, cond_cfg if use_cfg else cond, use_cfg,
                                                         scale, config, mask, x0)
                 if want_pred:
