@@ -563,6 +563,42 @@ def test_graph_path_on_cpu_matches_eager_and_reuses_cache(models, conds):
     assert graphed.graph_cache.misses >= 4
 
 
+class _Fp32Output(torch.nn.Module):
+    """A model that answers in fp32 whatever the latents' dtype (or, with ``same_dtype``, in their dtype)."""
+
+    def __init__(self, model, same_dtype=False):
+        super().__init__()
+        self.inner = model
+        self.same_dtype = same_dtype
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+    def apply_model(self, x, t, cond):
+        out = self.inner.apply_model(x.float(), t, cond)
+        return out.to(x.dtype) if self.same_dtype else out
+
+
+@pytest.mark.parametrize("same_dtype", [False, True], ids=["fp32-output", "same-dtype-output"])
+def test_graph_path_half_latents_follow_type_promotion(models, conds, same_dtype):
+    """fp16 latents + fp32 model output: the first step promotes x to fp32 (as upstream, and as the eager
+    loop does); the static-buffer path must give the same dtype and the same numbers."""
+    c, uc = conds
+    model = _Fp32Output(models["eps"], same_dtype)
+    x_T = torch.randn(BATCH, *SHAPE).half()
+    kw = dict(conditioning=c, unconditional_conditioning=uc, unconditional_guidance_scale=3.0, x_T=x_T, eta=0.5,
+              log_every_t=2, verbose=False)
+    torch.manual_seed(0)
+    ref = FastDDIMSampler(model).sample(4, BATCH, SHAPE, **kw)
+    torch.manual_seed(0)
+    out = FastDDIMSampler(model, cuda_graph=True).sample(4, BATCH, SHAPE, **kw)
+    assert out[0].dtype == ref[0].dtype == (torch.float16 if same_dtype else torch.float32)
+    _assert_runs_equal(out, ref, "half latents")
+
+
 @requires_cuda
 def test_captured_step_on_gpu_restores_warmup_and_replays():
     static = graphs.make_static({"x": torch.zeros(5, device="cuda"),
@@ -672,6 +708,31 @@ def test_cuda_graph_every_path_matches_eager_on_gpu(conds):
     torch.manual_seed(11)
     _assert_close(graphed.sample(5, BATCH, SHAPE, **kw)[0], outs["eager"][0], "first graphs after another capture")
     assert graphed.graph_cache.evictions == 0 and graphed.graph_cache.hits >= 3
+
+
+@requires_cuda
+def test_cuda_graph_under_autocast_matches_eager_and_outlives_the_context(conds):
+    """ldm samples inside torch.autocast: the graph must hold its own casts (not the autocast cache of the
+    capture's context, freed when it exits), so a later call in a new context and in-place weight updates
+    still give the eager results."""
+    model = ToyLDM(parameterization="eps", device="cuda")
+    c, uc = (t.cuda() for t in conds)
+    eager, graphed = FastDDIMSampler(model), FastDDIMSampler(model, cuda_graph=True)
+    kw = dict(conditioning=c, unconditional_conditioning=uc, unconditional_guidance_scale=4.0, eta=0.3,
+              verbose=False)
+    for run in range(3):
+        if run == 2:
+            with torch.no_grad():
+                model.w_x.mul_(1.4)
+        with torch.autocast("cuda"):
+            torch.manual_seed(run)
+            ref = eager.sample(5, BATCH, SHAPE, **kw)
+            torch.manual_seed(run)
+            out = graphed.sample(5, BATCH, SHAPE, **kw)
+        torch.cuda.empty_cache()  # let freed memory be reused: a graph reading a dead cache would show it
+        # fp16 matmuls inside: DESIGN's fp16 bound (a graph reading freed memory is off by O(1) or NaN)
+        _assert_close(out[0], ref[0], f"autocast run {run}", tol=2e-3)
+    assert graphed.graph_cache.misses == 1 and graphed.graph_cache.get(graphed.graph_cache.keys()[0]).captured
 
 
 class _HostCopyTimeEmbedding(torch.nn.Module):
