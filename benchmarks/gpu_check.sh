@@ -136,7 +136,7 @@ else
 fi
 
 # 3. tests on CUDA: the GPU kernel tests first (they matter most if time runs short), then the rest ------
-GPU_TESTS="tests/test_ddim_step_cuda.py tests/test_graph_safety.py tests/test_attention_ops.py tests/test_ddim_step_triton.py"
+GPU_TESTS="tests/test_ddim_step_cuda.py tests/test_graph_safety.py tests/test_attention_ops.py tests/test_ddim_step_triton.py tests/test_sampler_ldm.py tests/test_scheduler_diffusers.py tests/test_pipeline_diffusers.py"
 stage "pytest GPU kernel tests (CUDA)" 200 "$LOGS/tests_gpu.log" \
   "$PY" -m pytest $GPU_TESTS -q -p no:cacheprovider -rs --durations=25 --junitxml="$LOGS/tests_gpu.xml"
 tail -n 3 "$LOGS/tests_gpu.log" | tee -a "$SUMMARY"

@@ -188,6 +188,8 @@ def ddim_step(
 
     Mixed dtypes are promoted like PyTorch would (fp16 model output with fp32 x computes and stores fp32).
     ``out`` (may be ``x`` itself) and ``pred_x0_out`` receive the results in place.
+    CUDA-graph capture needs a tensor ``step`` and a kernel backend: ``backend="reference"`` with ``rng_state``
+    reads the seed on the host, and an int ``step`` is copied to the device on every call.
     Returns x_prev [B, ...], or (x_prev, pred_x0) when ``return_pred_x0`` or ``pred_x0_out`` is given.
     """
     _require_float_tensor("x", x)
