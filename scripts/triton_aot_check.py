@@ -356,7 +356,7 @@ def attention_variants(arch: int, quick: bool) -> list[Variant]:
             tiles = "1tile" if cfg["SINGLE_TILE"] else "loop"
             group = (f"{dname} mask={mask_kind} BM={cfg['BLOCK_M']} BN={cfg['BLOCK_N']} BD={cfg['BLOCK_D']} {tiles} "
                      f"w={cfg['num_warps']} s={cfg['num_stages']}")
-            user = f"{layout} d{head_dim} {lq}x{lk} bh{batch_heads} {sms}SM"
+            user = f"d{head_dim} {lq}x{lk} bh{batch_heads} {sms}SM"
             variants.append(Variant("attention", arch, group, layout, args, kwargs, [user]))
     return variants
 
