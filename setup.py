@@ -37,12 +37,15 @@ def sources(pattern):
 def make_extension():
     cpu_sources = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
-    cxx_flags = ["-O3", "-std=c++17"]
+    # -fopenmp: at::parallel_for is an OpenMP pragma inside ATen's headers (torch's CPU builds use the
+    # OpenMP backend); compiled without it, every parallel_for in our kernels silently runs on one thread.
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     reason = cuda_skip_reason()
     if reason is not None:
         print(f"ddim_fast: building the C++ CPU kernels only; CUDA kernels skipped: {reason}")
         return CppExtension("ddim_fast._C", cpu_sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx_flags})
+                            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
     cuda_sources = sources("csrc/cuda/*.cu") + sources("csrc/cuda/*.cpp")
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
     nvcc_flags = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]
@@ -51,7 +54,7 @@ def make_extension():
     print(f"ddim_fast: building C++ CPU and CUDA kernels (CUDA {torch.version.cuda}, nvcc from {CUDA_HOME})")
     return CUDAExtension("ddim_fast._C", cpu_sources + cuda_sources, include_dirs=include_dirs,
                          define_macros=[("DDIM_FAST_WITH_CUDA", "1")],
-                         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
+                         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=link_flags)
 
 
 setup(
