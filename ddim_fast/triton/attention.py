@@ -186,20 +186,31 @@ def _sm_count(device_index: int) -> int:
 
 
 # CUDA tiles (BLOCK_M, BLOCK_N or None = every key in one tile, num_warps) by (fp32?, BLOCK_D, single tile,
-# BLOCK_N of the single tile). Chosen from offline sm_90 compiles (triton.compile with
-# GPUTarget("cuda", 90, 32), then ptxas -v) so that no variant spills registers: the [BLOCK_M, BLOCK_N]
-# fp32 scores, the [BLOCK_M, BLOCK_D] fp32 accumulator and the dot operands all live in registers, so wide
-# head dims and the 128-key single tile need 8 warps or fewer query rows. fp32 uses IEEE dots, which
-# Triton lowers to unrolled FMA loops on whole register tiles: only small tiles fit, and never the
-# 128-key single tile (it spilled tens of KiB per thread), so fp32 always takes the key loop.
+# BLOCK_N of the single tile). Chosen with scripts/triton_aot_check.py (offline triton.compile for sm_90 and
+# sm_80, then ptxas -v) so that no SD variant spills registers on either target: the [BLOCK_M, BLOCK_N] fp32
+# scores, the [BLOCK_M, BLOCK_D] fp32 accumulator and the dot operands all live in registers, so wide head
+# dims and the 128-key single tile need 8 warps or fewer query rows. Two kinds of spill shaped these tables:
+# * the 255-register ceiling: the 128-key single tile at BLOCK_D 64 (SD1.5 d40 and SD2 d64 cross-attention,
+#   77 text tokens) with 128 query rows spilled 8 B on sm_90 and 40-168 B on sm_80; 64 rows fit (194-210
+#   registers on sm_90, 231 on sm_80 and 255 there with a mask, no spill). It costs twice the programs, each
+#   re-reading the head's 77-key K and V (about 12 KiB at d40 fp16, from L2) for half as many query rows;
+# * ptxas trading a few spilled bytes for occupancy well below the ceiling (it capped 8-warp tiles at 64,
+#   80 or 128 registers and 4-warp fp32 tiles at 128 or 168): BLOCK_N 32 key loops at BLOCK_D 64/128
+#   (masked, or shrunk to 64 query rows on small grids) did that on sm_80; BLOCK_N 64 compiles clean at
+#   128-182 (BLOCK_D 128) and 152-230 (BLOCK_D 64 with a mask) registers, so masked and unmasked loops now
+#   share BLOCK_N 64 there, which also halves the loop trips of self-attention.
+# fp32 uses IEEE dots, which Triton lowers to unrolled FMA loops on whole register tiles: only small tiles
+# fit, and never the 128-key single tile (it spilled tens of KiB per thread), so fp32 always takes the key
+# loop; at BLOCK_D 64/128 only 16-row tiles on 4 warps were clean on both targets with every mask kind
+# (32-row tiles spilled 4-32 B). fp32 is the exact-reference path, not the fast one.
 _HALF_SINGLE_TILES = {  # block_d -> {single-tile block_n: (block_m, num_warps)}
-    64: {128: (128, 8), 64: (128, 8), 32: (128, 8), 16: (128, 8)},
+    64: {128: (64, 8), 64: (128, 8), 32: (128, 8), 16: (128, 8)},
     128: {128: (32, 8), 64: (64, 8), 32: (64, 8), 16: (64, 8)},
     256: {128: (32, 8), 64: (32, 8), 32: (32, 8), 16: (32, 8)},
 }
-_HALF_LOOP_TILES = {64: (128, 64, 8), 128: (64, 32, 8), 256: (32, 32, 8)}  # block_d -> (block_m, block_n, warps)
-_HALF_LOOP_TILES_MASKED = {64: (128, 32, 8), 128: (64, 32, 8), 256: (32, 16, 8)}  # the mask tile costs registers
-_FP32_LOOP_TILES = {64: (32, 32, 4), 128: (32, 32, 8), 256: (16, 16, 4)}
+_HALF_LOOP_TILES = {64: (128, 64, 8), 128: (64, 64, 8), 256: (32, 32, 8)}  # block_d -> (block_m, block_n, warps)
+_HALF_LOOP_TILES_MASKED = {64: (128, 64, 8), 128: (64, 64, 8), 256: (32, 16, 8)}  # d160: the mask tile costs registers
+_FP32_LOOP_TILES = {64: (16, 16, 4), 128: (16, 32, 4), 256: (16, 16, 4)}
 
 
 def launch_config(batch_heads: int, lq: int, lk: int, head_dim: int, dtype: torch.dtype,
@@ -224,7 +235,9 @@ def launch_config(batch_heads: int, lq: int, lk: int, head_dim: int, dtype: torc
         block_m, block_n, num_warps = (_HALF_LOOP_TILES_MASKED if masked else _HALF_LOOP_TILES)[block_d]
         min_block_m = 32
     # Small query levels (Lq 256 / 64 at 512 px) would leave SMs idle: shrink the query tile until the
-    # grid covers every SM about twice (shrinking only lowers register use, so no variant starts spilling).
+    # grid covers every SM about twice. A shrunk tile needs fewer registers, but ptxas may then aim at a
+    # higher occupancy and spill a few bytes to get there (BLOCK_N 32 loops did on sm_80): the shrunk
+    # tiles of the SD shapes are compiled by scripts/triton_aot_check.py too.
     target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     while block_m > min_block_m and batch_heads * triton.cdiv(lq, block_m) < target:
         block_m //= 2
