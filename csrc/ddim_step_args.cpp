@@ -1,24 +1,13 @@
 #include "ddim_step_args.h"
 
+#include "tensor_checks.h"
+
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 namespace ddim_fast {
 namespace {
-
-ScalarKind scalar_kind_of(const at::Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      return ScalarKind::kFloat32;
-    case at::kHalf:
-      return ScalarKind::kFloat16;
-    case at::kBFloat16:
-      return ScalarKind::kBFloat16;
-    default:
-      TORCH_CHECK_TYPE(false, "ddim_step: x must be float32, float16 or bfloat16, got ", x.scalar_type());
-  }
-}
 
 void check_like_x(const at::Tensor& x, const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.device() == x.device(), "ddim_step: ", name, " must be on x's device ", x.device(),
@@ -42,19 +31,6 @@ Prediction parse_prediction(const std::string& name) {
   if (name == "sample") return Prediction::kSample;
   TORCH_CHECK_VALUE(false, "ddim_step: prediction_type must be 'epsilon', 'v_prediction' or 'sample', got '",
                     name, "'");
-}
-
-// get_overlap_status answers TooHard for any non-dense tensor, even one on another storage; tensors on
-// different storages (or empty ones) cannot overlap, so answer that first.
-at::MemOverlapStatus overlap_status(const at::Tensor& a, const at::Tensor& b) {
-  if (a.numel() == 0 || b.numel() == 0 || !a.storage().is_alias_of(b.storage())) {
-    return at::MemOverlapStatus::No;
-  }
-  // The same view (an in-place update of a non-dense x) is a full overlap, which ATen cannot tell.
-  if (a.data_ptr() == b.data_ptr() && a.sizes() == b.sizes() && a.strides() == b.strides()) {
-    return at::MemOverlapStatus::Full;
-  }
-  return at::get_overlap_status(a, b);
 }
 
 void check_written_arg(const at::Tensor& x, const at::Tensor& written, const char* name,
@@ -100,7 +76,7 @@ DdimStepParams make_ddim_step_params(const at::Tensor& x, const at::Tensor& mode
   DdimStepParams p;
   TORCH_CHECK_VALUE(x.dim() >= 1, "ddim_step: x must have a batch dimension, got a 0-dim tensor");
   TORCH_CHECK_VALUE(x.dim() <= kMaxDims, "ddim_step: x may have at most ", kMaxDims, " dims, got ", x.dim());
-  p.dtype = scalar_kind_of(x);
+  p.dtype = scalar_kind_of(x, "ddim_step", "x");
   p.ndim = static_cast<int>(x.dim());
   for (int d = 0; d < p.ndim; ++d) p.sizes[d] = x.size(d);
   p.numel = x.numel();

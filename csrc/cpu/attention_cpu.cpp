@@ -25,23 +25,11 @@
 #include <vector>
 
 #include "ddim_fast/softmax_math.h"
+#include "../tensor_checks.h"
 
 namespace ddim_fast {
 
 namespace {
-
-ScalarKind attention_scalar_kind(const at::Tensor& t, const char* op, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return ScalarKind::kFloat32;
-    case at::kHalf:
-      return ScalarKind::kFloat16;
-    case at::kBFloat16:
-      return ScalarKind::kBFloat16;
-    default:
-      TORCH_CHECK_TYPE(false, op, ": ", name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
-  }
-}
 
 // Sizes of `t` padded on the left with 1s to 4 dims, and its strides (0 for the padded dims).
 void pad_to_4d(const at::Tensor& t, int64_t* sizes, int64_t* strides) {
@@ -92,7 +80,7 @@ void fill_softmax_mask(const char* op, const std::optional<at::Tensor>& mask, at
 SoftmaxParams make_softmax_params(const char* op, const at::Tensor& scores, const std::optional<at::Tensor>& mask,
                                   double scale, const at::Tensor& out) {
   SoftmaxParams p;
-  p.dtype = attention_scalar_kind(scores, op, "scores");
+  p.dtype = scalar_kind_of(scores, op, "scores");
   TORCH_CHECK_VALUE(scores.dim() >= 2 && scores.dim() <= 4, op,
                     ": scores must have 2 to 4 dims [..., Lq, Lk], got shape ", scores.sizes());
   TORCH_CHECK_VALUE(out.sizes() == scores.sizes() && out.scalar_type() == scores.scalar_type(), op,
@@ -197,10 +185,7 @@ at::Tensor scaled_masked_softmax_cpu(const at::Tensor& scores, const std::option
 void scaled_masked_softmax_inplace_cpu(at::Tensor& scores, const std::optional<at::Tensor>& mask, double scale) {
   TORCH_CHECK_VALUE(scores.device().is_cpu(), "scaled_masked_softmax_: scores must be a CPU tensor here");
   if (mask.has_value()) {
-    // get_overlap_status gives up (TooHard) on non-dense masks, e.g. a key-padding mask expanded over
-    // heads; a mask on another storage cannot overlap, so ask that first.
-    TORCH_CHECK_VALUE(!scores.storage().is_alias_of(mask->storage()) ||
-                          at::get_overlap_status(scores, *mask) == at::MemOverlapStatus::No,
+    TORCH_CHECK_VALUE(overlap_status(scores, *mask) == at::MemOverlapStatus::No,
                       "scaled_masked_softmax_: mask overlaps scores, which are overwritten");
   }
   run_softmax_cpu(make_softmax_params("scaled_masked_softmax_", scores, mask, scale, scores));
@@ -649,7 +634,7 @@ void attention_cpu_for_dtype(const AttentionDims& dims, const SoftmaxParams& p, 
 // Shape/dtype/device checks of attention(q, k, v, scale, mask), shared with the Python wrapper's rules.
 void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   const char* op = "attention";
-  attention_scalar_kind(q, op, "q");
+  scalar_kind_of(q, op, "q");
   TORCH_CHECK_VALUE(q.dim() == 3 || q.dim() == 4, op, ": q must be [B, H, Lq, D] or [B*H, Lq, D], got shape ",
                     q.sizes());
   TORCH_CHECK_VALUE(k.dim() == q.dim() && v.dim() == q.dim(), op, ": k and v must have q's ", q.dim(),
@@ -681,7 +666,7 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
   SoftmaxParams p;
   fill_softmax_mask("attention", mask, score_sizes, q.scalar_type(), q.device(), p);
   p.scale = static_cast<float>(scale);
-  p.dtype = attention_scalar_kind(q, "attention", "q");
+  p.dtype = scalar_kind_of(q, "attention", "q");
 
   AttentionDims dims;
   const int64_t pad = 4 - q.dim();

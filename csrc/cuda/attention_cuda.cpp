@@ -14,6 +14,7 @@
 #include <optional>
 
 #include "ddim_fast/softmax_math.h"
+#include "../tensor_checks.h"
 #include "softmax_launcher.h"
 
 namespace ddim_fast {
@@ -55,11 +56,7 @@ void scaled_masked_softmax_inplace_cuda(at::Tensor& scores, const std::optional<
   check_cuda_inputs(op, scores, mask);
   const c10::cuda::CUDAGuard guard(scores.device());
   if (mask.has_value()) {
-    // get_overlap_status answers TooHard for any non-dense tensor (an expanded key-padding mask, a
-    // sliced scores view) even on another storage: only tensors sharing a storage can overlap.
-    const bool may_overlap = scores.numel() > 0 && mask->numel() > 0 &&
-                             scores.storage().is_alias_of(mask->storage());
-    TORCH_CHECK_VALUE(!may_overlap || at::get_overlap_status(scores, *mask) == at::MemOverlapStatus::No, op,
+    TORCH_CHECK_VALUE(overlap_status(scores, *mask) == at::MemOverlapStatus::No, op,
                       ": mask overlaps scores, which are overwritten");
   }
   const SoftmaxParams params = make_softmax_params(op, scores, mask, scale, scores);
