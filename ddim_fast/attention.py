@@ -123,6 +123,30 @@ def _require_float_tensor(op: str, name: str, t) -> torch.Tensor:
     return t
 
 
+def check_qkv(op: str, q, k, v) -> None:
+    """The q/k/v rule shared by every attention op (wrapper and Triton op): tensors of one float dtype and
+    device, q [B, H, Lq, D] or [B*H, Lq, D], k/v with q's rank and leading dims (nothing is broadcast), one
+    head dim D, as many values as keys."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _require_float_tensor(op, name, t)
+    if q.dim() not in (3, 4):
+        raise ValueError(f"{op}: q must be [B, H, Lq, D] or [B*H, Lq, D], got shape {tuple(q.shape)}")
+    if k.dim() != q.dim() or v.dim() != q.dim():
+        raise ValueError(f"{op}: k and v must have q's {q.dim()} dims, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"{op}: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"{op}: q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    lead = tuple(q.shape[:-2])
+    if tuple(k.shape[:-2]) != lead or tuple(v.shape[:-2]) != lead:
+        raise ValueError(f"{op}: k and v must have q's leading (batch/head) dims {lead} (nothing is broadcast), "
+                         f"got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
+        raise ValueError(f"{op}: q, k and v must have one head dim D, got {q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"{op}: k and v must have the same number of keys, got {k.shape[-2]} and {v.shape[-2]}")
+
+
 def check_mask(op: str, mask: torch.Tensor, score_shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
     """The mask rule shared by every attention op (Python wrappers and the Triton op): mask.dim() ==
     len(score_shape) ([..., Lq, Lk]), last dim Lk, every other dim equal or 1 (broadcast without a copy);
@@ -185,23 +209,7 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Op
     (PyTorch, fp32 math). Returns [..., Lq, D] in q's dtype (contiguous).
     """
     op = "fused_attention"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _require_float_tensor(op, name, t)
-    if q.dim() not in (3, 4):
-        raise ValueError(f"{op}: q must be [B, H, Lq, D] or [B*H, Lq, D], got shape {tuple(q.shape)}")
-    if k.dim() != q.dim() or v.dim() != q.dim():
-        raise ValueError(f"{op}: k and v must have q's {q.dim()} dims, got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"{op}: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"{op}: q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if tuple(k.shape[:-2]) != tuple(q.shape[:-2]) or tuple(v.shape[:-2]) != tuple(q.shape[:-2]):
-        raise ValueError(f"{op}: k and v must have q's leading dims {tuple(q.shape[:-2])} (nothing is broadcast), "
-                         f"got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    if k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
-        raise ValueError(f"{op}: q, k and v must have one head dim D, got {q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}")
-    if k.shape[-2] != v.shape[-2]:
-        raise ValueError(f"{op}: k and v must have the same number of keys, got {k.shape[-2]} and {v.shape[-2]}")
+    check_qkv(op, q, k, v)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):

@@ -34,11 +34,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ddim_fast.attention import check_mask
+from ddim_fast.attention import check_mask, check_qkv
 
 __all__ = ["attention_triton", "attention_triton_impl", "launch_config"]
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MASK_NONE, _MASK_BOOL, _MASK_ADDITIVE = 0, 1, 2  # csrc/include/ddim_fast/softmax_math.h MaskKind
 _SINGLE_TILE_MAX_KEYS = 128
 _MAX_HEAD_DIM = 256
@@ -248,30 +247,10 @@ def launch_config(batch_heads: int, lq: int, lk: int, head_dim: int, dtype: torc
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
     op = "attention_triton"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _SUPPORTED_DTYPES:
-            raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if q.dim() not in (3, 4):
-        raise ValueError(f"{op}: q must be [B, H, Lq, D] or [B*H, Lq, D], got shape {tuple(q.shape)}")
-    if k.dim() != q.dim() or v.dim() != q.dim():
-        raise ValueError(f"{op}: k and v must have q's {q.dim()} dims, got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"{op}: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"{op}: q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
-    lead = tuple(q.shape[:-2])
-    if tuple(k.shape[:-2]) != lead or tuple(v.shape[:-2]) != lead:
-        raise ValueError(f"{op}: k and v must have q's leading (batch/head) dims {lead} (nothing is broadcast), "
-                         f"got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    check_qkv(op, q, k, v)
     head_dim = q.shape[-1]
-    if k.shape[-1] != head_dim or v.shape[-1] != head_dim:
-        raise ValueError(f"{op}: q, k and v must have one head dim D, got {head_dim}, {k.shape[-1]}, {v.shape[-1]}")
     if head_dim > _MAX_HEAD_DIM:
         raise ValueError(f"{op}: head dim D must be at most {_MAX_HEAD_DIM}, got {head_dim}")
-    if k.shape[-2] != v.shape[-2]:
-        raise ValueError(f"{op}: k and v must have the same number of keys, got {k.shape[-2]} and {v.shape[-2]}")
     if q.device.type == "cpu" and not _interpreting():
         raise RuntimeError(f"{op}: CPU tensors run only under TRITON_INTERPRET=1 (set before triton is imported)")
     if mask is not None:
