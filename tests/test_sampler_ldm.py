@@ -563,19 +563,28 @@ def test_graph_path_on_cpu_matches_eager_and_reuses_cache(models, conds):
     assert graphed.graph_cache.misses >= 4
 
 
-class _Fp32Output(torch.nn.Module):
-    """A model that answers in fp32 whatever the latents' dtype (or, with ``same_dtype``, in their dtype)."""
+class _ModelWrapper(torch.nn.Module):
+    """Wraps a toy ldm model, delegating every attribute the sampler reads to it; subclasses change
+    apply_model."""
 
-    def __init__(self, model, same_dtype=False):
+    def __init__(self, model):
         super().__init__()
         self.inner = model
-        self.same_dtype = same_dtype
 
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.inner, name)
+
+
+class _Fp32Output(_ModelWrapper):
+    """A model that answers in fp32 whatever the latents' dtype (or, with ``same_dtype``, in their dtype)."""
+
+    def __init__(self, model, same_dtype=False):
+        super().__init__(model)
+        self.same_dtype = same_dtype
+
 
     def apply_model(self, x, t, cond):
         out = self.inner.apply_model(x.float(), t, cond)
@@ -735,19 +744,9 @@ def test_cuda_graph_under_autocast_matches_eager_and_outlives_the_context(conds)
     assert graphed.graph_cache.misses == 1 and graphed.graph_cache.get(graphed.graph_cache.keys()[0]).captured
 
 
-class _HostCopyTimeEmbedding(torch.nn.Module):
+class _HostCopyTimeEmbedding(_ModelWrapper):
     """ldm's UNet habit: the timestep-embedding frequencies are built on the CPU and copied to the GPU on
     every call (ldm.modules.diffusionmodules.util.timestep_embedding) — a sync no graph can capture."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.inner = model
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.inner, name)
 
     def apply_model(self, x, t, cond):
         freqs = torch.exp(-torch.arange(0, 4, dtype=torch.float32) / 4).to(device=t.device)
