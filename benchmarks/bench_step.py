@@ -29,7 +29,7 @@ from ddim_fast import ops, reference, schedule
 SHAPES = [(2, 4, 64, 64), (16, 4, 128, 128)]
 GUIDANCE = 7.5
 STEP_ROW = 25  # a middle step of a 50-step SD schedule (sigma > 0: the noise term is live)
-# Relative error against the float64 reference that counts as "the same result" (DESIGN.md's table;
+# Relative error against the float64 reference that counts as "the same result" (docs/design.md's table;
 # the unfused fp16 baseline computes in fp16, hence its looser bound).
 TOLERANCE = {torch.float32: 1e-6, torch.float16: 2e-3}
 UNFUSED_FP16_TOLERANCE = 1e-2

@@ -1,6 +1,7 @@
-// The one place where the ddim_fast operator schemas are defined. Device kernels register themselves
-// with TORCH_LIBRARY_IMPL in their own files (csrc/cpu/*.cpp, csrc/cuda/*_cuda.cpp); fake (meta)
-// kernels live beside the Python wrappers in ddim_fast/ops.py and ddim_fast/attention.py.
+// The one place where the ddim_fast operator schemas are defined, the Triton ones included. Device kernels
+// register themselves with TORCH_LIBRARY_IMPL in their own files (csrc/cpu/*.cpp, csrc/cuda/*_cuda.cpp);
+// the fake (meta) kernels and the Triton kernels are registered from Python by ddim_fast/_library.py,
+// which `import ddim_fast` runs.
 #include <Python.h>
 
 #include <torch/library.h>
@@ -32,4 +33,16 @@ TORCH_LIBRARY(ddim_fast, m) {
   m.def("scaled_masked_softmax_(Tensor(a!) scores, Tensor? mask, float scale) -> ()");
   // softmax(q k^T * scale + mask) v, fused. q [..., Lq, D], k/v [..., Lk, D].
   m.def("attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? mask) -> Tensor");
+
+  // The Triton kernels as ops of their own (ddim_fast/triton/*.py), with the schemas of the ops above;
+  // they run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1.
+  m.def(
+      "ddim_step_triton(Tensor x, Tensor model_output, Tensor table, Tensor step, float? guidance_scale, "
+      "str prediction_type, float? clip_range, Tensor? x0_threshold, bool use_clipped_model_output, "
+      "Tensor? noise, Tensor? rng_state, float temperature, bool return_pred_x0) -> (Tensor, Tensor)");
+  m.def(
+      "ddim_step_triton_out(Tensor x, Tensor model_output, Tensor table, Tensor step, float? guidance_scale, "
+      "str prediction_type, float? clip_range, Tensor? x0_threshold, bool use_clipped_model_output, "
+      "Tensor? noise, Tensor? rng_state, float temperature, Tensor(a!) out, Tensor(b!)? pred_x0_out) -> ()");
+  m.def("attention_triton(Tensor q, Tensor k, Tensor v, float scale, Tensor? mask) -> Tensor");
 }

@@ -1,27 +1,34 @@
 """ddim-fast: fused CUDA C++ and Triton kernels for Stable Diffusion's DDIM sampling loop.
 
 Drop-ins: ``FastDDIMSampler`` (ldm ``DDIMSampler``), ``FastDDIMScheduler`` / ``FastDDIMInverseScheduler``
-(diffusers), ``patch_attention`` / ``FusedAttnProcessor`` (fused attention). Low level: ``ddim_fast.ops``.
+(diffusers), ``patch_attention`` / ``FusedAttnProcessor`` (fused attention). Low level: ``ddim_fast.ops``
+and the ``torch.ops.ddim_fast`` operators, which importing this package registers. Architecture:
+docs/design.md.
 """
 
 from __future__ import annotations
 
 import importlib
 
+from ddim_fast import _library  # noqa: F401  (loads the kernels: registers every torch.ops.ddim_fast op)
+
 __version__ = "0.1.0"
 
 # Public names and the submodule that defines each; imported on first use so that `import ddim_fast`
-# stays light and diffusers stays optional.
+# costs little more than `import torch`, and diffusers stays optional.
 _LAZY = {
     "FastDDIMSampler": "ddim_fast.sampler",
     "slerp": "ddim_fast.sampler",
     "FastDDIMScheduler": "ddim_fast.scheduler",
     "FastDDIMInverseScheduler": "ddim_fast.scheduler",
     "graphed_denoise_loop": "ddim_fast.scheduler",
-    "patch_attention": "ddim_fast.attention",
-    "unpatch_attention": "ddim_fast.attention",
-    "FusedAttnProcessor": "ddim_fast.attention",
+    "patch_attention": "ddim_fast.attention_processors",
+    "unpatch_attention": "ddim_fast.attention_processors",
+    "FusedAttnProcessor": "ddim_fast.attention_processors",
+    "fused_attention": "ddim_fast.attention",
     "ops": "ddim_fast.ops",
+    "attention": "ddim_fast.attention",
+    "graphs": "ddim_fast.graphs",
     "reference": "ddim_fast.reference",
     "schedule": "ddim_fast.schedule",
 }

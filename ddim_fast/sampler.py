@@ -126,7 +126,7 @@ class _RunConfig:
 class FastDDIMSampler:
     """Drop-in for ldm's ``DDIMSampler(model, schedule="linear", device=...)``.
 
-    ``model`` is an ldm ``LatentDiffusion``-like object (see DESIGN.md for what is read from it).
+    ``model`` is an ldm ``LatentDiffusion``-like object (see docs/design.md for what is read from it).
     ``device`` defaults to the device of ``model.betas`` (or ``model.device``); CPU works.
     Keyword-only extras: ``noise_mode`` ("torch" | "philox"), ``backend`` (passed to ``ops.ddim_step``),
     ``cuda_graph``, ``graph_cache_size`` (captured steps kept, LRU), ``legacy_x0_as_eps``.

@@ -1,7 +1,7 @@
 """Noise schedules, timestep grids and the device coefficient table.
 
 Everything here is computed in float64 on the host, once per schedule. The sampling loop then reads
-one fp32 row of the coefficient table per step from device memory (see DESIGN.md): no ``.item()``,
+one fp32 row of the coefficient table per step from device memory (see docs/design.md): no ``.item()``,
 no per-step Python floats, one CUDA graph for every step.
 
 Names follow their upstreams: ``ldm_*`` reproduce CompVis/Stability-AI ``ldm`` (``make_beta_schedule``,

@@ -51,9 +51,10 @@ from ddim_fast import schedule as _schedule
 logger = logging.getLogger(__name__)
 
 try:
-    from diffusers.configuration_utils import ConfigMixin, register_to_config
-    from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
-    from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
+    from diffusers.configuration_utils import register_to_config
+    from diffusers.schedulers.scheduling_ddim import DDIMScheduler, DDIMSchedulerOutput
+    from diffusers.schedulers.scheduling_ddim_inverse import DDIMInverseScheduler
+    from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
     from diffusers.utils.torch_utils import randn_tensor
 
     _DIFFUSERS_IMPORT_ERROR: ImportError | None = None
@@ -64,19 +65,22 @@ except ImportError as _exc:  # diffusers is an optional dependency
     DDIMSchedulerOutput = None  # type: ignore[assignment,misc]
     randn_tensor = None  # type: ignore[assignment]
 
-    class SchedulerMixin:  # type: ignore[no-redef]
+    class _MissingDiffusers:
         """Placeholder base used when diffusers is missing: every entry point raises ImportError."""
 
         @classmethod
         def from_pretrained(cls, *args, **kwargs):
             _require_diffusers(cls.__name__)
 
-    class ConfigMixin:  # type: ignore[no-redef]
-        """Placeholder base used when diffusers is missing: every entry point raises ImportError."""
-
         @classmethod
         def from_config(cls, *args, **kwargs):
             _require_diffusers(cls.__name__)
+
+    class DDIMScheduler(_MissingDiffusers):  # type: ignore[no-redef]
+        pass
+
+    class DDIMInverseScheduler(_MissingDiffusers):  # type: ignore[no-redef]
+        pass
 
     def register_to_config(init):  # type: ignore[no-redef]
         return init
@@ -151,8 +155,10 @@ def _check_tensor(name: str, value) -> torch.Tensor:
     return value
 
 
-class _FusedDDIMBase(SchedulerMixin, ConfigMixin):
-    """Shared machinery: fp32 buffers, the per-timestep coefficient tables and the row lookup."""
+class _FusedDDIMBase:
+    """Shared machinery of both drop-ins (a mixin placed before the diffusers class in their bases): fp32
+    buffers, the per-timestep coefficient tables and the row lookup. Every method a pipeline may call is
+    defined here or in the concrete class; nothing of diffusers' own step runs."""
 
     order = 1
     _has_variance = False  # True for the forward scheduler (eta > 0 adds noise); inversion is deterministic
@@ -335,7 +341,7 @@ class _FusedDDIMBase(SchedulerMixin, ConfigMixin):
 # --------------------------------------------------------------------------------------------------
 
 
-class FastDDIMScheduler(_FusedDDIMBase):
+class FastDDIMScheduler(_FusedDDIMBase, DDIMScheduler):
     """diffusers ``DDIMScheduler`` with a fused, sync-free ``step``. Same config keys and defaults, plus
     ``timestep_pairing`` ("upstream" = diffusers' t - T // S, "grid" = the next grid point).
 
@@ -601,7 +607,7 @@ def graphed_denoise_loop(
 # --------------------------------------------------------------------------------------------------
 
 
-class FastDDIMInverseScheduler(_FusedDDIMBase):
+class FastDDIMInverseScheduler(_FusedDDIMBase, DDIMInverseScheduler):
     """diffusers ``DDIMInverseScheduler`` (DDIM inversion: x_t -> x_next with sigma = 0), fused.
 
     ``step(model_output, t, sample)`` moves *to* timestep t from the "current" timestep

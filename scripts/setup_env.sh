@@ -1,29 +1,55 @@
 #!/usr/bin/env bash
-# Installs what ddim-fast needs, idempotently, then builds the extension in place.
+# Installs what ddim-fast needs, idempotently, and builds its extension once, in place.
 #   - torch: kept as it is when one is already installed (the GPU machines have their own CUDA build);
 #     otherwise torch==2.13.0 (on this project's CPU machines that resolves to a local CPU wheel; a bare
 #     `pip install torch` would pull several GB of CUDA packages).
-#   - the package itself, editable, with --no-build-isolation: an isolated build would install a fresh
-#     torch into a throwaway environment and compile against it instead of the torch you run with.
-# Usage: scripts/setup_env.sh [EXTRAS]   (EXTRAS: "" for the main job, "test" for the test suite)
+#   - the package's dependencies for EXTRAS and an editable install (no compile: DDIM_FAST_SKIP_BUILD=1),
+#     skipped when build/setup-EXTRAS.stamp says this pyproject.toml was installed already;
+#   - the extension: `setup.py build_ext --inplace` with ninja, incremental (an up-to-date build costs a
+#     few seconds), progress on the terminal, the full log in build/build.log. Everything it writes stays
+#     in the checkout's build/ folder.
+# Usage: scripts/setup_env.sh [EXTRAS]   (EXTRAS: "demo" for the main job, "test" for the test suite)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 EXTRAS=${1:-}
+mkdir -p build
+
+# Several setups in one checkout (CI stages, parallel shells) must not build at the same time.
+exec 9>build/.setup.lock
+command -v flock >/dev/null && flock 9
+
+pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -vE "Running pip as the 'root' user|^WARNING: Location" || true; }
 
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   echo "[setup] installing torch==2.13.0"
-  "$PY" -m pip install -q torch==2.13.0
+  pip_install torch==2.13.0
 fi
-"$PY" -m pip install -q "setuptools>=64" wheel ninja
-spec="."
-[ -n "$EXTRAS" ] && spec=".[$EXTRAS]"
-echo "[setup] pip install --no-build-isolation -e '$spec' (builds ddim_fast._C)"
-MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -q --no-build-isolation -e "$spec"
-# Editable installs build into a temporary tree; build in place too so the source checkout imports the
-# extension directly (tests and `python -m ddim_fast` run from here).
-LOCK=""; command -v flock >/dev/null && LOCK="flock /tmp/ddim_build.lock"
-MAX_JOBS=${MAX_JOBS:-2} $LOCK "$PY" setup.py -q build_ext --inplace >/tmp/ddim_fast_build.log 2>&1 \
-  || { cat /tmp/ddim_fast_build.log; exit 1; }
-grep -h "^ddim_fast: building" /tmp/ddim_fast_build.log || true
-"$PY" -c "import torch, ddim_fast.ops; print('[setup] ddim_fast ready with torch', torch.__version__)"
+
+stamp="build/setup-${EXTRAS:-base}.stamp"
+want="$("$PY" -c 'import sys, hashlib; print(sys.version.split()[0], hashlib.sha256(open("pyproject.toml", "rb").read()).hexdigest())')"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$PY" -c "import importlib.metadata as m; m.version('ddim-fast')" >/dev/null 2>&1; then
+  spec="."
+  [ -n "$EXTRAS" ] && spec=".[$EXTRAS]"
+  echo "[setup] pip install -e '$spec' (dependencies; the extension is built next)"
+  pip_install "setuptools>=64" wheel ninja
+  DDIM_FAST_SKIP_BUILD=1 pip_install --no-build-isolation -e "$spec"
+  echo "$want" >"$stamp"
+else
+  echo "[setup] dependencies of '${EXTRAS:-base}' already installed (build/$(basename "$stamp"))"
+fi
+
+echo "[setup] building ddim_fast._C in place (log: build/build.log)"
+t0=$(date +%s)
+if ! MAX_JOBS=${MAX_JOBS:-2} "$PY" setup.py build_ext --inplace >build/build.log 2>&1 < /dev/null; then
+  tail -n 40 build/build.log
+  echo "[setup] FAILED: the extension did not build (full log: build/build.log)"
+  exit 1
+fi
+# What was compiled (ninja's [i/n] lines), the CUDA decision, and the time it took.
+grep -hE "^ddim_fast: building" build/build.log | sort -u || true
+grep -oE "^\[[0-9]+/[0-9]+\] [^ ]+( .*-c [^ ]+)?" build/build.log | sed -E 's/^(\[[0-9]+\/[0-9]+\]) .* -c ([^ ]+)$/\1 compiled \2/' \
+  | sed 's/^/[setup]   /' || true
+grep -q "ninja: no work to do" build/build.log && echo "[setup]   up to date: nothing recompiled"
+echo "[setup] build done in $(( $(date +%s) - t0 )) s"
+"$PY" -c "import torch, ddim_fast; print('[setup] ddim_fast ready with torch', torch.__version__)"

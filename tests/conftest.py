@@ -1,4 +1,4 @@
-"""Shared test helpers: the one tolerance table (DESIGN.md), poisoning, relative error, devices.
+"""Shared test helpers: the one tolerance table (docs/design.md), poisoning, relative error, devices.
 
 TRITON_INTERPRET=1 is set here, before anything imports triton, when no CUDA device is present, so the
 Triton kernels run on CPU tensors in CI.
@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 
 from ddim_fast.reference import relative_error  # noqa: E402
 
-# DESIGN.md's numerical contract: relative error (||out - ref|| / ||ref||) against the fp64 reference,
+# docs/design.md's numerical contract: relative error (||out - ref|| / ||ref||) against the fp64 reference,
 # by storage dtype. The one table every kernel test uses.
 TOLERANCES = {
     torch.float32: 1e-6,

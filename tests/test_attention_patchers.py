@@ -1,5 +1,5 @@
 """patch_attention (ldm CrossAttention, found by structure) and FusedAttnProcessor (diffusers) give the
-original modules' outputs (fp32: relative error <= 1e-5, DESIGN.md's drop-in tolerance)."""
+original modules' outputs (fp32: relative error <= 1e-5, docs/design.md's drop-in tolerance)."""
 
 from __future__ import annotations
 
@@ -102,7 +102,10 @@ def test_patch_ldm_fp16_storage():
 
 def test_patch_skips_diffusers_attention_and_rejects_non_modules():
     model = nn.Sequential(Attention(query_dim=32, heads=2, dim_head=16), nn.Linear(4, 4))
-    assert ddim_fast.patch_attention(model) == 0
+    with pytest.raises(ValueError, match=r"no ldm CrossAttention .* 1 diffusers Attention modules: use "
+                                         r"unet.set_attn_processor\(ddim_fast.FusedAttnProcessor\(\)\)"):
+        ddim_fast.patch_attention(model)
+    assert ddim_fast.patch_attention(model, allow_none=True) == 0
     with pytest.raises(TypeError, match="torch.nn.Module"):
         ddim_fast.patch_attention("not a model")
 

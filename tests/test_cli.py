@@ -1,5 +1,5 @@
 """The tools: ``python -m ddim_fast demo|profile|bench|info``, the embedded model they sample, and
-benchmarks/report.py. CLI commands run in-process through ``ddim_fast.__main__.main`` (one import of
+benchmarks/report.py. CLI commands run in-process through ``ddim_fast.tools.cli.main`` (one import of
 torch/diffusers for the whole file); one test runs the real ``python -m ddim_fast`` entry point."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from ddim_fast import __main__ as cli
-from ddim_fast import bench, demo, reference, toy_data
+from ddim_fast.tools import cli
+from ddim_fast import reference
+from ddim_fast.tools import bench, demo, toy_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -597,6 +597,33 @@ def test_reference_backend_matches_native():
     assert_rel_close(native[1], ref[1], 1e-6)
 
 
+def test_auto_backend_computes_float64_in_pytorch():
+    # float64 latents (diffusers accepts them) pick the reference path by themselves and compute in float64.
+    x, mo = _inputs((2, 3, 6), torch.float64, guided=True)
+    out, x0 = ops.ddim_step(x, mo, TABLE, 4, guidance_scale=3.0, return_pred_x0=True)
+    assert out.dtype == x0.dtype == torch.float64
+    ref_out, ref_x0 = _reference(x, mo, TABLE, 4, guidance_scale=3.0)
+    assert reference.relative_error(out, ref_out) < 1e-14
+    assert reference.relative_error(x0, ref_x0) < 1e-14
+
+
+def test_meta_tensors_give_shapes():
+    x = torch.empty(2, 4, 8, 8, device="meta")
+    out, x0 = ops.ddim_step(x, torch.empty(4, 4, 8, 8, device="meta"), TABLE.to("meta"),
+                            torch.zeros(1, dtype=torch.int64, device="meta"), guidance_scale=7.5,
+                            return_pred_x0=True)
+    assert out.device.type == "meta" and out.shape == x.shape and x0.shape == x.shape
+
+
+@pytest.mark.parametrize("name, value", [("guidance_scale", float("nan")), ("guidance_scale", float("inf")),
+                                         ("temperature", float("nan")), ("temperature", float("-inf")),
+                                         ("clip_range", float("nan")), ("clip_range", 0.0)])
+def test_non_finite_scalars_rejected(name, value):
+    x, mo = _inputs((2, 3, 6), torch.float32, guided=name == "guidance_scale")
+    with pytest.raises(ValueError, match=f"ddim_step: {name} must be"):
+        ops.ddim_step(x, mo, TABLE, 4, **{name: value})
+
+
 def test_reference_backend_accepts_float64():
     x, mo = _inputs((2, 3, 6), torch.float64, guided=False)
     out = ops.ddim_step(x, mo, TABLE, 4, backend="reference")
@@ -633,9 +660,11 @@ _OUT_SHARED = torch.empty(2, 3, 5)
 
 BAD_INPUTS = {
     # dtypes
-    "x_int": (_call(x=_X.int()), TypeError, "x must be a float32/float16/bfloat16 tensor, got torch.int32"),
-    "x_float64": (_call(x=_X.double(), model_output=_MO.double()), TypeError, "float64 is not supported"),
-    "x_float64_promoted": (_call(x=_X.double()), TypeError, "float64 is not supported"),
+    "x_int": (_call(x=_X.int()), TypeError, "x must be a float32, float16, bfloat16 or float64 tensor, got torch.int32"),
+    "x_float64_native": (_call(x=_X.double(), model_output=_MO.double(), backend="native"), TypeError,
+                         "backend='native' supports float32/float16/bfloat16, got torch.float64"),
+    "x_float64_promoted_triton": (_call(x=_X.double(), backend="triton"), TypeError,
+                                  "backend='triton' supports float32/float16/bfloat16"),
     "model_output_int": (_call(model_output=_MO.long()), TypeError, "model_output must be a float32"),
     "table_float64": (_call(table=TABLE.double()), TypeError, "table must be float32, got Double"),
     "step_int32": (_call(step=_STEP.int()), TypeError, "step must be an int64 tensor, got Int"),

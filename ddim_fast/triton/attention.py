@@ -1,8 +1,8 @@
 """Fully fused Triton attention: softmax(q k^T * scale (+ mask)) v in one launch, fp32 math.
 
-Registered as ``ddim_fast::attention_triton(q, k, v, scale, mask) -> out`` with
-``torch.library.custom_op`` (fake kernel included, so ``opcheck`` and ``torch.compile`` work). It is also
-the CUDA kernel of the C++-schema op ``ddim_fast::attention`` (registered in ddim_fast/attention.py).
+The op ``ddim_fast::attention_triton(q, k, v, scale, mask) -> out`` (schema in csrc/ops.cpp; kernel and
+fake kernel registered by ddim_fast/_library.py, which imports this module on the first call). It is also
+the CUDA kernel of ``ddim_fast::attention``.
 
 Layouts: q [B, H, Lq, D] / k, v [B, H, Lk, D] with any strides (diffusers' ``view(...).transpose(1, 2)``
 needs no copy), or ldm's 3-D [B*H, L, D]. Head dims up to 256 (SD: 40, 64, 80, 160); the head dim is
@@ -27,14 +27,15 @@ tiles are widened to fp32 first: the interpreter's bf16 arithmetic is not IEEE-c
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ddim_fast.attention import check_mask, check_qkv
+import ddim_fast  # noqa: F401  (registers torch.ops.ddim_fast.*)
+from ddim_fast._checks import check_mask, check_qkv
+from ddim_fast._library import interpreting as _interpreting
 
 __all__ = ["attention_triton", "attention_triton_impl", "launch_config"]
 
@@ -43,10 +44,6 @@ _SINGLE_TILE_MAX_KEYS = 128
 _MAX_HEAD_DIM = 256
 # ldm's masked_fill value (-finfo(float32).max) as a module-level constexpr for jit code.
 _MASKED_LOGIT = tl.constexpr(-3.4028234663852886e38)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -314,22 +311,5 @@ class _nullcontext:
         return False
 
 
-@torch.library.custom_op("ddim_fast::attention_triton", mutates_args=())
-def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                     mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """softmax(q k^T * scale (+ mask)) v in one Triton launch. q [B, H, Lq, D] or [B*H, Lq, D]
-    (any strides), k/v [..., Lk, D]; returns [..., Lq, D] (contiguous, q's dtype)."""
-    return attention_triton_impl(q, k, v, scale, mask)
-
-
-@attention_triton.register_fake
-def _attention_triton_fake(q, k, v, scale, mask=None):
-    _check_inputs_fake(q, k, v)
-    return q.new_empty(q.shape)
-
-
-def _check_inputs_fake(q, k, v) -> None:
-    # Shapes only (fake tensors have no data; the device rules are checked at run time).
-    if q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():
-        raise ValueError(f"attention_triton: q, k, v must be 3-D or 4-D alike, got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+# The op (schema in csrc/ops.cpp, registered by ddim_fast/_library.py, which calls attention_triton_impl).
+attention_triton = torch.ops.ddim_fast.attention_triton

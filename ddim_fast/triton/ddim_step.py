@@ -1,8 +1,8 @@
 """Triton kernel of the fused DDIM step, with the same semantics as the C++ ``ddim_fast::ddim_step`` op.
 
-Two ops, registered with ``torch.library.custom_op`` (fake kernels included, so ``opcheck`` and
-``torch.compile`` work) and called by ``ddim_fast.ops.ddim_step(..., backend="triton")`` with the
-positional arguments of the C++ schema (csrc/ops.cpp):
+Two ops (schemas in csrc/ops.cpp beside the C++ ones; kernels and fake kernels registered by
+ddim_fast/_library.py, which imports this module on their first call), called by
+``ddim_fast.ops.ddim_step(..., backend="triton")`` with the positional arguments of the C++ schema:
 
 * ``ddim_fast::ddim_step_triton(x, model_output, table, step, guidance_scale, prediction_type, clip_range,
   x0_threshold, use_clipped_model_output, noise, rng_state, temperature, return_pred_x0) -> (x_prev, pred_x0)``
@@ -28,17 +28,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+import ddim_fast  # noqa: F401  (registers torch.ops.ddim_fast.*)
 from ddim_fast import schedule as _schedule
-from ddim_fast.ops import allocate_step_outputs
+from ddim_fast._library import interpreting as _interpreting
 
-__all__ = ["ddim_step_triton", "ddim_step_triton_out"]
+__all__ = ["ddim_step_triton", "ddim_step_triton_out", "run_ddim_step"]
 
 _MAX_DIMS = 8  # csrc/include/ddim_fast/step_params.h kMaxDims
 _KERNEL_DIMS = 4  # logical dims the kernel indexes after collapsing
@@ -51,10 +51,6 @@ _NOISE_NONE, _NOISE_TENSOR, _NOISE_PHILOX = 0, 1, 2
 _GROUP = 4
 # What an out-of-range step writes (a module-level constexpr: jit code cannot call float()).
 _NAN = tl.constexpr(float("nan"))
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -456,7 +452,7 @@ def _launch_config(numel: int, contiguous: bool) -> tuple[int, int]:
     return 512, 8
 
 
-def _run(x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
+def run_ddim_step(x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
          use_clipped_model_output, noise, rng_state, temperature, out, pred_x0_out) -> None:
     v = _validate(x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
                   noise, rng_state, temperature, out, pred_x0_out)
@@ -514,68 +510,8 @@ def _run(x, model_output, table, step, guidance_scale, prediction_type, clip_ran
 
 
 # ----------------------------------------------------------------------------------------------------
-# The ops
+# The ops (schemas in csrc/ops.cpp, registered by ddim_fast/_library.py, which calls run_ddim_step)
 # ----------------------------------------------------------------------------------------------------
 
-
-@torch.library.custom_op("ddim_fast::ddim_step_triton", mutates_args=())
-def ddim_step_triton(
-    x: torch.Tensor,
-    model_output: torch.Tensor,
-    table: torch.Tensor,
-    step: torch.Tensor,
-    guidance_scale: Optional[float],
-    prediction_type: str,
-    clip_range: Optional[float],
-    x0_threshold: Optional[torch.Tensor],
-    use_clipped_model_output: bool,
-    noise: Optional[torch.Tensor],
-    rng_state: Optional[torch.Tensor],
-    temperature: float,
-    return_pred_x0: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One fused DDIM step (Triton). x [B, ...]; model_output [B, ...] or [2B, ...] = cat([uncond, cond])
-    with guidance_scale; table [S, 8] fp32; step int64 [1] (the row, read on the device); x0_threshold [B]
-    fp32 or None; noise [B, ...] or None; rng_state int64 [2] = (seed, offset) or None.
-    Returns (x_prev [B, ...], pred_x0 [B, ...], or [0] unless return_pred_x0), contiguous, x's dtype."""
-    out, pred_x0 = allocate_step_outputs(x, return_pred_x0)
-    _run(x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
-         use_clipped_model_output, noise, rng_state, temperature, out, pred_x0 if return_pred_x0 else None)
-    return out, pred_x0
-
-
-@ddim_step_triton.register_fake
-def _ddim_step_triton_fake(x, model_output, table, step, guidance_scale, prediction_type, clip_range,
-                           x0_threshold, use_clipped_model_output, noise, rng_state, temperature, return_pred_x0):
-    return allocate_step_outputs(x, return_pred_x0)
-
-
-@torch.library.custom_op("ddim_fast::ddim_step_triton_out", mutates_args=("out", "pred_x0_out"))
-def ddim_step_triton_out(
-    x: torch.Tensor,
-    model_output: torch.Tensor,
-    table: torch.Tensor,
-    step: torch.Tensor,
-    guidance_scale: Optional[float],
-    prediction_type: str,
-    clip_range: Optional[float],
-    x0_threshold: Optional[torch.Tensor],
-    use_clipped_model_output: bool,
-    noise: Optional[torch.Tensor],
-    rng_state: Optional[torch.Tensor],
-    temperature: float,
-    out: torch.Tensor,
-    pred_x0_out: Optional[torch.Tensor],
-) -> None:
-    """The same step writing into caller-owned buffers: out [B, ...] (may be x itself, for an in-place
-    update) and pred_x0_out [B, ...] or None. Any strides; nothing is allocated unless a shape needs the
-    contiguous fallback (see the module docstring)."""
-    _run(x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
-         use_clipped_model_output, noise, rng_state, temperature, out, pred_x0_out)
-
-
-@ddim_step_triton_out.register_fake
-def _ddim_step_triton_out_fake(x, model_output, table, step, guidance_scale, prediction_type, clip_range,
-                               x0_threshold, use_clipped_model_output, noise, rng_state, temperature, out,
-                               pred_x0_out):
-    return None
+ddim_step_triton = torch.ops.ddim_fast.ddim_step_triton
+ddim_step_triton_out = torch.ops.ddim_fast.ddim_step_triton_out

@@ -503,7 +503,7 @@ def run_bench(model: str = "tiny-unet", *, steps: int = 50, batch: int = 1, dtyp
               check: bool = True, noise_mode: str = "torch") -> dict[str, Any]:
     """Time every loop on the same problem; returns the JSON-able result (see module docstring).
     Raises AssertionError when a loop's output disagrees with the diffusers loop."""
-    from ddim_fast import info
+    from ddim_fast.tools import info
 
     dev = resolve_device(device)
     torch_dtype = DTYPES[dtype]

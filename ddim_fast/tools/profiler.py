@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ddim_fast import bench
+from ddim_fast.tools import bench
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ MODELS = ("embedded", "tiny-unet", "sd15-unet")
 def embedded_problem(device: torch.device, dtype: torch.dtype, *, batch: int = 4, steps: int = 50,
                      guidance: float | None = 3.0, size: int = 32, seed: int = 0) -> bench.Problem:
     """The demo's embedded model (exact denoiser of the glyph set), class-conditional with CFG."""
-    from ddim_fast import toy_data
+    from ddim_fast.tools import toy_data
 
     model = toy_data.EmbeddedLdmModel(size=size, device=device)
     gen = torch.Generator("cpu").manual_seed(seed + 1)
@@ -200,7 +200,7 @@ def run_profile(model: str = "embedded", *, steps: int = 50, batch: int = 4, dty
                 noise_mode: str = "torch", device: str | None = None, resolution: int | None = None,
                 warmup: int = 1, repeats: int = 1, seed: int = 0, trace: str | None = None) -> dict[str, Any]:
     """Profile one configuration; returns the JSON-able report (rows + summary + environment)."""
-    from ddim_fast import info
+    from ddim_fast.tools import info
 
     dev = bench.resolve_device(device)
     if cuda_graph and dev.type != "cuda":

@@ -1,7 +1,7 @@
 """``python -m ddim_fast demo``: sample a model whose correct output is known, with ``FastDDIMSampler``,
 and check the result. No downloads.
 
-The model is ``ddim_fast.toy_data.EmbeddedLdmModel``: the exact (closed-form) denoiser of 16 built-in
+The model is ``ddim_fast.tools.toy_data.EmbeddedLdmModel``: the exact (closed-form) denoiser of 16 built-in
 glyph images in 4 classes, dressed as an ldm model with SD's noise schedule. Deterministic DDIM with it
 must end on one of the data images, and class-conditional sampling with classifier-free guidance on an
 image of the requested class. The demo
@@ -28,14 +28,15 @@ from typing import Any
 
 import torch
 
-from ddim_fast import bench, profiler, reference, toy_data
+from ddim_fast import reference
+from ddim_fast.tools import bench, profiler, toy_data
 
 # A DDIM sample is x_prev = sqrt(a_0) x0_hat + sqrt(1 - a_0) eps_hat at the last step, so it keeps a
 # sqrt(1 - a_0) ~ 0.029 trace of noise around the data image: ~36.7 dB. Well below that is a miss.
 SAMPLE_PSNR_DB = 30.0
 # DDIM inversion + reconstruction of a data image with the exact denoiser.
 RECONSTRUCTION_PSNR_DB = 25.0
-# Reference loop vs FastDDIMSampler over a whole fp32 run (DESIGN.md's drop-in contract).
+# Reference loop vs FastDDIMSampler over a whole fp32 run (docs/design.md's drop-in contract).
 AGREEMENT_RTOL = 1e-5
 
 

@@ -1,0 +1,152 @@
+"""Argument checks and output allocators shared by every layer above them: the ops front doors
+(``ddim_fast.ops``, ``ddim_fast.attention``), the Triton launchers (``ddim_fast.triton``), the fake kernels
+(``ddim_fast._library``) and the drop-ins (samplers, scheduler). Imports nothing from ddim_fast, so no
+import cycle can go through it.
+
+Every message names the operation, the argument and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Accepted spellings of the parameterisation: diffusers' names and ldm's.
+_PREDICTION_ALIASES = {
+    "epsilon": "epsilon",
+    "eps": "epsilon",
+    "v_prediction": "v_prediction",
+    "v": "v_prediction",
+    "sample": "sample",
+    "x0": "sample",
+}
+
+
+def canonical_prediction_type(prediction_type: str) -> str:
+    """'eps'/'epsilon' -> 'epsilon', 'v'/'v_prediction' -> 'v_prediction', 'x0'/'sample' -> 'sample'."""
+    if not isinstance(prediction_type, str):
+        raise TypeError(f"prediction_type must be a str, got {type(prediction_type).__name__}")
+    try:
+        return _PREDICTION_ALIASES[prediction_type]
+    except KeyError:
+        raise ValueError(
+            f"prediction_type must be one of {sorted(_PREDICTION_ALIASES)}, got {prediction_type!r}"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Tensors
+# --------------------------------------------------------------------------------------------------
+
+
+def require_tensor(op: str, name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def require_float_tensor(op: str, name: str, value, *, allow_float64: bool = False) -> torch.Tensor:
+    """A float32/float16/bfloat16 tensor (float64 too with ``allow_float64``)."""
+    require_tensor(op, name, value)
+    if value.dtype not in KERNEL_DTYPES and not (allow_float64 and value.dtype == torch.float64):
+        expected = "float32, float16, bfloat16 or float64" if allow_float64 else "float32, float16 or bfloat16"
+        raise TypeError(f"{op}: {name} must be a {expected} tensor, got {value.dtype}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Python scalars
+# --------------------------------------------------------------------------------------------------
+
+
+def real_number(op: str, name: str, value, *, optional: bool = False) -> float:
+    # bool is an int subclass: True as a guidance scale is a bug, not 1.0. 0-dim tensors and numpy scalars
+    # are what pipelines sometimes pass; reading one costs a host sync only when it lives on a GPU.
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex \
+            and value.dtype != torch.bool:
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a float{' or None' if optional else ''}, got {type(value).__name__}")
+    return float(value)
+
+
+def finite_float(op: str, name: str, value, *, minimum: float | None = None, exclusive: bool = False,
+                 optional: bool = False) -> float:
+    """``value`` as a float, refusing NaN, +-inf and (with ``minimum``) values below it (or equal to it with
+    ``exclusive``): a non-finite guidance scale or eta would silently turn every latent into NaN."""
+    v = real_number(op, name, value, optional=optional)
+    if not math.isfinite(v):
+        raise ValueError(f"{op}: {name} must be finite, got {v}")
+    if minimum is not None and (v < minimum or (exclusive and v == minimum)):
+        bound = f"> {minimum:g}" if exclusive else f">= {minimum:g}"
+        raise ValueError(f"{op}: {name} must be {bound}, got {v:g}")
+    return v
+
+
+def optional_finite_float(op: str, name: str, value, **bounds) -> float | None:
+    return None if value is None else finite_float(op, name, value, optional=True, **bounds)
+
+
+# --------------------------------------------------------------------------------------------------
+# Output allocation (mirrored by allocate_ddim_step_outputs in csrc/ddim_step_args.cpp)
+# --------------------------------------------------------------------------------------------------
+
+
+def allocate_step_outputs(x: torch.Tensor, return_pred_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The functional step's outputs (x_prev, pred_x0) in x's dtype; pred_x0 has shape [0] unless asked.
+    Used by the fake kernels and the Triton op so that every backend allocates alike."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    pred_x0 = torch.empty(x.shape if return_pred_x0 else (0,), dtype=x.dtype, device=x.device)
+    return out, pred_x0
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention: q/k/v and mask rules (every attention op and wrapper)
+# --------------------------------------------------------------------------------------------------
+
+
+def check_qkv(op: str, q, k, v) -> None:
+    """Tensors of one float dtype and device, q [B, H, Lq, D] or [B*H, Lq, D], k/v with q's rank and leading
+    dims (nothing is broadcast), one head dim D, as many values as keys."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        require_float_tensor(op, name, t)
+    if q.dim() not in (3, 4):
+        raise ValueError(f"{op}: q must be [B, H, Lq, D] or [B*H, Lq, D], got shape {tuple(q.shape)}")
+    if k.dim() != q.dim() or v.dim() != q.dim():
+        raise ValueError(f"{op}: k and v must have q's {q.dim()} dims, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"{op}: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"{op}: q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    lead = tuple(q.shape[:-2])
+    if tuple(k.shape[:-2]) != lead or tuple(v.shape[:-2]) != lead:
+        raise ValueError(f"{op}: k and v must have q's leading (batch/head) dims {lead} (nothing is broadcast), "
+                         f"got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
+        raise ValueError(f"{op}: q, k and v must have one head dim D, got {q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"{op}: k and v must have the same number of keys, got {k.shape[-2]} and {v.shape[-2]}")
+
+
+def check_mask(op: str, mask: torch.Tensor, score_shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    """mask.dim() == len(score_shape) ([..., Lq, Lk]), last dim Lk, every other dim equal or 1 (broadcast
+    without a copy); bool (True = keep) or additive in the scores' dtype; on the scores' device."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{op}: mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.device != device:
+        raise ValueError(f"{op}: mask must be on device {device}, got {mask.device}")
+    if mask.dtype != torch.bool and mask.dtype != dtype:
+        raise TypeError(f"{op}: mask must be bool (True = keep) or have the scores' dtype {dtype} (additive), "
+                        f"got {mask.dtype}")
+    if mask.dim() != len(score_shape):
+        raise ValueError(f"{op}: mask must have {len(score_shape)} dims like the scores {score_shape} "
+                         f"(each dim equal or 1, last dim = Lk), got shape {tuple(mask.shape)}")
+    for d, (m, s) in enumerate(zip(mask.shape, score_shape)):
+        last = d == len(score_shape) - 1
+        if m != s and (last or m != 1):
+            raise ValueError(f"{op}: mask shape {tuple(mask.shape)} does not fit scores {score_shape}: dim {d} "
+                             f"must be {s}{'' if last else ' or 1'} (only size-1 dims are broadcast)")
