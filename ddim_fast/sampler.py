@@ -60,6 +60,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ddim_fast import _checks
 from ddim_fast import graphs as _graphs
 from ddim_fast import ops as _ops
 from ddim_fast import reference as _reference
@@ -173,6 +174,7 @@ class FastDDIMSampler:
         divide T; points >= T dropped); ``ddim_alphas`` fp32, ``ddim_alphas_prev`` float64 numpy,
         ``ddim_sigmas`` float64, ``ddim_sqrt_one_minus_alphas`` fp32, all [S']."""
         T = self.ddpm_num_timesteps
+        ddim_eta = _checks.finite_float("FastDDIMSampler.make_schedule", "ddim_eta (eta)", ddim_eta, minimum=0.0)
         self.ddim_timesteps = _schedule.ldm_timesteps(ddim_num_steps, T, ddim_discretize)
         if verbose:
             logger.info("Selected timesteps for ddim sampler: %s", self.ddim_timesteps)
@@ -323,8 +325,11 @@ class FastDDIMSampler:
                                   quantize=quantize_denoised, dynamic_threshold=dynamic_threshold,
                                   score_corrector=score_corrector, corrector_kwargs=corrector_kwargs,
                                   original=ddim_use_original_steps, generator=generator)
-        scales = [float(ucg_schedule[i]) if ucg_schedule is not None else float(unconditional_guidance_scale)
-                  for i in range(total)]
+        op = "FastDDIMSampler.ddim_sampling"
+        if ucg_schedule is not None:
+            scales = [_checks.finite_float(op, f"ucg_schedule[{i}]", ucg_schedule[i]) for i in range(total)]
+        else:
+            scales = [_checks.finite_float(op, "unconditional_guidance_scale", unconditional_guidance_scale)] * total
         img = self._loop(img, cond, unconditional_conditioning, scales, config, desc="DDIM Sampler",
                          callback=callback, img_callback=img_callback, log_every_t=log_every_t,
                          intermediates=intermediates, mask=mask, x0=x0)
@@ -334,6 +339,11 @@ class FastDDIMSampler:
                     dynamic_threshold=None, score_corrector=None, corrector_kwargs=None, original=False,
                     generator=None) -> _RunConfig:
         prediction_type = self._prediction_type()
+        op = "FastDDIMSampler"
+        temperature = _checks.finite_float(op, "temperature", temperature)
+        noise_dropout = _checks.finite_float(op, "noise_dropout", noise_dropout, minimum=0.0)
+        if noise_dropout >= 1.0:
+            raise ValueError(f"{op}: noise_dropout must be a probability in [0, 1), got {noise_dropout:g}")
         if score_corrector is not None and prediction_type != "epsilon":
             raise ValueError("score_corrector needs an eps-parameterised model (as upstream), got "
                              f"parameterization={getattr(self.model, 'parameterization', None)!r}")
@@ -573,6 +583,8 @@ class FastDDIMSampler:
                                   dynamic_threshold=dynamic_threshold, score_corrector=score_corrector,
                                   corrector_kwargs=corrector_kwargs, original=use_original_steps)
         step = torch.full((1,), row, dtype=torch.int64, device=x.device)
+        unconditional_guidance_scale = _checks.finite_float("FastDDIMSampler.p_sample_ddim",
+                                                            "unconditional_guidance_scale", unconditional_guidance_scale)
         use_cfg = unconditional_conditioning is not None and unconditional_guidance_scale != 1.0
         t_row = torch.cat([t, t]) if use_cfg else t
         cond_cfg = _cfg_cat(c, unconditional_conditioning) if use_cfg else None
@@ -589,7 +601,8 @@ class FastDDIMSampler:
         total = max(0, min(int(t_start), table.shape[0]))
         logger.info("Running DDIM Sampling with %d timesteps", total)
         config = self._run_config(table, x_latent.shape[0], total, original=use_original_steps)
-        scales = [float(unconditional_guidance_scale)] * total
+        scales = [_checks.finite_float("FastDDIMSampler.decode", "unconditional_guidance_scale",
+                                       unconditional_guidance_scale)] * total
         return self._loop(x_latent, cond, unconditional_conditioning, scales, config, desc="Decoding image",
                           callback=callback)
 
@@ -623,6 +636,8 @@ class FastDDIMSampler:
             t_rows = self._timestep_rows(table, 2 * batch)
             step = torch.zeros(1, dtype=torch.int64, device=x0.device)
             prediction_type = self._prediction_type()
+            unconditional_guidance_scale = _checks.finite_float("FastDDIMSampler.encode", "unconditional_guidance_scale",
+                                                                unconditional_guidance_scale)
             use_cfg = unconditional_guidance_scale != 1.0
             if use_cfg and unconditional_conditioning is None:
                 raise ValueError("encode: unconditional_guidance_scale != 1 needs unconditional_conditioning")

@@ -37,6 +37,7 @@ ImportError that says what to install.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 from typing import Any, Callable
@@ -44,8 +45,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ddim_fast import ops
-from ddim_fast import reference
+from ddim_fast import _checks, ops, reference
 from ddim_fast import schedule as _schedule
 
 logger = logging.getLogger(__name__)
@@ -155,6 +155,28 @@ def _check_tensor(name: str, value) -> torch.Tensor:
     return value
 
 
+def _check_eta(op: str, eta) -> float:
+    """eta as a float: 0 (deterministic DDIM) fast, else finite and >= 0 (NaN would poison every latent)."""
+    if eta == 0 and not isinstance(eta, bool) and isinstance(eta, (int, float)):
+        return 0.0
+    return _checks.finite_float(op, "eta", eta, minimum=0.0)
+
+
+def _ddim_output(prev_sample: torch.Tensor, pred_original_sample: torch.Tensor):
+    """``DDIMSchedulerOutput(prev_sample=..., pred_original_sample=...)`` for two tensors, built without the
+    dataclass machinery of diffusers' ``BaseOutput.__post_init__`` (a third of the host time of a fused
+    step at SD latent sizes). The result is the same object state: the two items in field order (what
+    indexing, ``keys()`` and ``to_tuple()`` read) and the two attributes (tests/test_scheduler_diffusers.py
+    compares it with the normal constructor)."""
+    out = DDIMSchedulerOutput.__new__(DDIMSchedulerOutput)
+    collections.OrderedDict.__setitem__(out, "prev_sample", prev_sample)
+    collections.OrderedDict.__setitem__(out, "pred_original_sample", pred_original_sample)
+    attributes = out.__dict__
+    attributes["prev_sample"] = prev_sample
+    attributes["pred_original_sample"] = pred_original_sample
+    return out
+
+
 class _FusedDDIMBase:
     """Shared machinery of both drop-ins (a mixin placed before the diffusers class in their bases): fp32
     buffers, the per-timestep coefficient tables and the row lookup. Every method a pipeline may call is
@@ -180,6 +202,7 @@ class _FusedDDIMBase:
         self.num_inference_steps = None
         self._tables: dict[tuple[float, torch.device], torch.Tensor] = {}
         self._row_index_cache: dict[torch.device, torch.Tensor] = {}
+        self._row_views: dict[tuple[torch.device, Any], torch.Tensor] = {}
 
     # ---- tables ---------------------------------------------------------------------------------
 
@@ -229,31 +252,43 @@ class _FusedDDIMBase:
         return table
 
     def _row_index(self, timestep, device: torch.device) -> torch.Tensor:
-        """The int64 [1] tensor on `device` holding the table row of `timestep`, without a host sync."""
-        num_rows = self._row_alpha.size
+        """The int64 [1] tensor on `device` holding the table row of `timestep`, without a host sync.
+        Host timesteps (ints, CPU tensors) map to cached one-element views of an arange on `device`: one
+        dict lookup per step."""
         if isinstance(timestep, torch.Tensor):
-            if timestep.numel() != 1:
-                raise ValueError(f"timestep must hold one value, got a tensor of shape {tuple(timestep.shape)}")
-            if timestep.device == device and device.type != "cpu":
+            if timestep.device.type != "cpu" and timestep.device == device:
                 # Device-side lookup: the row is the timestep itself (elements of scheduler.timesteps).
+                if timestep.numel() != 1:
+                    raise ValueError(f"timestep must hold one value, got a tensor of shape {tuple(timestep.shape)}")
                 if timestep.is_floating_point():
                     raise TypeError(f"timestep must be an integer tensor, got {timestep.dtype}")
                 return timestep.reshape(1).to(torch.int64)
+            if timestep.numel() != 1:
+                raise ValueError(f"timestep must hold one value, got a tensor of shape {tuple(timestep.shape)}")
             # A CPU scalar (no device sync), or a tensor on another device than the sample (syncs, unavoidably).
             timestep = timestep.item()
-        if isinstance(timestep, bool) or not isinstance(timestep, (int, np.integer)):
+        if isinstance(timestep, bool):  # True == 1 as a dict key: never let it reach the cache
+            raise TypeError("timestep must be an int or an integer tensor, got bool")
+        view = self._row_views.get((device, timestep))
+        if view is not None:
+            return view
+        key = (device, timestep)
+        if not isinstance(timestep, (int, np.integer)):
             if isinstance(timestep, float) and timestep.is_integer():
                 timestep = int(timestep)
             else:
                 raise TypeError(f"timestep must be an int or an integer tensor, got {type(timestep).__name__}")
         timestep = int(timestep)
+        num_rows = self._row_alpha.size
         if not 0 <= timestep < num_rows:
             raise IndexError(f"timestep must lie in [0, {num_rows}) (num_train_timesteps), got {timestep}")
         index = self._row_index_cache.get(device)
         if index is None:
             index = torch.arange(num_rows, dtype=torch.int64, device=device)
             self._row_index_cache[device] = index
-        return index[timestep:timestep + 1]
+        view = index[timestep:timestep + 1]
+        self._row_views[key] = view
+        return view
 
     def _reset_tables(self) -> None:
         # Captured graph steps (FastDDIMScheduler.graph_step) read the table and the timesteps from their
@@ -333,7 +368,7 @@ class _FusedDDIMBase:
     def _output(self, prev_sample, pred_original_sample, return_dict):
         if not return_dict:
             return prev_sample, pred_original_sample
-        return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+        return _ddim_output(prev_sample, pred_original_sample)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -445,18 +480,15 @@ class FastDDIMScheduler(_FusedDDIMBase, DDIMScheduler):
             )
         _check_tensor("model_output", model_output)
         _check_tensor("sample", sample)
-        if isinstance(eta, torch.Tensor):
-            eta = eta.item()
-        eta = float(eta)
-        if eta < 0 or not math.isfinite(eta):
-            raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+        eta = _check_eta("FastDDIMScheduler.step", eta)
         if guidance_scale is not None:
-            if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
-                raise TypeError(f"guidance_scale must be a float, got {type(guidance_scale).__name__}")
-            guidance_scale = float(guidance_scale)
+            guidance_scale = _checks.finite_float("FastDDIMScheduler.step", "guidance_scale", guidance_scale,
+                                                  optional=True)
 
         device = sample.device
-        table = self._table(eta, device)
+        table = self._tables.get((eta, device))
+        if table is None:
+            table = self._table(eta, device)
         row = self._row_index(timestep, device)
 
         noise = None
@@ -525,7 +557,10 @@ class FastDDIMScheduler(_FusedDDIMBase, DDIMScheduler):
         _check_tensor("encoder_hidden_states", encoder_hidden_states)
         if self.config.thresholding:
             raise ValueError("graph_step: dynamic thresholding needs a data-dependent quantile per step; use step()")
-        eta = float(eta)
+        eta = _check_eta("FastDDIMScheduler.graph_step", eta)
+        if guidance_scale is not None:
+            guidance_scale = _checks.finite_float("FastDDIMScheduler.graph_step", "guidance_scale", guidance_scale,
+                                                  optional=True)
         device = latents.device
         guided = guidance_scale is not None
         batch = latents.shape[0]
@@ -694,9 +729,8 @@ class FastDDIMInverseScheduler(_FusedDDIMBase, DDIMInverseScheduler):
         _check_tensor("model_output", model_output)
         _check_tensor("sample", sample)
         if guidance_scale is not None:
-            if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
-                raise TypeError(f"guidance_scale must be a float, got {type(guidance_scale).__name__}")
-            guidance_scale = float(guidance_scale)
+            guidance_scale = _checks.finite_float("FastDDIMInverseScheduler.step", "guidance_scale", guidance_scale,
+                                                  optional=True)
         device = sample.device
         table = self._table(0.0, device)
         row = self._row_index(timestep, device)

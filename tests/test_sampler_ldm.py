@@ -800,6 +800,36 @@ def test_bad_arguments_raise_clearly(models, conds):
         fast.sample(3, BATCH, SHAPE, conditioning=c, mask=torch.ones(BATCH, 1, *SHAPE[1:]), verbose=False)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(eta=float("nan")), r"ddim_eta \(eta\) must be finite, got nan"),
+    (dict(eta=-1.0), r"ddim_eta \(eta\) must be >= 0, got -1"),
+    (dict(unconditional_guidance_scale=float("nan")), "unconditional_guidance_scale must be finite"),
+    (dict(unconditional_guidance_scale=float("inf")), "unconditional_guidance_scale must be finite"),
+    (dict(ucg_schedule=[7.5, float("nan"), 7.5]), r"ucg_schedule\[1\] must be finite"),
+    (dict(temperature=float("nan")), "temperature must be finite"),
+    (dict(noise_dropout=1.0), r"noise_dropout must be a probability in \[0, 1\)"),
+    (dict(noise_dropout=-0.5), "noise_dropout must be >= 0"),
+])
+def test_non_finite_or_out_of_range_scalars_rejected(models, conds, kwargs, match):
+    # Each of these gave silent NaN latents (or a meaningless run) before; now a clear error before any step.
+    c, uc = conds
+    fast = FastDDIMSampler(models["eps"])
+    calls = []
+    model = fast.model
+    original = model.apply_model
+    model.apply_model = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        with pytest.raises(ValueError, match=match):
+            fast.sample(3, BATCH, SHAPE, conditioning=c, unconditional_conditioning=uc, verbose=False, **kwargs)
+    finally:
+        model.apply_model = original
+    assert not calls, "the model ran before the bad argument was rejected"
+    fast.make_schedule(3, verbose=False)
+    with pytest.raises(ValueError, match="unconditional_guidance_scale must be finite"):
+        fast.p_sample_ddim(torch.zeros(BATCH, *SHAPE), c, torch.full((BATCH,), 1), 0,
+                           unconditional_guidance_scale=float("nan"), unconditional_conditioning=uc)
+
+
 def test_list_conditioning_warning_does_not_crash(models, conds, caplog):
     c, _ = conds
     fast = FastDDIMSampler(models["eps"])

@@ -333,9 +333,11 @@ def test_add_noise_and_get_velocity(dtype):
 # ---- thresholding, clipping, noise ----------------------------------------------------------------
 
 
-def _random_step_inputs(seed, shape=(2, 3, 5, 7)):
+def _random_step_inputs(seed, shape=(2, 3, 5, 7), guided=False):
+    """(sample [B, ...], model_output [B, ...], or [2B, ...] = cat([uncond, cond]) when guided)."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=gen) * 1.5, torch.randn(shape, generator=gen)
+    model_shape = (2 * shape[0], *shape[1:]) if guided else shape
+    return torch.randn(shape, generator=gen) * 1.5, torch.randn(model_shape, generator=gen)
 
 
 def _one_step_pair(config, timestep, eta=0.0, steps=10, **step_kwargs):
@@ -454,6 +456,89 @@ def test_strided_views_match_diffusers():
             else:
                 assert_rel_close(mine.prev_sample, out.prev_sample, SAMPLER_RTOL, "strided prev_sample")
                 assert_rel_close(mine.pred_original_sample, out.pred_original_sample, SAMPLER_RTOL, "strided x0")
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["nocfg", "cfg"])
+def test_float64_latents_work_like_diffusers(guided):
+    # diffusers steps float64 latents in float64: the drop-in chooses the PyTorch path itself (no backend
+    # keyword exists on the scheduler) and gives diffusers' numbers.
+    fast, upstream = FastDDIMScheduler(clip_sample=False), DDIMScheduler(clip_sample=False)
+    for s in (fast, upstream):
+        s.set_timesteps(10)
+    sample, model_output = (t.double() for t in _random_step_inputs(3, guided=guided))
+    kwargs = dict(guidance_scale=5.0) if guided else {}
+    mine = fast.step(model_output, 501, sample, 0.0, **kwargs)
+    combined = model_output
+    if guided:
+        uncond, cond = model_output.chunk(2)
+        combined = uncond + 5.0 * (cond - uncond)
+    theirs = upstream.step(combined, 501, sample, 0.0)
+    assert mine.prev_sample.dtype == torch.float64
+    assert relative_error(mine.prev_sample, theirs.prev_sample) < 1e-14
+    assert relative_error(mine.pred_original_sample, theirs.pred_original_sample) < 1e-14
+
+
+def test_meta_tensors_work_like_diffusers():
+    # Shape inference on meta tensors (what accelerate-style tooling does) runs through the op's fake kernel.
+    for cls in (FastDDIMScheduler, DDIMScheduler):
+        scheduler = cls()
+        scheduler.set_timesteps(10)
+        sample = torch.empty(2, 4, 8, 8, device="meta")
+        out = scheduler.step(torch.empty(2, 4, 8, 8, device="meta"), 501, sample)
+        assert out.prev_sample.device.type == "meta" and out.prev_sample.shape == sample.shape
+    inverse = FastDDIMInverseScheduler()
+    inverse.set_timesteps(10)
+    out = inverse.step(torch.empty(1, 4, 8, 8, device="meta"), 501, torch.empty(1, 4, 8, 8, device="meta"))
+    assert out.prev_sample.device.type == "meta"
+
+
+@pytest.mark.parametrize("name, value, match", [
+    ("eta", float("nan"), "eta must be finite"), ("eta", float("inf"), "eta must be finite"),
+    ("eta", -1.0, "eta must be >= 0"), ("guidance_scale", float("nan"), "guidance_scale must be finite"),
+    ("guidance_scale", float("-inf"), "guidance_scale must be finite"),
+])
+def test_non_finite_or_out_of_range_scalars_rejected(name, value, match):
+    scheduler = FastDDIMScheduler()
+    scheduler.set_timesteps(10)
+    sample, model_output = _random_step_inputs(2, guided=name == "guidance_scale")
+    with pytest.raises(ValueError, match=f"FastDDIMScheduler.step: {match}"):
+        scheduler.step(model_output, 501, sample, **{name: value})
+    with pytest.raises(TypeError, match="guidance_scale must be a float or None, got bool"):
+        scheduler.step(model_output, 501, sample, guidance_scale=True)
+    inverse = FastDDIMInverseScheduler()
+    inverse.set_timesteps(10)
+    with pytest.raises(ValueError, match="FastDDIMInverseScheduler.step: guidance_scale must be finite"):
+        inverse.step(torch.randn(4, 3, 4, 4), 501, torch.randn(2, 3, 4, 4), guidance_scale=float("nan"))
+
+
+def test_fast_output_is_a_normal_ddim_scheduler_output():
+    import copy
+    import pickle
+
+    from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+
+    scheduler = FastDDIMScheduler()
+    scheduler.set_timesteps(10)
+    sample, model_output = _random_step_inputs(2)
+    mine = scheduler.step(model_output, 501, sample)
+    normal = DDIMSchedulerOutput(prev_sample=mine.prev_sample, pred_original_sample=mine.pred_original_sample)
+    assert type(mine) is DDIMSchedulerOutput
+    assert list(mine.keys()) == list(normal.keys()) == ["prev_sample", "pred_original_sample"]
+    assert mine.__dict__.keys() == normal.__dict__.keys()
+    assert mine[0] is normal[0] and mine["pred_original_sample"] is normal[1]
+    assert all(a is b for a, b in zip(mine.to_tuple(), normal.to_tuple()))
+    for clone in (copy.deepcopy(mine), pickle.loads(pickle.dumps(mine))):
+        assert type(clone) is DDIMSchedulerOutput and torch.equal(clone.prev_sample, mine.prev_sample)
+    mine.prev_sample = sample  # BaseOutput keeps item and attribute in step
+    assert mine["prev_sample"] is sample
+
+
+def test_isinstance_checks_of_pipelines_pass():
+    # LEDITS++ and others dispatch on isinstance(scheduler, DDIMScheduler) / DDIMInverseScheduler.
+    assert isinstance(FastDDIMScheduler(), DDIMScheduler)
+    assert isinstance(FastDDIMInverseScheduler(), DDIMInverseScheduler)
+    for name in ("set_begin_index", "begin_index", "step_index"):
+        assert hasattr(FastDDIMScheduler(), name) == hasattr(DDIMScheduler(), name), name
 
 
 def test_fp16_step_close_to_diffusers():
