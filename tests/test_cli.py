@@ -16,7 +16,7 @@ import torch
 
 from ddim_fast.tools import cli
 from ddim_fast import reference
-from ddim_fast.tools import bench, demo, toy_data
+from ddim_fast.tools import bench, demo, figures, toy_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,12 +85,12 @@ def test_png_fallback_encoder_round_trips_through_pillow(tmp_path):
     pil = pytest.importorskip("PIL.Image")
     pixels = torch.randint(0, 256, (7, 5, 3), dtype=torch.uint8)
     path = tmp_path / "x.png"
-    path.write_bytes(demo.encode_png(pixels))
+    path.write_bytes(figures.encode_png(pixels))
     with pil.open(path) as img:
         assert img.size == (5, 7)
         assert torch.equal(torch.from_numpy(np.array(img.convert("RGB"))), pixels)
     grey = torch.randint(0, 256, (3, 4), dtype=torch.uint8)
-    raw = demo.encode_png(grey)
+    raw = figures.encode_png(grey)
     assert zlib.decompress(raw[raw.index(b"IDAT") + 4:raw.index(b"IEND") - 8]) == bytes(
         torch.cat([torch.zeros(3, 1, dtype=torch.uint8), grey], 1).flatten().tolist())
 
@@ -110,10 +110,33 @@ def test_demo_quick_runs_end_to_end_and_its_self_check_passes(tmp_path, capsys):
                                                           "inversion", "slerp"}
     assert report["checks"]["conditional"]["got"] == report["checks"]["conditional"]["requested"]
     assert report["checks"]["fast_vs_reference"]["rel_error"] <= 1e-5
-    for name in ("data", "samples", "pred_x0", "conditional", "inversion", "slerp"):
-        w, h = _png_size(str(tmp_path / "out" / f"{name}.png"))
-        assert w > 32 and h > 32
-    assert "demo PASSED" in out and "reference loop" in out and "FastDDIMSampler" in out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["demo.png"]  # one labelled figure
+    w, h = _png_size(str(tmp_path / "out" / "demo.png"))
+    assert w > 300 and h > 600
+    latency = report["latency_ms_per_step"]
+    for loop in ("reference", "fast"):
+        assert set(latency[loop]) == {"model", "guidance_update", "total"}
+    assert "demo PASSED" in out and "guidance + DDIM update per step" in out and "the model dominates" in out
+
+
+def test_speed_phrase_never_calls_a_slowdown_faster():
+    assert figures.speed_phrase(2.0, 1.0) == "2.00x faster"
+    assert figures.speed_phrase(1.0, 1.25) == "1.25x slower"
+    assert figures.speed_phrase(0.0, 1.0) == "not comparable"
+
+
+def test_figure_panels_check_their_labels(tmp_path):
+    pytest.importorskip("PIL")
+    images = torch.rand(6, 3, 8, 8) * 2 - 1
+    with pytest.raises(ValueError, match="2 row labels for 3 rows"):
+        figures.Panel("x", images, 2, row_labels=["a", "b"])
+    with pytest.raises(ValueError, match="do not fill rows of 4"):
+        figures.Panel("x", images, 4)
+    path = figures.save([figures.Panel("t", images, 3, caption="c", row_labels=["a", "b"],
+                                       col_labels=["1", "2", "3"])], str(tmp_path / "f.png"), title="T")
+    w, h = _png_size(path)
+    assert w >= 3 * 64 and h >= 2 * 64
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
 def test_demo_self_check_fails_on_wrong_samples(tmp_path, monkeypatch):
