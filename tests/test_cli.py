@@ -119,6 +119,27 @@ def test_demo_quick_runs_end_to_end_and_its_self_check_passes(tmp_path, capsys):
     assert "demo PASSED" in out and "guidance + DDIM update per step" in out and "the model dominates" in out
 
 
+def test_progress_bars_follow_the_terminal_and_the_flags(tmp_path):
+    # Bars on stderr when a person watches (a terminal) or with --progress; never garbling captured output.
+    def run(*flags):
+        result = subprocess.run([sys.executable, "-m", "ddim_fast", *flags, "demo", "--quick", "--steps", "3",
+                                 "--batch", "4", "--out", str(tmp_path)], capture_output=True, text=True,
+                                timeout=300, cwd=ROOT)
+        assert result.returncode == 0, result.stderr
+        return result.stderr
+
+    assert "it/s" not in run()  # stderr is a pipe here: no bars by default
+    assert "it/s" in run("--progress")
+    assert "it/s" not in run("--no-progress")
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: 3.0)" in out and "(default: ddim_fast_demo)" in out
+
+
 def test_speed_phrase_never_calls_a_slowdown_faster():
     assert figures.speed_phrase(2.0, 1.0) == "2.00x faster"
     assert figures.speed_phrase(1.0, 1.25) == "1.25x slower"

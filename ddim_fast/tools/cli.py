@@ -15,35 +15,55 @@ import os
 import sys
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every option's default and keeps the descriptions' line breaks."""
+
+
 def _prepare_environment(show_progress: bool) -> None:
-    # tqdm reads TQDM_* when it is first imported (torch imports it), triton reads TRITON_INTERPRET when
-    # it is: so both are set here, first. The samplers' progress bars would garble the timing tables;
+    # Triton reads TRITON_INTERPRET when it is first imported (importing ddim_fast does not import it):
     # without a GPU, ddim_fast's Triton kernels can only run in the interpreter.
-    if not show_progress:
-        os.environ.setdefault("TQDM_DISABLE", "1")
     import torch
 
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    # torch imports tqdm before any of this runs, so TQDM_DISABLE would come too late: switch the
+    # samplers' bars (tqdm.tqdm) off by changing the class default for this process instead.
+    if not show_progress:
+        import functools
+
+        import tqdm
+
+        tqdm.tqdm.__init__ = functools.partialmethod(tqdm.tqdm.__init__, disable=True)
+
+
+def _wants_progress(argv: list[str]) -> bool:
+    """--progress / --no-progress, else progress bars exactly when stderr is a terminal (a person watches)."""
+    if "--no-progress" in argv:
+        return False
+    if "--progress" in argv:
+        return True
+    return sys.stderr.isatty()
 
 
 def build_parser() -> argparse.ArgumentParser:
     from ddim_fast.tools import bench, demo, info, profiler
 
     parser = argparse.ArgumentParser(prog="python -m ddim_fast", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--progress", action="store_true", help="show the samplers' progress bars")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="the samplers' per-step progress bars on stderr (default: on when stderr is a terminal)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 gives steadier CPU timings on a busy machine)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,profile,bench,info}")
     for name, module, help_text in (
-        ("demo", demo, "sample the embedded model, write PNGs, check the result"),
+        ("demo", demo, "sample the embedded model, check it, write a labelled figure"),
         ("profile", profiler, "latency per DDIM step"),
         ("bench", bench, "end-to-end loops: diffusers vs FastDDIMSampler"),
         ("info", info, "backends, versions, hardware"),
     ):
-        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or "").strip().split("\n\n")[0])
+        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or "").strip().split("\n\n")[0],
+                           formatter_class=_HelpFormatter)
         module.add_arguments(p)
         p.set_defaults(handler=module.main)
     return parser
@@ -51,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    _prepare_environment(show_progress="--progress" in argv)
+    _prepare_environment(show_progress=_wants_progress(argv))
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,

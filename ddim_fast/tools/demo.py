@@ -230,15 +230,16 @@ def run_demo(out_dir: str = "ddim_fast_demo", *, quick: bool = False, steps: int
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", default="ddim_fast_demo", help="directory for the PNGs (default ./ddim_fast_demo)")
+    parser.add_argument("--out", default="ddim_fast_demo", help="directory for the labelled figure demo.png")
     parser.add_argument("--quick", action="store_true", help="smaller images, batch and step count (for tests)")
-    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50, --quick 20)")
-    parser.add_argument("--batch", type=int, default=None, help="samples per run (default 16, --quick 8)")
+    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (None: 50, or 20 with --quick)")
+    parser.add_argument("--batch", type=int, default=None, help="samples per run (None: 16, or 8 with --quick)")
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--backend", default="auto", choices=("auto", "native", "triton", "reference"))
-    parser.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
+    parser.add_argument("--backend", default="auto", choices=("auto", "native", "triton", "reference"),
+                        help="the step kernel FastDDIMSampler uses")
+    parser.add_argument("--json", metavar="FILE", default=None, help="also write the report as JSON")
 
 
 def main(args) -> int:
