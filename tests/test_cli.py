@@ -137,6 +137,7 @@ def test_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         cli.main(["demo", "--help"])
     out = capsys.readouterr().out
+    out = " ".join(out.split())  # argparse wraps lines
     assert "(default: 3.0)" in out and "(default: ddim_fast_demo)" in out
 
 
