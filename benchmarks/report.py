@@ -34,6 +34,21 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 BASELINE_WORDS = ("baseline", "diffusers", "reference", "unfused", "eager", "torch", "sdpa")
 
 
+def speed_phrase(ratio: float) -> str:
+    """baseline time / entry time as '2.10x faster' or '1.25x slower' (never '0.8x faster')."""
+    if not ratio > 0:
+        return "-"
+    return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+
+
+def is_copy_entry(bench: dict[str, Any]) -> bool:
+    """The memory-copy floor of a group (a copy of the bytes the op must move), not a competitor."""
+    extra = bench.get("extra_info") or {}
+    if "is_copy" in extra:
+        return bool(extra["is_copy"])
+    return _is_baseline_name(_short_name(bench), "copy")
+
+
 def _fmt_time(seconds: float) -> str:
     if seconds != seconds:
         return "-"
@@ -101,40 +116,51 @@ def _pytest_hardware(data: dict[str, Any]) -> str:
     return f"{brand} ({count} cores)" if count else brand
 
 
-def pytest_benchmark_section(name: str, data: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, float]]]:
-    """Markdown lines for one pytest-benchmark file, and (group, entry, ratio) triples for the chart."""
+def pytest_benchmark_section(name: str, data: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Markdown lines for one pytest-benchmark file, and one chart group per benchmark group."""
     date = str(data.get("datetime", "?"))[:10]
     commit_info = data.get("commit_info") or {}
     commit = commit_info.get("id", "")
     dirty = " (+ uncommitted changes)" if commit_info.get("dirty") else ""
-    lines = [f"#### `{name}` — pytest-benchmark, {_pytest_hardware(data)}, {date}"
+    hardware = _pytest_hardware(data)
+    lines = [f"#### `{name}` — pytest-benchmark, {hardware}, {date}"
              + (f", commit `{commit[:10]}`{dirty}" if commit else ""), ""]
     groups: dict[str, list[dict[str, Any]]] = {}
     for b in data.get("benchmarks", []):
         groups.setdefault(b.get("group") or "(no group)", []).append(b)
     chart = []
-    lines += ["| group | benchmark | median per call | per step (or op) | rounds | vs baseline |",
-              "|---|---|---:|---:|---:|---:|"]
+    lines += ["| group | benchmark | median per call | per step (or op) | rounds | vs baseline | vs copy floor |",
+              "|---|---|---:|---:|---:|---:|---:|"]
     for group, entries in groups.items():
-        base = pick_baseline(entries)
+        copy = next((e for e in entries if is_copy_entry(e)), None)
+        base = pick_baseline([e for e in entries if e is not copy])
+        bars = []
         for e in entries:
             st = e["stats"]
-            if base is None:
+            if e is copy:
+                ratio_text = "floor"
+            elif base is None:
                 ratio_text = "-"
             elif e is base:
-                ratio_text = "1.00x (baseline)"
+                ratio_text = "baseline"
             else:
-                ratio = _entry_time(base) / _entry_time(e)
-                ratio_text = f"{ratio:.2f}x"
-                chart.append((group, _short_name(e), ratio))
+                ratio_text = speed_phrase(_entry_time(base) / _entry_time(e))
+            copy_text = "-" if copy is None else (
+                "1.00x (the floor)" if e is copy else f"{_entry_time(e) / _entry_time(copy):.2f}x the copy time")
             per_step = per_step_seconds(e)
             lines.append(f"| {group} | `{_short_name(e)}` | {_fmt_time(st['median'])} | "
                          f"{'-' if per_step is None else _fmt_time(per_step)} | "
-                         f"{st.get('rounds', '-')} | {ratio_text} |")
+                         f"{st.get('rounds', '-')} | {ratio_text} | {copy_text} |")
+            if e is not copy:
+                bars.append({"name": _short_name(e), "seconds": _entry_time(e), "baseline": e is base})
+        chart.append({"title": group, "hardware": hardware, "bars": bars,
+                      "floor": None if copy is None else _entry_time(copy),
+                      "floor_label": "copy of the same bytes", "unit": "per step (or op)"})
     lines.append("")
     lines.append("Ratios: the baseline's time (per step when recorded, else the median per call) over the "
-                 "entry's, higher is faster; a group's baseline is the entry marked `baseline` (else the one "
-                 "named diffusers/reference/eager/torch).")
+                 "entry's; a group's baseline is the entry marked `baseline` (else the one named "
+                 "diffusers/reference/unfused/eager/torch). The copy entry is not a competitor: it copies the bytes "
+                 "the op must move, the floor a memory-bound kernel can approach.")
     lines.append("")
     return lines, chart
 
@@ -147,7 +173,7 @@ def _hardware(data: dict[str, Any]) -> str:
                                        if threads and on_cpu else "")
 
 
-def bench_section(name: str, data: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, float]]]:
+def bench_section(name: str, data: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
     cfg = data.get("config", {})
     base = data.get("baseline", "diffusers")
     hw = _hardware(data)
@@ -162,14 +188,19 @@ def bench_section(name: str, data: dict[str, Any]) -> tuple[list[str], list[tupl
              f"within {cfg.get('tolerance', float('nan')):.0e}: {'yes' if data.get('agree') else 'NO'}.", "",
              f"| loop | it/s | ms/step | non-UNet ms/step | non-UNet share | vs {base} | rel. error vs {base} |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    chart = []
+    bars = []
     for loop, r in data.get("results", {}).items():
         speed = r.get(f"speedup_vs_{base}", float("nan"))
         err = r.get(f"rel_error_vs_{base}")
         lines.append(f"| {loop} | {r['it_per_s']:.1f} | {r['ms_per_step']:.3f} | {r['non_unet_ms_per_step']:.3f} | "
-                     f"{100 * r['non_unet_fraction']:.1f}% | {speed:.2f}x | {'-' if err is None else f'{err:.1e}'} |")
-        if loop != base:
-            chart.append((f"bench {cfg.get('model')} {cfg.get('dtype')}", loop, speed))
+                     f"{100 * r['non_unet_fraction']:.1f}% | {'baseline' if loop == base else speed_phrase(speed)} | "
+                     f"{'-' if err is None else f'{err:.1e}'} |")
+        bars.append({"name": loop, "seconds": r["ms_per_step"] / 1e3, "baseline": loop == base})
+    unet_ms = data.get("unet_graph_ms_per_step") or data.get("unet_only_ms_per_step")
+    chart = [{"title": f"end to end: {cfg.get('model')} {cfg.get('dtype')}, batch {cfg.get('batch')}", "hardware": hw,
+              "bars": bars, "floor": unet_ms / 1e3 if unet_ms else None,
+              "floor_label": "UNet alone" + (" (CUDA graph)" if data.get("unet_graph_ms_per_step") else ""),
+              "unit": "per step"}] if bars else []
     for loop, why in (data.get("skipped") or {}).items():
         lines.append(f"| {loop} | skipped: {why} | | | | | |")
     for loop, why in (data.get("failed") or {}).items():
@@ -210,7 +241,7 @@ def _on_gpu(kind: str, data: dict[str, Any]) -> bool:
     return "cuda" in str(data.get("config", {}).get("device", ""))
 
 
-def build_markdown(results_dir: str, note: str | None = None) -> tuple[str, list[tuple[str, str, float]]]:
+def build_markdown(results_dir: str, note: str | None = None) -> tuple[str, list[dict[str, Any]]]:
     """The results section (markdown) and the chart data from every JSON file in ``results_dir``."""
     paths = sorted(glob.glob(os.path.join(results_dir, "*.json")))
     lines = [f"Generated by `python benchmarks/report.py` from the files in `benchmarks/results/` "
@@ -218,7 +249,7 @@ def build_markdown(results_dir: str, note: str | None = None) -> tuple[str, list
     if note:
         lines += [note, ""]
     any_gpu = False
-    chart: list[tuple[str, str, float]] = []
+    chart: list[dict[str, Any]] = []
     used = 0
     for path in paths:
         name = os.path.basename(path)
@@ -250,7 +281,7 @@ def build_markdown(results_dir: str, note: str | None = None) -> tuple[str, list
                      "50 steps, CUDA graphs, fused attention) skip on the CPU and are to be run on the H100/H200.")
         lines.append("")
     if chart:
-        lines.append("![speedups](benchmarks/results/chart.png)")
+        lines.append("![time per step of each benchmark group, with its floor](benchmarks/results/chart.png)")
     return "\n".join(lines).rstrip() + "\n", chart
 
 
@@ -261,9 +292,22 @@ def replace_between_markers(text: str, body: str) -> str:
     return text[:start + len(START)] + "\n" + body + text[end:]
 
 
-def write_chart(points: list[tuple[str, str, float]], path: str) -> bool:
-    """Horizontal bars of every ratio; False when matplotlib is missing or there is nothing to draw."""
-    if not points:
+def bar_label(name: str) -> str:
+    """A chart label from a benchmark name: 'test_step_cpu[16x4x128x128-cpp-op]' -> 'cpp-op' (the group
+    title already says the shape and the test)."""
+    m = re.fullmatch(r"test_\w+\[(.*)\]", name)
+    if not m:
+        return name
+    return re.sub(r"^\d+(x\d+)+-", "", m.group(1))
+
+
+def write_chart(groups: list[dict[str, Any]], path: str) -> bool:
+    """One panel per benchmark group: a horizontal bar per entry (its time; the baseline grey, faster
+    entries green, slower red, each labelled with its ratio to the baseline) and the group's floor (the
+    copy of the same bytes, or the UNet alone) as a dashed line. The hardware is in every panel's title.
+    False when matplotlib is missing or there is nothing to draw."""
+    groups = [g for g in groups if g["bars"]]
+    if not groups:
         return False
     try:
         import matplotlib
@@ -272,14 +316,31 @@ def write_chart(points: list[tuple[str, str, float]], path: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    labels = [f"{g}: {n}" for g, n, _ in points]
-    values = [v for _, _, v in points]
-    fig, ax = plt.subplots(figsize=(9, 0.3 * len(points) + 1.2))
-    ax.barh(range(len(points)), values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
-    ax.axvline(1.0, color="k", lw=0.8)
-    ax.set_yticks(range(len(points)), labels, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("speedup vs the group's baseline (x)")
+    heights = [0.45 * len(g["bars"]) + 0.9 for g in groups]
+    fig, axes = plt.subplots(len(groups), 1, figsize=(10, sum(heights) + 0.6),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    for ax, g in zip(axes[:, 0], groups):
+        bars = g["bars"]
+        scale, unit = (1e6, "µs") if max(b["seconds"] for b in bars) < 1e-3 else (1e3, "ms")
+        base = next((b for b in bars if b["baseline"]), None)
+        values = [b["seconds"] * scale for b in bars]
+        colours = ["0.6" if b["baseline"] or base is None else
+                   ("tab:green" if b["seconds"] <= base["seconds"] else "tab:red") for b in bars]
+        ax.barh(range(len(bars)), values, color=colours)
+        ax.set_yticks(range(len(bars)), [bar_label(b["name"]) for b in bars], fontsize=9)
+        ax.invert_yaxis()
+        top = max(values + ([g["floor"] * scale] if g["floor"] else []))
+        for i, (b, v) in enumerate(zip(bars, values)):
+            text = "baseline" if b["baseline"] else (
+                speed_phrase(base["seconds"] / b["seconds"]) if base is not None else "")
+            ax.text(v + 0.01 * top, i, f"{v:.3g} {unit}  {text}", va="center", fontsize=8)
+        floor_text = ""
+        if g["floor"]:
+            ax.axvline(g["floor"] * scale, color="k", ls="--", lw=1)
+            floor_text = f"\ndashed line = floor: {g['floor_label']}, {g['floor'] * scale:.3g} {unit}"
+        ax.set_xlim(0, top * 1.45)
+        ax.set_title(f"{g['title']} — {g['hardware']}{floor_text}", fontsize=10, loc="left")
+        ax.set_xlabel(f"time {g['unit']} ({unit}), lower is better", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -309,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     if write_chart(points, args.chart):
         print(f"report: wrote {args.chart}")
     else:
-        body = body.replace("![speedups](benchmarks/results/chart.png)\n", "")
+        body = "\n".join(line for line in body.split("\n") if "(benchmarks/results/chart.png)" not in line)
         text = replace_between_markers(text, body)
         why = "nothing to chart" if not points else "matplotlib is not installed (pip install matplotlib)"
         print(f"report: chart skipped: {why}")

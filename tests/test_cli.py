@@ -4,6 +4,7 @@ torch/diffusers for the whole file); one test runs the real ``python -m ddim_fas
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -308,6 +309,8 @@ def _fake_pytest_benchmark_json() -> dict:
         "benchmarks": [
             bench_entry("step fp32", "test_step[reference]", 2e-3, baseline=True),
             bench_entry("step fp32", "test_step[native]", 5e-4),
+            bench_entry("step fp32", "test_step[slow]", 4e-3),
+            bench_entry("step fp32", "test_step[copy]", 4e-4),
             bench_entry("e2e", "test_e2e[diffusers]", 0.1, steps=10),
             bench_entry("e2e", "test_e2e[fast]", 0.08, steps=10),
         ],
@@ -341,9 +344,13 @@ def test_report_builds_the_table_and_writes_between_markers(tmp_path, capsys):
     assert "old" not in text and text.endswith("<!-- results:end -->\n\nafter\n")
     table = text[text.index("<!-- results:start -->"):text.index("<!-- results:end -->")]
     assert "Fake CPU 9000" in table and "2026-11-23" in table
-    assert "4.00x" in table  # native vs reference: 2e-3 / 5e-4
-    assert "1.25x" in table  # fast vs diffusers: 0.1 / 0.08
+    assert "4.00x faster" in table  # native vs reference: 2e-3 / 5e-4
+    assert "2.00x slower" in table and "0.50x" not in table  # a slowdown is called one
+    assert "| floor |" in table and "1.25x the copy time" in table  # the copy is the floor, not a competitor
+    assert "1.25x faster" in table  # fast vs diffusers: 0.1 / 0.08
     assert "10.000 ms" in table and "8.000 ms" in table  # per step: median / steps
     assert "cpu-2026-11-23.json" in table and "bench-cpu.json" in table
     assert "120.0" in table  # the bench JSON's it/s
+    if importlib.util.find_spec("matplotlib"):
+        assert _png_size(str(tmp_path / "chart.png"))[0] > 500
     capsys.readouterr()
