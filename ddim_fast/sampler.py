@@ -99,6 +99,33 @@ def _cfg_cat(cond, uncond):
     return torch.cat([uncond, cond])
 
 
+def _check_generator(generator, batch: int):
+    """None, one torch.Generator, or a list of ``batch`` generators (one per sample, as diffusers takes)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != batch or not all(isinstance(g, torch.Generator) for g in generator):
+            raise ValueError(f"FastDDIMSampler: generator must be a torch.Generator or a list of {batch} "
+                             f"(one per sample), got a list of {len(generator)}")
+        return list(generator)
+    raise TypeError(f"FastDDIMSampler: generator must be a torch.Generator, a list of them or None, "
+                    f"got {type(generator).__name__}")
+
+
+def randn_per_sample(shape, generator, device, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Standard normals of ``shape`` [B, ...] in the default dtype: from the global RNG (generator None), one
+    generator, or one generator per sample, each drawing its own row (so a sample's draws do not depend on
+    its batch or its position in it). Drawn on each generator's device, then moved to ``device``."""
+    if generator is None:
+        return torch.randn(shape, device=device, out=out) if out is not None else torch.randn(shape, device=device)
+    if isinstance(generator, torch.Generator):
+        z = torch.randn(shape, generator=generator, device=generator.device)
+    else:
+        z = torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device) for g in generator])
+    z = z.to(device)
+    return out.copy_(z) if out is not None else z
+
+
 def _first_tensor(tree):
     while isinstance(tree, (list, tuple)):
         tree = tree[0]
@@ -121,7 +148,8 @@ class _RunConfig:
     dynamic_threshold: float | None
     score_corrector: Any
     corrector_kwargs: dict
-    rng_state: torch.Tensor | None  # philox mode only
+    rng_state: torch.Tensor | None  # philox mode only: int64 [2] (one stream) or [B, 2] (one per sample)
+    generator: Any = None           # torch mode: None (global RNG, as ldm), a generator, or one per sample
 
 
 class FastDDIMSampler:
@@ -266,7 +294,11 @@ class FastDDIMSampler:
                dynamic_threshold=None, ucg_schedule=None, **kwargs):
         """ldm's ``sample``: returns (samples [B, C, H, W], {'x_inter': [...], 'pred_x0': [...]}).
 
-        Extra keyword: ``generator`` (torch.Generator) seeds the philox noise stream.
+        Extra keyword: ``generator``: a torch.Generator, or a list of ``batch_size`` generators (one per
+        sample, as diffusers takes them). It draws x_T (when ``x_T`` is None) and the per-step noise
+        (``noise_mode="torch"``), or the Philox seed (``"philox"``; one seed per sample with a list), instead
+        of the global RNG. With one generator per sample, sample i depends on its own generator only, not on
+        the batch it is in.
         """
         if conditioning is not None:
             if isinstance(conditioning, dict):
@@ -304,7 +336,8 @@ class FastDDIMSampler:
         self._require_schedule()
         device = self.model.betas.device
         b = shape[0]
-        img = torch.randn(shape, device=device) if x_T is None else x_T
+        generator = _check_generator(generator, b)
+        img = randn_per_sample(shape, generator, device) if x_T is None else x_T
 
         if ddim_use_original_steps:
             table = self._original_table().to(device)
@@ -355,17 +388,23 @@ class FastDDIMSampler:
             has_noise = bool(torch.any(self.ddim_sigmas_for_original_num_steps != 0))
         else:
             has_noise = self._has_noise
+        generator = _check_generator(generator, batch)
         rng_state = None
         if self.noise_mode == "philox" and has_noise:
-            gen_device = generator.device if generator is not None else torch.device("cpu")
-            seed = torch.randint(0, 2**62, (1,), generator=generator, device=gen_device)
-            rng_state = torch.cat([seed.to(torch.int64).cpu(), torch.zeros(1, dtype=torch.int64)]).to(self.device)
+            # One seed per run from the generator (or the global CPU RNG); with one generator per sample, one
+            # seed per sample: the kernel then draws row b's noise from row b's (seed, offset) alone.
+            generators = generator if isinstance(generator, list) else [generator]
+            seeds = [torch.randint(0, 2**62, (1,), generator=g, device=g.device if g is not None else "cpu").item()
+                     for g in generators]
+            rows = torch.tensor([[seed, 0] for seed in seeds], dtype=torch.int64)
+            rng_state = (rows if isinstance(generator, list) else rows[0]).to(self.device)
         return _RunConfig(
             table=table, timestep_rows=self._timestep_rows(table, 2 * batch), start_row=table.shape[0] - total,
             num_steps=total, prediction_type=prediction_type, has_noise=has_noise, temperature=float(temperature),
             noise_dropout=float(noise_dropout), quantize=bool(quantize),
             dynamic_threshold=None if dynamic_threshold is None else float(dynamic_threshold),
-            score_corrector=score_corrector, corrector_kwargs=dict(corrector_kwargs or {}), rng_state=rng_state)
+            score_corrector=score_corrector, corrector_kwargs=dict(corrector_kwargs or {}), rng_state=rng_state,
+            generator=generator)
 
     # ---------------------------------------------------------------------------------------------
     # the loop
@@ -428,19 +467,22 @@ class FastDDIMSampler:
 
     def _draw_noise(self, x: torch.Tensor, config: _RunConfig, repeat_noise: bool = False,
                     out: torch.Tensor | None = None):
-        """Upstream's per-step randn (always, to keep the global RNG in step), dropout included.
-        ``out`` (graph path): draw straight into that static buffer (same values as a fresh randn)."""
+        """Upstream's per-step randn (always, to keep the RNG in step), dropout included; from the run's
+        generator(s) when ``sample(generator=...)`` gave some, else the global RNG as ldm draws it.
+        ``out`` (graph path): draw straight into that static buffer (same values as a fresh draw)."""
         if self.noise_mode != "torch":
             return None
         if out is not None and not repeat_noise:
-            torch.randn(x.shape, out=out)
+            randn_per_sample(x.shape, config.generator, x.device, out=out)
             if config.noise_dropout > 0.0:
                 out.copy_(torch.nn.functional.dropout(out, p=config.noise_dropout))
             return out
         if repeat_noise:
-            z = torch.randn((1, *x.shape[1:]), device=x.device).repeat(x.shape[0], *([1] * (x.dim() - 1)))
+            one = randn_per_sample((1, *x.shape[1:]), None if config.generator is None else (
+                config.generator if isinstance(config.generator, torch.Generator) else config.generator[0]), x.device)
+            z = one.repeat(x.shape[0], *([1] * (x.dim() - 1)))
         else:
-            z = torch.randn(x.shape, device=x.device)
+            z = randn_per_sample(x.shape, config.generator, x.device)
         if config.noise_dropout > 0.0:
             # dropout(sigma * z * T) == sigma * T * dropout(z): same RNG draws, same mask.
             z = torch.nn.functional.dropout(z, p=config.noise_dropout)

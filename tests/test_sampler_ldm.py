@@ -379,6 +379,35 @@ def test_philox_mode_is_deterministic_and_normal(models, conds):
     assert torch.equal(state, torch.get_rng_state())
 
 
+@pytest.mark.parametrize("noise_mode", ["torch", "philox"])
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager", "graph-path"])
+def test_one_generator_per_sample_makes_samples_independent_of_the_batch(models, conds, noise_mode, cuda_graph):
+    # generate on torch.distributed relies on this: sample i's x_T and step noise come from its own generator,
+    # so it is the same image as row 0 of a batch of 1 or row 2 of a batch of 4.
+    c = make_conditioning(4)[0]
+    # The model runs one sample at a time, so its own rounding cannot depend on the batch (a batched einsum's
+    # can): what is tested is that the sampler's random draws do not.
+    fast = FastDDIMSampler(_PerSampleModel(models["eps"]), noise_mode=noise_mode, cuda_graph=cuda_graph)
+
+    def run(seeds, rows):
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        return fast.sample(4, len(seeds), SHAPE, conditioning=c[rows], eta=1.0, verbose=False, generator=gens)[0]
+
+    batch = run([10, 11, 12, 13], [0, 1, 2, 3])
+    alone = run([12], [2])
+    pair = run([13, 10], [3, 0])
+    assert torch.equal(alone[0], batch[2])
+    assert torch.equal(pair[0], batch[3]) and torch.equal(pair[1], batch[0])
+    state = torch.get_rng_state()
+    run([1, 2], [0, 1])
+    assert torch.equal(state, torch.get_rng_state()), "the global RNG was drawn from"
+    with pytest.raises(ValueError, match="list of 2 \\(one per sample\\), got a list of 3"):
+        fast.sample(4, 2, SHAPE, conditioning=c[:2], verbose=False,
+                    generator=[torch.Generator() for _ in range(3)])
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        fast.sample(4, 2, SHAPE, conditioning=c[:2], verbose=False, generator=7)
+
+
 def test_torch_mode_draws_noise_even_at_eta0(models, conds):
     c, _ = conds
     fast = FastDDIMSampler(models["eps"])
@@ -576,6 +605,13 @@ class _ModelWrapper(torch.nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.inner, name)
+
+
+class _PerSampleModel(_ModelWrapper):
+    """The wrapped model applied to each sample alone (batch-invariant results by construction)."""
+
+    def apply_model(self, x, t, cond):
+        return torch.cat([self.inner.apply_model(x[i:i + 1], t[i:i + 1], cond[i:i + 1]) for i in range(x.shape[0])])
 
 
 class _Fp32Output(_ModelWrapper):
