@@ -1,10 +1,12 @@
-"""``python -m ddim_fast demo|profile|bench|info`` (also installed as the ``ddim-fast`` command).
+"""``python -m ddim_fast demo|profile|bench|info|generate`` (also installed as the ``ddim-fast`` command).
 
-demo     sample the embedded model (exact denoiser of a built-in glyph set) with FastDDIMSampler, write
-         PNGs, check the result; no downloads
+demo     sample the embedded model (exact denoiser of a built-in glyph set) with FastDDIMSampler, check the
+         result, write one labelled figure; no downloads
 profile  latency per DDIM step (model vs guidance+update), table/JSON/plot/Chrome trace
 bench    end-to-end loop: diffusers DDIMScheduler loop vs FastDDIMSampler (eager, CUDA graph, fused attention)
 info     which backends are built and usable, versions, hardware
+generate many images (embedded model or a local diffusers pipeline folder), on one process or under
+         torchrun, resumable; sample i depends on its own seed only
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def _wants_progress(argv: list[str]) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ddim_fast.tools import bench, demo, info, profiler
+    from ddim_fast.tools import bench, demo, generate, info, profiler
 
     parser = argparse.ArgumentParser(prog="python -m ddim_fast", description=__doc__.split("\n\n")[0],
                                      formatter_class=_HelpFormatter)
@@ -55,12 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the samplers' per-step progress bars on stderr (default: on when stderr is a terminal)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 gives steadier CPU timings on a busy machine)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,profile,bench,info}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,profile,bench,info,generate}")
     for name, module, help_text in (
         ("demo", demo, "sample the embedded model, check it, write a labelled figure"),
         ("profile", profiler, "latency per DDIM step"),
         ("bench", bench, "end-to-end loops: diffusers vs FastDDIMSampler"),
         ("info", info, "backends, versions, hardware"),
+        ("generate", generate, "many images, one process or many (torchrun), resumable, the same image per seed"),
     ):
         p = sub.add_parser(name, help=help_text, description=(module.__doc__ or "").strip().split("\n\n")[0],
                            formatter_class=_HelpFormatter)
