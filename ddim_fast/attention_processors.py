@@ -106,7 +106,8 @@ def patch_attention(model: nn.Module, *, allow_none: bool = False) -> int:
     if count == 0 and already == 0 and not allow_none:
         diffusers_attention = sum(1 for m in model.modules() if type(m).__name__ == "Attention")
         hint = (f" It holds {diffusers_attention} diffusers Attention modules: use "
-                "unet.set_attn_processor(ddim_fast.FusedAttnProcessor()) for those." if diffusers_attention else "")
+                "unet.set_attn_processor(ddim_fast.FusedAttnProcessor()) for those (or ddim_fast.optimize(pipe) for a "
+                "whole pipeline)." if diffusers_attention else "")
         raise ValueError(
             f"patch_attention: no ldm CrossAttention module (to_q/to_k/to_v/to_out, int heads, a scale and "
             f"forward(x, context, mask)) was found in {type(model).__name__}.{hint} Pass allow_none=True to "
@@ -142,6 +143,14 @@ class FusedAttnProcessor:
     spatial_norm, 4-D inputs, group_norm, norm_cross, norm_q/norm_k, attention masks (via
     ``attn.prepare_attention_mask``), residual_connection and rescale_output_factor. Like
     AttnProcessor2_0 the softmax scale is 1/sqrt(head_dim). ``backend`` is passed to ``fused_attention``.
+
+    Shapes: hidden_states [B, L, C] or [B, C, H, W], encoder_hidden_states [B, Lk, Ck], attention_mask
+    [B, Lk] / [B, 1 or Lq, Lk] (diffusers' conventions) -> hidden_states' shape.
+
+    ``fuse_attention(model)`` sets it only where it reproduces the processor in place (see
+    ``unservable_reason``). The way back: ``unfuse_attention(model, fused.originals)`` or
+    ``ddim_fast.restore(pipe)`` put back the original processor objects; ``set_attn_processor(AttnProcessor2_0())``
+    always works; ``set_default_attn_processor()`` refuses this class (diffusers checks for its own classes).
     """
 
     def __init__(self, backend: str = "auto"):

@@ -55,12 +55,14 @@ class OptimizeState:
     attention: model name -> ``FusedAttention`` (fused module names with their original processors, and
     the modules left alone with the reason).
     graphed: model name (``"unet"``, ``"controlnet"``, ``"controlnet.nets.0"`` ...) -> its ``GraphedForward``.
+    models: the model objects acted on (restore reverts those, even if the pipeline holds others by then).
     """
 
     schedulers: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     kept_schedulers: dict[str, str] = field(default_factory=dict)
     attention: dict[str, FusedAttention] = field(default_factory=dict)
     graphed: dict[str, GraphedForward] = field(default_factory=dict)
+    models: dict[str, nn.Module] = field(default_factory=dict)
 
     @property
     def fused_attention_count(self) -> int:
@@ -166,7 +168,20 @@ def optimize(pipe, *, scheduler: bool | str = True, attention: bool = True, cuda
         raise ValueError(f"optimize: {type(pipe).__name__} has no `unet` (attention and cuda_graph act on the UNet; "
                          "pass attention=False, cuda_graph=False to swap the scheduler alone)")
 
-    state = OptimizeState()
+    state = OptimizeState(models=models)
+    try:
+        _apply(pipe, models, state, scheduler=scheduler, attention=attention, cuda_graph=cuda_graph)
+    except BaseException:
+        _undo(pipe, state)  # a failed optimize leaves the pipeline as it was
+        raise
+    pipe.__dict__[_STATE_ATTR] = state
+    logger.info("ddim_fast.optimize(%s): %s", type(pipe).__name__, _summary(state))
+    return pipe
+
+
+def _apply(pipe, models: dict, state: OptimizeState, *, scheduler, attention: bool, cuda_graph: bool) -> None:
+    """The work of optimize, recording every change in `state` as it is made (so that _undo can revert a
+    partial run)."""
     if attention:
         for name, model in models.items():
             state.attention[name] = fuse_attention(model)
@@ -193,10 +208,6 @@ def optimize(pipe, *, scheduler: bool | str = True, attention: bool = True, cuda
                                 "pipeline); leaving it as it is", target_name)
                     continue
                 state.graphed[target_name] = GraphedForward(target, pool_source=pools).install()
-
-    pipe.__dict__[_STATE_ATTR] = state
-    logger.info("ddim_fast.optimize(%s): %s", type(pipe).__name__, _summary(state))
-    return pipe
 
 
 def _is_graphed(module: nn.Module) -> bool:
@@ -239,20 +250,19 @@ def restore(pipe):
     state = optimized_state(pipe)
     if state is None:
         return pipe
-    for name, graphed in state.graphed.items():
+    _undo(pipe, state)
+    del pipe.__dict__[_STATE_ATTR]
+    return pipe
+
+
+def _undo(pipe, state: OptimizeState) -> None:
+    """Reverts what `state` records, last change first: graphs, attention processors, schedulers."""
+    for graphed in state.graphed.values():
         graphed.uninstall()
-    models = _models(pipe)
     for name, fused in state.attention.items():
-        model = models.get(name)
-        if model is None:
-            logger.warning("ddim_fast.restore: %s is no longer in the pipeline; its attention processors are not "
-                           "restored", name)
-            continue
-        unfuse_attention(model, fused.originals)
+        unfuse_attention(state.models[name], fused.originals)
     for name, (original, replacement) in state.schedulers.items():
         if getattr(pipe, name, None) is replacement:
             setattr(pipe, name, original)
         else:
             logger.info("ddim_fast.restore: pipe.%s was replaced since optimize(); keeping the new one", name)
-    del pipe.__dict__[_STATE_ATTR]
-    return pipe

@@ -391,6 +391,25 @@ def test_unserved_modules_are_listed_in_one_warning(caplog):
     assert all(pipe.unet.attn_processors[name] is custom[name] for name in names)
 
 
+def test_a_failed_optimize_leaves_the_pipeline_as_it_was(monkeypatch):
+    pipe = tp.sd_controlnet()
+    scheduler, processors = pipe.scheduler, dict(pipe.unet.attn_processors)
+
+    class Failing(GraphedForward):
+        def install(self):
+            if isinstance(self.module, diffusers.ControlNetModel):  # the unet is already graphed by then
+                raise RuntimeError("install failed")
+            return super().install()
+
+    monkeypatch.setattr(ddim_fast.pipeline, "GraphedForward", Failing)
+    with pytest.raises(RuntimeError, match="install failed"):
+        ddim_fast.optimize(pipe)
+    assert optimized_state(pipe) is None and pipe.scheduler is scheduler
+    assert "forward" not in pipe.unet.__dict__ and "forward" not in pipe.controlnet.__dict__
+    assert all(pipe.unet.attn_processors[name] is processors[name] for name in processors)
+    assert all(type(p) is AttnProcessor2_0 for p in pipe.controlnet.attn_processors.values())
+
+
 def test_pipeline_without_unet_needs_scheduler_only():
     pipe = tp.sd()
     unet = pipe.unet
@@ -710,16 +729,20 @@ def test_cuda_graph_reads_in_place_weight_updates_and_never_aliases_outputs():
     unet = tp.tiny_unet().to("cuda")
     graphed = GraphedForward(unet).install()
     x, cond = (t.cuda() for t in _inputs())
-    first = unet(x, 500, cond).sample
+    t = torch.tensor(500, device="cuda")
+    # Replays run the kernels eager runs do, but library heuristics may pick other algorithms inside a
+    # capture: fp32 agreement per call, not bit equality.
+    first = unet(x, t, cond).sample
     kept = first.clone()
-    assert torch.equal(first, _eager(unet, x, 500, cond).sample)
+    assert_rel_close(first, _eager(unet, x, t, cond).sample, torch.float32, "first replay")
     unet.conv_out.weight.mul_(0.5)  # fuse_lora-style in-place update
-    second = unet(x, 500, cond).sample
+    second = unet(x, t, cond).sample
     assert graphed.cache.misses == 1 and graphed.cache.hits == 1 and graphed.cache.get(graphed.last_key).captured
-    assert torch.equal(second, _eager(unet, x, 500, cond).sample) and not torch.equal(second, kept)
+    assert_rel_close(second, _eager(unet, x, t, cond).sample, torch.float32, "replay after an in-place update")
+    assert not torch.allclose(second, kept)
     assert torch.equal(first, kept), "the second replay overwrote the first call's output"
     unet.set_attn_processor(AttnProcessor())
-    assert torch.equal(unet(x, 500, cond).sample, _eager(unet, x, 500, cond).sample)
+    assert_rel_close(unet(x, t, cond).sample, _eager(unet, x, t, cond).sample, torch.float32, "after recapture")
     assert graphed.invalidations == 1 and graphed.cache.misses == 2
     graphed.uninstall()
 
