@@ -12,6 +12,9 @@ Groups (baseline: ``plain``):
   512 x 512, CFG 7.5, 50 steps, batch 1, output_type="latent"); torch.compile in diffusers' recommended
   ``mode="reduce-overhead", fullgraph=True``. Skipped without CUDA. Goal: optimize >= 1.3x plain's it/s.
 
+``DDIM_FAST_BENCH_NO_COMPILE=1`` skips the torch.compile entries (compiling SD1.5's UNet takes a minute or two
+of a time-boxed device run).
+
 Every entry proves what it ran before it is timed (plain: diffusers' scheduler and processors, eager
 forward; optimize: fused scheduler, fused attention modules counted, every UNet call through the graph
 path, captured on CUDA; compile: an OptimizedModule with at least one Dynamo frame compiled) and checks its
@@ -155,6 +158,8 @@ def _prepare(setup: Setup, variant: str) -> dict:
         ddim_fast.optimize(pipe)
         state = ddim_fast.optimized_state(pipe)
         return {"scheduler": type(pipe.scheduler).__name__, "fused_attention_modules": state.fused_attention_count}
+    if os.environ.get("DDIM_FAST_BENCH_NO_COMPILE"):
+        pytest.skip("DDIM_FAST_BENCH_NO_COMPILE is set")
     if setup.device.type == "cpu" and IN_CI:
         pytest.skip("torch.compile on the CPU compiles for minutes on two cores; run without CI=1")
     torch._dynamo.reset()
