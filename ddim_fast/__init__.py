@@ -1,7 +1,8 @@
 """ddim-fast: fused CUDA C++ and Triton kernels for Stable Diffusion's DDIM sampling loop.
 
 Drop-ins: ``FastDDIMSampler`` (ldm ``DDIMSampler``), ``FastDDIMScheduler`` / ``FastDDIMInverseScheduler``
-(diffusers), ``patch_attention`` / ``FusedAttnProcessor`` (fused attention). Low level: ``ddim_fast.ops``
+(diffusers), ``patch_attention`` / ``FusedAttnProcessor`` (fused attention); ``optimize(pipe)`` /
+``restore(pipe)`` do all of it to a diffusers pipeline in one call, CUDA-graphed UNet included. Low level: ``ddim_fast.ops``
 and the ``torch.ops.ddim_fast`` operators, which importing this package registers. Architecture:
 docs/design.md.
 """
@@ -25,6 +26,13 @@ _LAZY = {
     "patch_attention": "ddim_fast.attention_processors",
     "unpatch_attention": "ddim_fast.attention_processors",
     "FusedAttnProcessor": "ddim_fast.attention_processors",
+    "fuse_attention": "ddim_fast.attention_processors",
+    "unfuse_attention": "ddim_fast.attention_processors",
+    "optimize": "ddim_fast.pipeline",
+    "restore": "ddim_fast.pipeline",
+    "optimized_state": "ddim_fast.pipeline",
+    "pipeline": "ddim_fast.pipeline",
+    "module_graph": "ddim_fast.module_graph",
     "fused_attention": "ddim_fast.attention",
     "ops": "ddim_fast.ops",
     "attention": "ddim_fast.attention",

@@ -1,6 +1,14 @@
 """Fused attention inside Stable Diffusion UNets: ``patch_attention`` for ldm's ``CrossAttention`` (found by
-structure) and ``FusedAttnProcessor``, a diffusers attention processor. Both call
-``ddim_fast.attention.fused_attention``; see that module for the kernels, shapes, masks and precision.
+structure) and ``FusedAttnProcessor``, a diffusers attention processor, which ``fuse_attention`` puts on
+every diffusers ``Attention`` module it can serve (``unfuse_attention`` puts the original processors back).
+All of them call ``ddim_fast.attention.fused_attention``; see that module for the kernels, shapes, masks
+and precision.
+
+The way back from ``FusedAttnProcessor`` in diffusers: ``unet.set_default_attn_processor()`` refuses it
+(diffusers only accepts its own processor classes there). Use ``ddim_fast.restore(pipe)`` (after
+``ddim_fast.optimize(pipe)``) or ``unfuse_attention(model, originals)`` (after ``fuse_attention``), which
+put back the very processor objects that were there; or ``unet.set_attn_processor(AttnProcessor2_0())``,
+which always works.
 """
 
 from __future__ import annotations
@@ -18,7 +26,8 @@ from ddim_fast.attention import ATTENTION_BACKENDS, fused_attention
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["patch_attention", "unpatch_attention", "FusedAttnProcessor"]
+__all__ = ["patch_attention", "unpatch_attention", "FusedAttnProcessor", "fuse_attention", "unfuse_attention",
+           "unservable_reason", "FusedAttention", "MAX_HEAD_DIM"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,7 +106,8 @@ def patch_attention(model: nn.Module, *, allow_none: bool = False) -> int:
     if count == 0 and already == 0 and not allow_none:
         diffusers_attention = sum(1 for m in model.modules() if type(m).__name__ == "Attention")
         hint = (f" It holds {diffusers_attention} diffusers Attention modules: use "
-                "unet.set_attn_processor(ddim_fast.FusedAttnProcessor()) for those." if diffusers_attention else "")
+                "unet.set_attn_processor(ddim_fast.FusedAttnProcessor()) for those (or ddim_fast.optimize(pipe) for a "
+                "whole pipeline)." if diffusers_attention else "")
         raise ValueError(
             f"patch_attention: no ldm CrossAttention module (to_q/to_k/to_v/to_out, int heads, a scale and "
             f"forward(x, context, mask)) was found in {type(model).__name__}.{hint} Pass allow_none=True to "
@@ -133,6 +143,14 @@ class FusedAttnProcessor:
     spatial_norm, 4-D inputs, group_norm, norm_cross, norm_q/norm_k, attention masks (via
     ``attn.prepare_attention_mask``), residual_connection and rescale_output_factor. Like
     AttnProcessor2_0 the softmax scale is 1/sqrt(head_dim). ``backend`` is passed to ``fused_attention``.
+
+    Shapes: hidden_states [B, L, C] or [B, C, H, W], encoder_hidden_states [B, Lk, Ck], attention_mask
+    [B, Lk] / [B, 1 or Lq, Lk] (diffusers' conventions) -> hidden_states' shape.
+
+    ``fuse_attention(model)`` sets it only where it reproduces the processor in place (see
+    ``unservable_reason``). The way back: ``unfuse_attention(model, fused.originals)`` or
+    ``ddim_fast.restore(pipe)`` put back the original processor objects; ``set_attn_processor(AttnProcessor2_0())``
+    always works; ``set_default_attn_processor()`` refuses this class (diffusers checks for its own classes).
     """
 
     def __init__(self, backend: str = "auto"):
@@ -205,3 +223,147 @@ class FusedAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+# --------------------------------------------------------------------------------------------------
+# Putting FusedAttnProcessor on the modules it serves, and taking it off again
+# --------------------------------------------------------------------------------------------------
+
+# Largest head dim the fused kernels take (the Triton kernel's limit; SD uses 40 to 160).
+MAX_HEAD_DIM = 256
+
+# diffusers processors whose outputs FusedAttnProcessor reproduces (the same math: projections, softmax(q k^T /
+# sqrt(d) + mask) v, output projection, residual, rescale). Looked up by name: not every diffusers version has all.
+_SERVED_PROCESSOR_NAMES = ("AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "SlicedAttnProcessor")
+# The classic processors apply attn.scale; AttnProcessor2_0 (like FusedAttnProcessor) always uses 1/sqrt(d).
+_USES_ATTN_SCALE = ("AttnProcessor", "XFormersAttnProcessor", "SlicedAttnProcessor")
+
+# Why a processor family cannot be served, by a part of its class name (first match wins).
+_UNSERVED_FAMILIES = (
+    ("IPAdapter", "IP-Adapter image-prompt attention (extra image keys/values)"),
+    ("AddedKV", "added key/value projections"),
+    ("Joint", "joint attention (text and image tokens in one sequence)"),
+    ("PAG", "perturbed-attention guidance"),
+    ("CustomDiffusion", "Custom Diffusion (trained key/value projections in the processor)"),
+    ("Fused", "fused QKV projections (fuse_qkv_projections)"),
+)
+
+
+def _served_processor_classes() -> dict[type, str]:
+    from diffusers.models import attention_processor as ap
+
+    return {getattr(ap, name): name for name in _SERVED_PROCESSOR_NAMES if hasattr(ap, name)}
+
+
+def unservable_reason(module: nn.Module, processor=None) -> Optional[str]:
+    """Why ``FusedAttnProcessor`` cannot stand in for the processor of the diffusers attention ``module``
+    (``processor`` defaults to ``module.processor``), or None when it can: the module is a diffusers
+    ``Attention``, its processor one of AttnProcessor / AttnProcessor2_0 / XFormersAttnProcessor /
+    SlicedAttnProcessor (or already a FusedAttnProcessor), no added key/value projections, a head dim of at
+    most ``MAX_HEAD_DIM``, weights in fp32 / fp16 / bf16, and, for the processors that apply ``attn.scale``,
+    the default 1/sqrt(head_dim) scale."""
+    from diffusers.models.attention_processor import Attention
+
+    if processor is None:
+        processor = getattr(module, "processor", None)
+    cls_name = type(processor).__name__
+    if not isinstance(module, Attention):
+        return f"{type(module).__name__} is not a diffusers Attention module"
+    if not isinstance(processor, FusedAttnProcessor):
+        served = _served_processor_classes()
+        if type(processor) not in served:
+            for part, reason in _UNSERVED_FAMILIES:
+                if part in cls_name:
+                    return f"{cls_name}: {reason}"
+            return f"{cls_name}: a processor the fused kernels do not reproduce"
+    if getattr(module, "added_kv_proj_dim", None) is not None:
+        return f"{cls_name}: added key/value projections"
+    heads = int(module.heads)
+    head_dim = int(getattr(module, "inner_kv_dim", module.inner_dim)) // heads
+    if head_dim > MAX_HEAD_DIM:
+        return f"head_dim {head_dim} > {MAX_HEAD_DIM}, the fused kernels' limit"
+    weight = next(module.parameters(), None)
+    if weight is not None and weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"{weight.dtype} weights (the fused kernels take float32, float16 and bfloat16)"
+    if cls_name in _USES_ATTN_SCALE and not math.isclose(float(module.scale), head_dim ** -0.5, rel_tol=1e-6):
+        return f"{cls_name} with softmax scale {module.scale:g} (the fused processor uses 1/sqrt(head_dim))"
+    return None
+
+
+class FusedAttention:
+    """What :func:`fuse_attention` did to a model: ``originals`` maps each fused module's name (as in
+    ``model.attn_processors``, without the ``.processor`` suffix) to the processor object it had;
+    ``unserved`` maps each module left alone to the reason; ``already`` counts modules that ran a
+    FusedAttnProcessor before; ``processor`` is the FusedAttnProcessor set."""
+
+    def __init__(self, originals: dict, unserved: dict, processor: "FusedAttnProcessor", already: int = 0):
+        self.originals = originals
+        self.unserved = unserved
+        self.processor = processor
+        self.already = already
+
+    @property
+    def count(self) -> int:
+        return len(self.originals)
+
+    def unserved_summary(self) -> str:
+        """One line: each reason once, with how many modules and the first module's name."""
+        by_reason: dict[str, list[str]] = {}
+        for name, reason in self.unserved.items():
+            by_reason.setdefault(reason, []).append(name)
+        return "; ".join(f"{reason}: {len(names)} module{'s' if len(names) > 1 else ''} ({names[0]}"
+                         f"{', ...' if len(names) > 1 else ''})" for reason, names in by_reason.items())
+
+
+def _attention_modules(model: nn.Module):
+    """(name, module) of every module with a diffusers processor, as ``model.attn_processors`` lists them."""
+    for name, module in model.named_modules():
+        if hasattr(module, "get_processor") and hasattr(module, "set_processor"):
+            yield name, module
+
+
+def fuse_attention(model: nn.Module, *, backend: str = "auto") -> FusedAttention:
+    """Sets one ``FusedAttnProcessor(backend)`` on every attention module of the diffusers ``model`` (a UNet,
+    a ControlNet, ...) that it can serve (see :func:`unservable_reason`); the others keep their processors.
+    Returns a :class:`FusedAttention` with the original processor objects, for :func:`unfuse_attention`.
+    Modules that already run a FusedAttnProcessor are left as they are (counted in ``already``)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse_attention: model must be a torch.nn.Module, got {type(model).__name__}")
+    processor = FusedAttnProcessor(backend)
+    originals: dict[str, object] = {}
+    unserved: dict[str, str] = {}
+    already = 0
+    for name, module in _attention_modules(model):
+        current = module.get_processor()
+        if isinstance(current, FusedAttnProcessor):
+            already += 1
+            continue
+        reason = unservable_reason(module, current)
+        if reason is not None:
+            unserved[name] = reason
+            continue
+        originals[name] = current
+        # Per module, not model.set_attn_processor(dict): that would also touch the unserved modules.
+        module.set_processor(processor)
+    return FusedAttention(originals, unserved, processor, already)
+
+
+def unfuse_attention(model: nn.Module, originals: dict) -> int:
+    """Puts back the processor objects ``originals`` (``FusedAttention.originals``: module name -> processor)
+    on the modules of ``model`` that still run a FusedAttnProcessor; returns how many. A module whose
+    processor was changed since is left with that one (logged)."""
+    modules = dict(_attention_modules(model))
+    restored = 0
+    for name, original in originals.items():
+        module = modules.get(name)
+        if module is None:
+            logger.warning("unfuse_attention: module %s is gone from %s; its processor is not restored", name,
+                           type(model).__name__)
+            continue
+        if not isinstance(module.get_processor(), FusedAttnProcessor):
+            logger.info("unfuse_attention: %s has a processor set since (%s); keeping it", name,
+                        type(module.get_processor()).__name__)
+            continue
+        module.set_processor(original)
+        restored += 1
+    return restored

@@ -171,3 +171,76 @@ def test_fused_processor_unet():
 def test_fused_processor_bad_backend():
     with pytest.raises(ValueError, match="backend must be one of"):
         ddim_fast.FusedAttnProcessor(backend="flash")
+
+
+# ---- fuse_attention / unfuse_attention: which modules FusedAttnProcessor serves, and the way back -------------
+
+
+def _attention_zoo():
+    from diffusers.models.attention_processor import (AttnAddedKVProcessor2_0, AttnProcessor, IPAdapterAttnProcessor2_0,
+                                                      JointAttnProcessor2_0, SlicedAttnProcessor)
+
+    torch.manual_seed(0)
+    zoo = nn.ModuleDict({
+        "sdpa": Attention(query_dim=32, heads=2, dim_head=16),
+        "classic": Attention(query_dim=32, cross_attention_dim=24, heads=2, dim_head=40, processor=AttnProcessor()),
+        "sliced": Attention(query_dim=32, heads=4, dim_head=8, processor=SlicedAttnProcessor(slice_size=1)),
+        # AttnProcessor2_0 ignores attn.scale (SDPA's default 1/sqrt(d)), as FusedAttnProcessor does: served.
+        "sdpa_scale_one": Attention(query_dim=32, heads=2, dim_head=16, scale_qk=False, processor=AttnProcessor2_0()),
+        # The classic processor applies attn.scale = 1 here: not what the fused processor computes.
+        "classic_scale_one": Attention(query_dim=32, heads=2, dim_head=16, scale_qk=False),
+        "ip_adapter": Attention(query_dim=32, cross_attention_dim=24, heads=2, dim_head=16,
+                                processor=IPAdapterAttnProcessor2_0(hidden_size=32, cross_attention_dim=24)),
+        "added_kv": Attention(query_dim=32, heads=2, dim_head=16, added_kv_proj_dim=24,
+                              processor=AttnAddedKVProcessor2_0()),
+        "joint": Attention(query_dim=32, heads=2, dim_head=16, processor=JointAttnProcessor2_0()),
+        "head_dim_320": Attention(query_dim=32, heads=1, dim_head=320),
+        "float64": Attention(query_dim=32, heads=2, dim_head=16).double(),
+    })
+    return zoo.eval()
+
+
+def test_fuse_attention_serves_what_it_reproduces_and_names_the_rest():
+    zoo = _attention_zoo()
+    originals = {name: module.processor for name, module in zoo.items()}
+    x = torch.randn(2, 12, 32)
+    context = torch.randn(2, 77, 24)
+    args = {"classic": dict(encoder_hidden_states=context)}
+    with torch.no_grad():
+        expected = {name: zoo[name](x, **args.get(name, {})) for name in ("sdpa", "classic", "sliced", "sdpa_scale_one")}
+        fused = ddim_fast.fuse_attention(zoo)
+        got = {name: zoo[name](x, **args.get(name, {})) for name in expected}
+    assert sorted(fused.originals) == sorted(expected)
+    assert fused.count == 4 and fused.already == 0
+    assert all(fused.originals[name] is originals[name] for name in expected)
+    for name in expected:
+        assert isinstance(zoo[name].processor, ddim_fast.FusedAttnProcessor)
+        assert_rel_close(got[name], expected[name], SAMPLER_RTOL, f"fused {name}")
+        assert not torch.equal(got[name], expected[name]), f"{name}: the fused kernel did not run"
+    reasons = fused.unserved
+    assert reasons["classic_scale_one"] == ("AttnProcessor with softmax scale 1 (the fused processor uses "
+                                            "1/sqrt(head_dim))")
+    assert reasons["ip_adapter"].startswith("IPAdapterAttnProcessor2_0: IP-Adapter image-prompt attention")
+    assert reasons["added_kv"] == "AttnAddedKVProcessor2_0: added key/value projections"
+    assert reasons["joint"].startswith("JointAttnProcessor2_0: joint attention")
+    assert reasons["head_dim_320"] == "head_dim 320 > 256, the fused kernels' limit"
+    assert reasons["float64"].startswith("torch.float64 weights")
+    assert set(reasons) | set(expected) == set(zoo)
+    assert all(zoo[name].processor is originals[name] for name in reasons)  # left exactly as they were
+    summary = fused.unserved_summary()
+    assert "IP-Adapter" in summary and "head_dim 320" in summary and summary.count(";") == len(reasons) - 1
+
+    # Fusing again counts the modules that already run it, changes nothing.
+    again = ddim_fast.fuse_attention(zoo)
+    assert again.count == 0 and again.already == 4
+    # The way back: the very same processor objects (nn.Module processors stay registered submodules).
+    zoo["sliced"].set_processor(AttnProcessor2_0())  # the user's own change since: kept
+    assert ddim_fast.unfuse_attention(zoo, fused.originals) == 3
+    assert all(zoo[name].processor is originals[name] for name in zoo if name != "sliced")
+    assert type(zoo["sliced"].processor) is AttnProcessor2_0
+    assert zoo["ip_adapter"]._modules["processor"] is originals["ip_adapter"]
+
+
+def test_fuse_attention_rejects_non_modules():
+    with pytest.raises(TypeError, match="fuse_attention: model must be a torch.nn.Module"):
+        ddim_fast.fuse_attention("unet")
