@@ -337,34 +337,6 @@ class _FusedDDIMBase:
                              prediction_type=prediction_type, clip_range=clip_range, x0_threshold=x0_threshold,
                              use_clipped_model_output=use_clipped_model_output, noise=noise, return_pred_x0=True)
 
-    @staticmethod
-    def _broadcast_alpha(values: torch.Tensor, ndim: int) -> torch.Tensor:
-        values = values.flatten()
-        return values.reshape(values.shape[0], *([1] * (ndim - 1))) if ndim > 1 else values
-
-    def _alpha_factors(self, like: torch.Tensor, timesteps: torch.Tensor):
-        # Moved like diffusers does (it reassigns alphas_cumprod to the sample's device).
-        self.alphas_cumprod = self.alphas_cumprod.to(device=like.device)
-        abar = self.alphas_cumprod.to(dtype=like.dtype)[timesteps.to(like.device)]
-        sqrt_alpha = self._broadcast_alpha(abar**0.5, like.dim())
-        sqrt_one_minus_alpha = self._broadcast_alpha((1 - abar) ** 0.5, like.dim())
-        return sqrt_alpha, sqrt_one_minus_alpha
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor) -> torch.Tensor:
-        """Forward diffusion q(x_t | x_0): sqrt(a_t) x0 + sqrt(1 - a_t) noise. original_samples/noise [B, ...],
-        timesteps [B] (or one) -> [B, ...]."""
-        _check_tensor("original_samples", original_samples)
-        _check_tensor("noise", noise)
-        sqrt_alpha, sqrt_one_minus_alpha = self._alpha_factors(original_samples, _check_tensor("timesteps", timesteps))
-        return sqrt_alpha * original_samples + sqrt_one_minus_alpha * noise
-
-    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor) -> torch.Tensor:
-        """The v-prediction target sqrt(a_t) noise - sqrt(1 - a_t) sample. sample/noise [B, ...], timesteps [B]."""
-        _check_tensor("sample", sample)
-        _check_tensor("noise", noise)
-        sqrt_alpha, sqrt_one_minus_alpha = self._alpha_factors(sample, _check_tensor("timesteps", timesteps))
-        return sqrt_alpha * noise - sqrt_one_minus_alpha * sample
-
     def _output(self, prev_sample, pred_original_sample, return_dict):
         if not return_dict:
             return prev_sample, pred_original_sample
@@ -426,6 +398,35 @@ class FastDDIMScheduler(_FusedDDIMBase, DDIMScheduler):
         s = s.reshape(-1, *([1] * (sample.dim() - 1)))
         work = sample if sample.dtype in (torch.float32, torch.float64) else sample.float()
         return (torch.clamp(work, -s, s) / s).to(sample.dtype)
+
+    # add_noise / get_velocity: diffusers' DDIMScheduler has them, its DDIMInverseScheduler does not.
+    @staticmethod
+    def _broadcast_alpha(values: torch.Tensor, ndim: int) -> torch.Tensor:
+        values = values.flatten()
+        return values.reshape(values.shape[0], *([1] * (ndim - 1))) if ndim > 1 else values
+
+    def _alpha_factors(self, like: torch.Tensor, timesteps: torch.Tensor):
+        # Moved like diffusers does (it reassigns alphas_cumprod to the sample's device).
+        self.alphas_cumprod = self.alphas_cumprod.to(device=like.device)
+        abar = self.alphas_cumprod.to(dtype=like.dtype)[timesteps.to(like.device)]
+        sqrt_alpha = self._broadcast_alpha(abar**0.5, like.dim())
+        sqrt_one_minus_alpha = self._broadcast_alpha((1 - abar) ** 0.5, like.dim())
+        return sqrt_alpha, sqrt_one_minus_alpha
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor) -> torch.Tensor:
+        """Forward diffusion q(x_t | x_0): sqrt(a_t) x0 + sqrt(1 - a_t) noise. original_samples/noise [B, ...],
+        timesteps [B] (or one) -> [B, ...]."""
+        _check_tensor("original_samples", original_samples)
+        _check_tensor("noise", noise)
+        sqrt_alpha, sqrt_one_minus_alpha = self._alpha_factors(original_samples, _check_tensor("timesteps", timesteps))
+        return sqrt_alpha * original_samples + sqrt_one_minus_alpha * noise
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor) -> torch.Tensor:
+        """The v-prediction target sqrt(a_t) noise - sqrt(1 - a_t) sample. sample/noise [B, ...], timesteps [B]."""
+        _check_tensor("sample", sample)
+        _check_tensor("noise", noise)
+        sqrt_alpha, sqrt_one_minus_alpha = self._alpha_factors(sample, _check_tensor("timesteps", timesteps))
+        return sqrt_alpha * noise - sqrt_one_minus_alpha * sample
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """The descending grid of ``num_inference_steps`` timesteps (``timestep_spacing``, ``steps_offset``) and

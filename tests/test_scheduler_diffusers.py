@@ -539,6 +539,11 @@ def test_isinstance_checks_of_pipelines_pass():
     assert isinstance(FastDDIMInverseScheduler(), DDIMInverseScheduler)
     for name in ("set_begin_index", "begin_index", "step_index"):
         assert hasattr(FastDDIMScheduler(), name) == hasattr(DDIMScheduler(), name), name
+    # Pipelines probe with hasattr: the public surface is diffusers' own, plus the documented graph_step.
+    for mine, theirs, extras in ((FastDDIMScheduler(), DDIMScheduler(), {"graph_step"}),
+                                 (FastDDIMInverseScheduler(), DDIMInverseScheduler(), set())):
+        public = lambda obj: {n for n in dir(obj) if not n.startswith("_")}  # noqa: E731
+        assert public(mine) - public(theirs) == extras and public(theirs) <= public(mine), type(mine).__name__
 
 
 def test_fp16_step_close_to_diffusers():
