@@ -10,14 +10,19 @@ Groups (the baseline of each is marked ``extra_info['baseline']``):
 * ``e2e cuda sd15-unet``: SD1.5-config UNet, fp16, 512x512, CFG 7.5, 50 steps — diffusers loop
   (baseline), FastDDIMSampler eager, + CUDA graph, + fused attention. Skipped without CUDA.
 
-Every loop's output is checked against the baseline's before it is timed.
+Every loop proves what its name says before it is timed, with ``ddim_fast.tools.bench.Variant`` (the
+same proofs as ``python -m ddim_fast bench``): its first call runs under a dispatcher-level op counter
+and a UNet forward counter — "fast" loops one ``torch.ops.ddim_fast`` step op per UNet forward,
+"+attn" a ddim_fast attention op for every attention module of every forward and no SDPA/softmax
+(``FusedAttnProcessor`` on every module of a diffusers UNet), "+graph" only captured CUDA graphs — and
+every timed call is checked again (forwards, graph replays per step). Its output is checked against
+the baseline's.
 
     pytest benchmarks/bench_e2e.py --benchmark-only
 """
 
 from __future__ import annotations
 
-import copy
 import os
 
 import pytest
@@ -26,7 +31,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
-from ddim_fast import bench, info, profiler, reference  # noqa: E402
+from ddim_fast import reference  # noqa: E402
+from ddim_fast.tools import bench, info, profiler  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -46,7 +52,8 @@ def _extra(benchmark, problem: bench.Problem, baseline: bool = False) -> None:
 
 
 def _time(benchmark, fn, device: torch.device, rounds: int | None = None):
-    """benchmark(fn), synchronising the GPU inside the timed call so kernels are counted."""
+    """benchmark(fn), synchronising the GPU inside the timed call so kernels are counted (host-timed:
+    a whole sampling run of tens of ms to seconds, the device synchronised at its end)."""
     def run():
         out = fn()
         bench.synchronize(device)
@@ -68,34 +75,42 @@ def tiny_problem():
     problem = bench.unet_problem("tiny-unet", torch.device("cpu"), torch.float32, batch=1, steps=CPU_STEPS,
                                  guidance=7.5)
     problem.extra["expected"] = bench.diffusers_loop(problem)
+    problem.extra["baseline"] = "diffusers"
     return problem
 
 
-def _patched(problem: bench.Problem) -> bench.Problem:
-    """A copy of the problem whose UNet (a deep copy) has ddim_fast's fused attention patched in."""
-    attention = pytest.importorskip("ddim_fast.attention")
-    unet = copy.deepcopy(problem.unet)
-    attention.patch_attention(unet)
-    patched = copy.copy(problem)
-    patched.unet, patched.model = unet, bench.LdmUNetModel(unet)
-    return patched
+def _variant(problem: bench.Problem, loop: str) -> bench.Variant:
+    variant = bench.Variant.build(problem, loop)
+    if isinstance(variant, str):
+        pytest.skip(f"{loop}: {variant}")
+    return variant
+
+
+def _proven(benchmark, problem: bench.Problem, loop: str, tolerance: float, rounds: int | None = None) -> None:
+    """Build the loop, prove it (first call), check its output, time it (each timed call checked too)."""
+    variant = _variant(problem, loop)
+    try:
+        out = variant.first_call()
+        err = reference.relative_error(out, problem.extra["expected"])
+        assert err <= tolerance, f"{loop}: relative error {err:.2e} vs the baseline > {tolerance:.0e}"
+        _extra(benchmark, problem, baseline=loop == problem.extra["baseline"])
+        benchmark.extra_info["proof"] = variant.proof
+        benchmark.extra_info["cuda_graph"] = variant.expect.graph
+        benchmark.extra_info["fused_attention"] = variant.expect.fused_attention
+        _time(benchmark, variant, problem.device, rounds=rounds)
+        if problem.device.type == "cuda":  # the figure to read on a GPU: CUDA events around the whole run
+            times = bench.time_call(variant, problem.device, rounds or 3, warmup=0)
+            benchmark.extra_info["seconds_cuda_events"] = sorted(times)[len(times) // 2]
+            benchmark.extra_info["it_per_s_cuda_events"] = problem.steps / benchmark.extra_info["seconds_cuda_events"]
+        assert variant.proof["ok"], variant.proof["problems"]
+    finally:
+        variant.close()
 
 
 @pytest.mark.benchmark(group="e2e cpu tiny-unet")
 @pytest.mark.parametrize("loop", ["diffusers", "reference", "fast", "fast+attn"])
 def test_e2e_cpu_tiny_unet(benchmark, tiny_problem, loop):
-    if loop == "diffusers":
-        fn = lambda: bench.diffusers_loop(tiny_problem)  # noqa: E731
-    elif loop == "reference":
-        fn = lambda: bench.reference_loop(tiny_problem)  # noqa: E731
-    else:
-        problem = _patched(tiny_problem) if loop == "fast+attn" else tiny_problem
-        sampler = bench.make_fast_sampler(problem)
-        fn = lambda: bench.fast_loop(problem, sampler)  # noqa: E731
-    out = fn()
-    assert reference.relative_error(out, tiny_problem.extra["expected"]) <= bench.RUN_TOLERANCES[torch.float32]
-    _extra(benchmark, tiny_problem, baseline=loop == "diffusers")
-    _time(benchmark, fn, tiny_problem.device)
+    _proven(benchmark, tiny_problem, loop, bench.RUN_TOLERANCES[torch.float32])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -107,21 +122,14 @@ def test_e2e_cpu_tiny_unet(benchmark, tiny_problem, loop):
 def embedded_problem():
     problem = profiler.embedded_problem(torch.device("cpu"), torch.float32, batch=8, steps=50, guidance=3.0)
     problem.extra["expected"] = bench.reference_loop(problem)
+    problem.extra["baseline"] = "reference"
     return problem
 
 
 @pytest.mark.benchmark(group="e2e cpu embedded")
 @pytest.mark.parametrize("loop", ["reference", "fast"])
 def test_e2e_cpu_embedded(benchmark, embedded_problem, loop):
-    if loop == "reference":
-        fn = lambda: bench.reference_loop(embedded_problem)  # noqa: E731
-    else:
-        sampler = bench.make_fast_sampler(embedded_problem)
-        fn = lambda: bench.fast_loop(embedded_problem, sampler)  # noqa: E731
-    out = fn()
-    assert reference.relative_error(out, embedded_problem.extra["expected"]) <= bench.RUN_TOLERANCES[torch.float32]
-    _extra(benchmark, embedded_problem, baseline=loop == "reference")
-    _time(benchmark, fn, embedded_problem.device)
+    _proven(benchmark, embedded_problem, loop, bench.RUN_TOLERANCES[torch.float32])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -135,6 +143,7 @@ def sd15_problem():
     problem = bench.unet_problem("sd15-unet", torch.device("cuda"), torch.float16, batch=1, steps=GPU_STEPS,
                                  guidance=7.5, resolution=512)
     problem.extra["expected"] = bench.diffusers_loop(problem)
+    problem.extra["baseline"] = "diffusers"
     return problem
 
 
@@ -142,22 +151,5 @@ def sd15_problem():
 @pytest.mark.benchmark(group="e2e cuda sd15-unet fp16 512px")
 @pytest.mark.parametrize("loop", ["diffusers", "fast", "fast+graph", "fast+attn"])
 def test_e2e_cuda_sd15(benchmark, sd15_problem, loop):
-    problem = sd15_problem
-    graph = loop in ("fast+graph", "fast+attn")
-    if loop == "diffusers":
-        fn = lambda: bench.diffusers_loop(problem)  # noqa: E731
-    else:
-        run_problem = _patched(problem) if loop == "fast+attn" else problem
-        sampler = bench.make_fast_sampler(run_problem, cuda_graph=graph)
-        fn = lambda: bench.fast_loop(run_problem, sampler)  # noqa: E731
-    torch.manual_seed(0)
-    out = fn()  # also the capture
-    assert reference.relative_error(out, problem.extra["expected"]) <= bench.RUN_TOLERANCES[torch.float16]
-    if graph:
-        # The sampler falls back to its eager step when capture fails: that must not be timed as "graph".
-        entries = [sampler.graph_cache.get(key) for key in sampler.graph_cache.keys()]
-        assert entries and all(entry.captured for entry in entries), \
-            f"{loop}: the SD1.5 UNet step was not captured into a CUDA graph (see the warning logged)"
-    _extra(benchmark, problem, baseline=loop == "diffusers")
-    benchmark.extra_info["cuda_graph"] = graph
-    _time(benchmark, fn, problem.device, rounds=3)
+    # fast+attn on the GPU is graph-captured too; its proof checks both.
+    _proven(benchmark, sd15_problem, loop, bench.RUN_TOLERANCES[torch.float16], rounds=3)

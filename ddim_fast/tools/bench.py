@@ -6,8 +6,13 @@ Loops compared (same UNet weights, same x_T, same conditioning, same steps):
   ``DDIMScheduler.step`` (SD's scheduler config);
 * ``fast``: ``FastDDIMSampler`` (ldm API) on the UNet wrapped as an ldm-style model;
 * ``fast+graph``: the same with ``cuda_graph=True`` (GPU only);
-* ``fast+attn``: the same with ddim_fast's fused attention processors patched into the UNet (when
-  ``ddim_fast.attention`` is present), with the CUDA graph on GPU.
+* ``fast+attn``: the same with ``FusedAttnProcessor`` on every attention module of (a copy of) the UNet,
+  with the CUDA graph on GPU.
+
+Each variant proves what its name says before it is timed (``report['proofs']``; see
+:func:`run_bench`): fused step ops counted at the dispatcher, one per UNet forward; a ddim_fast attention op
+for every attention module of every forward and no SDPA/softmax for ``+attn``; really captured graphs and
+one replay per step for ``+graph``.
 
 Outputs must agree with the diffusers loop (fp32: 1e-5 relative; fp16/bf16: the whole-run tolerance
 below); it/s, ms per step and the non-UNet time per step are printed and written with ``--json``.
@@ -456,17 +461,25 @@ class HookedModel:
 
 
 def time_call(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> list[float]:
-    """Wall-clock seconds of ``fn()`` per repeat (device synchronised around each)."""
+    """Seconds of ``fn()`` per repeat. On a GPU: CUDA events recorded on the current stream before and
+    after the call (the device drained first, so nothing earlier is counted), read after synchronising;
+    on the CPU: perf_counter."""
     for _ in range(warmup):
         fn()
     synchronize(device)
     times = []
     for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
     return times
 
 
@@ -484,17 +497,310 @@ def summarize(values_ms: list[float]) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _patch_attention(unet) -> str | None:
-    """Patch ddim_fast's fused attention into a copy-free UNet; returns None or why it was not possible."""
-    try:
-        from ddim_fast import attention
-    except ImportError as exc:
-        return f"ddim_fast.attention not available ({exc})"
-    try:
-        attention.patch_attention(unet)
-    except Exception as exc:  # report, do not fail the whole bench on the optional variant
-        return f"patch_attention failed: {type(exc).__name__}: {exc}"
-    return None
+# --------------------------------------------------------------------------------------------------
+# Variant proofs: what each loop really ran
+# --------------------------------------------------------------------------------------------------
+
+FUSED_STEP_OPS = frozenset({"ddim_fast::ddim_step", "ddim_fast::ddim_step_out", "ddim_fast::ddim_step_triton",
+                            "ddim_fast::ddim_step_triton_out"})
+FUSED_ATTENTION_OPS = frozenset({"ddim_fast::attention", "ddim_fast::attention_triton"})
+
+
+def is_unfused_attention_op(name: str) -> bool:
+    """An ATen op that only an unfused attention runs: every SDPA backend kernel (flash, efficient,
+    cuDNN, the CPU flash kernel) or a softmax (SDPA's math path, the ldm einsum path). A SD UNet has no
+    softmax outside its attention."""
+    if not name.startswith("aten::"):
+        return False
+    return any(word in name for word in ("scaled_dot_product", "_efficient_attention", "_flash_attention",
+                                         "softmax"))
+
+
+class OpCounter:
+    """Counts every operator dispatched while it is active (a ``TorchDispatchMode``: it sees the ops that
+    reach the dispatcher below autograd and autocast, ``torch.ops.ddim_fast.*`` included, on any device).
+    Python-side only: kernels replayed from a CUDA graph are not dispatched, hence not counted.
+
+        with OpCounter() as ops:
+            loop()
+        ops.count("ddim_fast::attention"), ops.fused_attention, ops.unfused_attention, ops.fused_steps
+    """
+
+    def __init__(self):
+        import collections
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counts = self.counts = collections.Counter()
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counts[func._schema.name] += 1
+                return func(*args, **(kwargs or {}))
+
+        self._mode = _Mode()
+
+    def __enter__(self) -> "OpCounter":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+
+    def count(self, name: str) -> int:
+        return self.counts.get(name, 0)
+
+    @property
+    def fused_steps(self) -> int:
+        return sum(self.counts[n] for n in FUSED_STEP_OPS)
+
+    @property
+    def fused_attention(self) -> int:
+        return sum(self.counts[n] for n in FUSED_ATTENTION_OPS)
+
+    @property
+    def unfused_attention(self) -> int:
+        return sum(c for n, c in self.counts.items() if is_unfused_attention_op(n))
+
+
+class ForwardCounter:
+    """Counts the Python calls of a model: an ldm-style model's ``apply_model`` (an instance attribute
+    wrapping it) or a module's forward (a forward pre-hook, e.g. a diffusers UNet). These are the model
+    evaluations that really ran eagerly, or were being captured; a CUDA graph replay calls neither.
+    ``remove()`` detaches it."""
+
+    def __init__(self, model):
+        self.count = 0
+        self._model = model
+        self._handle = None
+        if not hasattr(model, "apply_model"):
+            def hook(_module, _args):
+                self.count += 1
+
+            self._handle = model.register_forward_pre_hook(hook)
+        else:
+            original = model.apply_model
+
+            def apply_model(*args, **kwargs):
+                self.count += 1
+                return original(*args, **kwargs)
+
+            model.apply_model = apply_model
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+        else:
+            self._model.__dict__.pop("apply_model", None)
+
+
+def attention_modules(unet) -> dict[str, Any]:
+    """{name: processor} of every attention module of a diffusers UNet (``unet.attn_processors``)."""
+    return dict(unet.attn_processors)
+
+
+def fuse_attention(unet) -> int:
+    """Puts ``FusedAttnProcessor`` on every attention module of a diffusers UNet (ldm-style models:
+    ``patch_attention``); returns how many modules now run the fused op. Raises when there are none."""
+    from ddim_fast.attention_processors import FusedAttnProcessor, patch_attention
+
+    if hasattr(unet, "set_attn_processor") and hasattr(unet, "attn_processors"):
+        n = len(unet.attn_processors)
+        if n == 0:
+            raise ValueError(f"{type(unet).__name__} has no attention module to fuse")
+        unet.set_attn_processor(FusedAttnProcessor())
+        return n
+    return patch_attention(unet)
+
+
+def check_fused_processors(unet) -> list[str]:
+    """Names of the attention modules whose processor is not ddim_fast's ``FusedAttnProcessor``."""
+    from ddim_fast.attention_processors import FusedAttnProcessor
+
+    return [name for name, proc in attention_modules(unet).items() if not isinstance(proc, FusedAttnProcessor)]
+
+
+@dataclass
+class Expectation:
+    """What one bench variant must have run, per UNet forward, for its name to be true."""
+
+    fused_step: bool          # every step ran a torch.ops.ddim_fast step op (one per UNet forward)
+    fused_attention: bool     # every attention module of every forward ran a ddim_fast attention op
+    graph: bool               # the steps were replayed from captured CUDA graphs
+
+
+VARIANT_EXPECTATIONS = {
+    "diffusers": Expectation(fused_step=False, fused_attention=False, graph=False),
+    "reference": Expectation(fused_step=False, fused_attention=False, graph=False),
+    "fast": Expectation(fused_step=True, fused_attention=False, graph=False),
+    "fast+graph": Expectation(fused_step=True, fused_attention=False, graph=True),
+    "fast+attn": Expectation(fused_step=True, fused_attention=True, graph=False),  # graph=True on GPU
+}
+
+
+def prove_ops(name: str, expect: Expectation, ops: OpCounter, forwards: int, n_attention: int | None) -> list[str]:
+    """The dispatcher-level checks of one proof run (``forwards`` model forwards ran in Python under
+    ``ops``); returns what failed (empty: proven). ``n_attention`` None: a model without attention modules
+    (the attention checks are skipped)."""
+    problems = []
+    if forwards <= 0:
+        return [f"{name}: the model never ran"]
+    steps = ops.fused_steps
+    if expect.fused_step and steps != forwards:
+        problems.append(f"{name}: {steps} fused step ops for {forwards} UNet forwards (expected one per forward)")
+    if not expect.fused_step and steps:
+        problems.append(f"{name}: ran {steps} ddim_fast step ops; this variant must be unfused")
+    fused, unfused = ops.fused_attention, ops.unfused_attention
+    if n_attention is None:
+        if expect.fused_attention:
+            problems.append(f"{name}: the model has no attention modules to fuse")
+        return problems
+    want = n_attention * forwards
+    if expect.fused_attention:
+        if fused != want or unfused:
+            problems.append(f"{name}: {fused} ddim_fast attention ops and {unfused} unfused attention ops (SDPA/"
+                            f"softmax) for {n_attention} attention modules x {forwards} forwards = {want}: "
+                            "some attention ran unfused")
+    else:
+        if fused:
+            problems.append(f"{name}: ran {fused} ddim_fast attention ops; this variant's attention must be the "
+                            "UNet's own")
+        if unfused != want:
+            problems.append(f"{name}: {unfused} unfused attention ops for {n_attention} modules x {forwards} "
+                            f"forwards = {want}")
+    return problems
+
+
+def graph_entries(sampler) -> list[Any]:
+    return [sampler.graph_cache.get(k) for k in sampler.graph_cache.keys()]
+
+
+def prove_graph(name: str, sampler) -> list[str]:
+    """Every step the sampler cached is a really captured CUDA graph (not the eager fallback)."""
+    from ddim_fast import graphs
+
+    entries = graph_entries(sampler)
+    if not entries:
+        return [f"{name}: no captured step in the sampler's graph cache (the graph path did not run)"]
+    bad = [type(e).__name__ for e in entries
+           if not (isinstance(e, graphs.CapturedStep) and e.captured and e.graph is not None)]
+    if bad:
+        return [f"{name}: {len(bad)} of {len(entries)} cached steps are not captured CUDA graphs ({', '.join(bad)}): "
+                "capture failed and the loop ran eagerly (see the warning logged)"]
+    return []
+
+
+def captured_graphs(sampler) -> int:
+    """How many of the sampler's cached steps are captured CUDA graphs."""
+    from ddim_fast import graphs
+
+    return sum(isinstance(e, graphs.CapturedStep) and e.graph is not None for e in graph_entries(sampler))
+
+
+def replay_count(sampler) -> int:
+    return sum(getattr(e, "replays", 0) for e in graph_entries(sampler))
+
+
+def prove_timed_call(name: str, expect: Expectation, steps: int, forwards: int, replays: int) -> list[str]:
+    """One timed call of a loop: eager loops run ``steps`` forwards; graph loops replay every step but
+    (half-precision latents) the first, which runs eagerly, and run no other forward."""
+    if not expect.graph:
+        if forwards != steps:
+            return [f"{name}: a timed run made {forwards} UNet forwards for {steps} steps"]
+        return []
+    if forwards + replays != steps or replays < steps - 1:
+        return [f"{name}: a timed run replayed {replays} graphs and ran {forwards} eager UNet forwards for "
+                f"{steps} steps (expected {steps} replays, or {steps - 1} after one eager first step)"]
+    return []
+
+
+class Variant:
+    """One bench loop on a problem, with what it must prove (see :func:`run_bench`).
+
+    ``Variant.build(problem, name)`` returns the variant or a string saying why it cannot run here.
+    ``first_call(seed)`` runs the loop once under an :class:`OpCounter` (the warm-up: graph capture,
+    compiles) and returns its output, raising AssertionError when the proof fails (``self.proof`` holds
+    the counts either way); ``__call__`` runs one timed call and checks it (``check_timed_call``)."""
+
+    def __init__(self, name: str, problem: Problem, fn: Callable[[], torch.Tensor], expect: Expectation,
+                 unet, sampler=None):
+        self.name, self.problem, self.fn, self.expect = name, problem, fn, expect
+        self.unet, self.sampler = unet, sampler
+        self.n_attention = len(attention_modules(unet)) if unet is not None else None
+        self.forwards = ForwardCounter(unet if unet is not None else problem.model)
+        self.proof: dict[str, Any] = {}
+        self.timed_calls = 0
+
+    @classmethod
+    def build(cls, problem: Problem, name: str, *, backend: str = "auto", noise_mode: str = "torch"
+              ) -> "Variant | str":
+        if name not in VARIANT_EXPECTATIONS:
+            raise ValueError(f"unknown bench variant {name!r}; expected one of {', '.join(VARIANT_EXPECTATIONS)}")
+        expect = VARIANT_EXPECTATIONS[name]
+        on_gpu = problem.device.type == "cuda"
+        if name == "fast+attn" and on_gpu:
+            expect = Expectation(fused_step=True, fused_attention=True, graph=True)
+        if name == "diffusers":
+            if problem.unet is None:
+                return "the diffusers loop needs a UNet problem"
+            return cls(name, problem, lambda: diffusers_loop(problem), expect, problem.unet)
+        if name == "reference":
+            return cls(name, problem, lambda: reference_loop(problem), expect, problem.unet)
+        if expect.graph and not on_gpu:
+            return "CUDA graphs need a GPU"
+        run_problem = problem
+        if expect.fused_attention:
+            fused_unet = copy.deepcopy(problem.unet)
+            fuse_attention(fused_unet)
+            unfused = check_fused_processors(fused_unet)
+            if unfused:
+                raise AssertionError(f"{name}: attention modules without FusedAttnProcessor: {unfused}")
+            run_problem = copy.copy(problem)
+            run_problem.unet = fused_unet
+            run_problem.model = LdmUNetModel(fused_unet)
+        sampler = make_fast_sampler(run_problem, backend=backend, cuda_graph=expect.graph, noise_mode=noise_mode)
+        return cls(name, run_problem, lambda: fast_loop(run_problem, sampler), expect, run_problem.unet, sampler)
+
+    def first_call(self, seed: int = 0) -> torch.Tensor:
+        # Same global RNG state for every loop: ldm-style samplers draw from it even at eta = 0.
+        before = self.forwards.count
+        torch.manual_seed(seed)
+        with OpCounter() as ops:
+            out = self.fn()
+        synchronize(self.problem.device)
+        forwards = self.forwards.count - before
+        problems = prove_ops(self.name, self.expect, ops, forwards, self.n_attention)
+        if self.expect.graph:
+            problems += prove_graph(self.name, self.sampler)
+        self.proof = {
+            "unet_forwards": forwards, "attention_modules": self.n_attention,
+            "fused_step_ops": ops.fused_steps, "fused_attention_ops": ops.fused_attention,
+            "unfused_attention_ops": ops.unfused_attention,
+            "graphs_captured": captured_graphs(self.sampler) if self.expect.graph else 0,
+            "expect": {"fused_step": self.expect.fused_step, "fused_attention": self.expect.fused_attention,
+                       "graph": self.expect.graph},
+            "timed_calls_checked": 0, "ok": not problems, "problems": problems,
+        }
+        if problems:
+            raise AssertionError("; ".join(problems))
+        return out
+
+    def __call__(self) -> torch.Tensor:
+        """One timed call, checked like the proof run (the caller synchronises: no host wait here)."""
+        f0 = self.forwards.count
+        r0 = replay_count(self.sampler) if self.sampler is not None else 0
+        out = self.fn()
+        replays = (replay_count(self.sampler) - r0) if self.sampler is not None else 0
+        problems = prove_timed_call(self.name, self.expect, self.problem.steps, self.forwards.count - f0, replays)
+        self.proof["timed_calls_checked"] = self.proof.get("timed_calls_checked", 0) + 1
+        if problems:
+            self.proof["ok"] = False
+            self.proof.setdefault("problems", []).extend(problems)
+            raise AssertionError("; ".join(problems))
+        return out
+
+    def close(self) -> None:
+        self.forwards.remove()
 
 
 def run_bench(model: str = "tiny-unet", *, steps: int = 50, batch: int = 1, dtype: str = "fp32",
@@ -502,7 +808,15 @@ def run_bench(model: str = "tiny-unet", *, steps: int = 50, batch: int = 1, dtyp
               repeats: int = 3, seed: int = 0, backend: str = "auto", variants: tuple[str, ...] | None = None,
               check: bool = True, noise_mode: str = "torch") -> dict[str, Any]:
     """Time every loop on the same problem; returns the JSON-able result (see module docstring).
-    Raises AssertionError when a loop's output disagrees with the diffusers loop."""
+
+    Every variant proves what it ran (``report['proofs']``) before it is timed: its first call (the
+    warm-up: graph capture, compiles) runs under an :class:`OpCounter` and a :class:`ForwardCounter` on its
+    UNet, and must show one fused step op per UNet forward exactly where the name says "fast", a
+    ddim_fast attention op for every attention module of every forward (and no SDPA / softmax) exactly
+    where it says "attn", and only really captured CUDA graphs where it says "graph" (or "attn" on GPU);
+    every timed call is checked too (UNet forwards and graph replays per call). A variant whose proof
+    fails is reported as failed and its times are dropped. With ``check``, a failed proof or an output
+    that disagrees with the diffusers loop raises AssertionError."""
     from ddim_fast.tools import info
 
     dev = resolve_device(device)
@@ -512,6 +826,9 @@ def run_bench(model: str = "tiny-unet", *, steps: int = 50, batch: int = 1, dtyp
     if variants is None:
         variants = ("diffusers", "fast", "fast+graph", "fast+attn") if dev.type == "cuda" else (
             "diffusers", "fast", "fast+attn")
+    for name in variants:
+        if name not in VARIANT_EXPECTATIONS:
+            raise ValueError(f"unknown bench variant {name!r}; expected one of {', '.join(VARIANT_EXPECTATIONS)}")
     tol = RUN_TOLERANCES[torch_dtype]
 
     results: dict[str, Any] = {}
@@ -519,83 +836,72 @@ def run_bench(model: str = "tiny-unet", *, steps: int = 50, batch: int = 1, dtyp
     skipped: dict[str, str] = {}
     failed: dict[str, str] = {}
     notes: dict[str, str] = {}
-    graph_samplers: dict[str, Any] = {}
-
-    def build_loop(name: str) -> Callable[[], torch.Tensor] | str:
-        """The loop to time, or why it is skipped here."""
-        if name == "diffusers":
-            return lambda: diffusers_loop(problem)
-        if name == "reference":
-            return lambda: reference_loop(problem)
-        if name not in ("fast", "fast+graph", "fast+attn"):
-            raise ValueError(f"unknown bench variant {name!r}; expected diffusers, fast, fast+graph, fast+attn, "
-                             "reference")
-        graph = name == "fast+graph" or (name == "fast+attn" and dev.type == "cuda")
-        if graph and dev.type != "cuda":
-            return "CUDA graphs need a GPU"
-        run_problem = problem
-        if name == "fast+attn":
-            patched = copy.deepcopy(problem.unet)
-            why = _patch_attention(patched)
-            if why is not None:
-                return why
-            run_problem = copy.copy(problem)
-            run_problem.unet = patched
-            run_problem.model = LdmUNetModel(patched)
-        sampler = make_fast_sampler(run_problem, backend=backend, cuda_graph=graph, noise_mode=noise_mode)
-        if graph:
-            graph_samplers[name] = sampler
-        return lambda: fast_loop(run_problem, sampler)
-
-    loops: dict[str, Callable[[], torch.Tensor]] = {}
-    for name in variants:
-        try:
-            fn = build_loop(name)
-            if isinstance(fn, str):
-                skipped[name] = fn
-                continue
-            # Same global RNG state for every loop: ldm-style samplers draw from it even at eta = 0. This
-            # first call is also the warm-up (graph capture, Triton compilation, allocator).
-            torch.manual_seed(seed)
-            outputs[name] = fn()
-        except ValueError:
-            raise
-        except Exception as exc:  # one broken variant must not hide the others' numbers; reported as failed
-            if check:
+    proofs: dict[str, Any] = {}
+    loops: dict[str, Variant] = {}
+    built: list[Variant] = []
+    try:
+        for name in variants:
+            variant = None
+            try:
+                variant = Variant.build(problem, name, backend=backend, noise_mode=noise_mode)
+                if isinstance(variant, str):
+                    skipped[name] = variant
+                    continue
+                built.append(variant)
+                outputs[name] = variant.first_call(seed)
+            except ValueError:
                 raise
-            failed[name] = f"{type(exc).__name__}: {exc}"
-            logger.debug("bench variant %s failed", name, exc_info=True)
-            continue
-        loops[name] = fn
-        sampler = graph_samplers.get(name)
-        if sampler is not None and not all(getattr(sampler.graph_cache.get(k), "captured", False)
-                                           for k in sampler.graph_cache.keys()):
-            # capture failed and the sampler fell back to its eager static-buffer step (logged)
-            notes[name] = "CUDA graph capture failed: this loop ran eagerly (see the log for why)"
-    floors = {"unet": lambda: unet_only_loop(problem)}
-    if dev.type == "cuda" and any(n in loops for n in ("fast+graph", "fast+attn")):
-        try:
-            floors["unet_graph"] = graphed_unet_only_loop(problem)
-        except RuntimeError as exc:  # capture failed: compare the graph loops with the eager UNet instead
-            logger.warning("could not capture the UNet alone in a CUDA graph (%s); using the eager UNet time", exc)
-    for fn in floors.values():
-        fn()
+            except Exception as exc:  # one broken variant must not hide the others' numbers; reported as failed
+                if isinstance(variant, Variant) and variant.proof:
+                    proofs[name] = variant.proof
+                if check:
+                    raise
+                failed[name] = f"{type(exc).__name__}: {exc}"
+                outputs.pop(name, None)
+                logger.debug("bench variant %s failed", name, exc_info=True)
+                continue
+            proofs[name] = variant.proof
+            loops[name] = variant
+        floors: dict[str, Callable[[], Any]] = {"unet": lambda: unet_only_loop(problem)}
+        if dev.type == "cuda" and any(v.expect.graph for v in loops.values()):
+            try:
+                floors["unet_graph"] = graphed_unet_only_loop(problem)
+            except RuntimeError as exc:  # capture failed: compare the graph loops with the eager UNet instead
+                logger.warning("could not capture the UNet alone in a CUDA graph (%s); using the eager UNet time",
+                               exc)
+        for fn in floors.values():
+            fn()
 
-    # Interleaved rounds (every loop once per round, the UNet alone too) so that a slow spell of the
-    # machine hits all of them alike; the best round of each is reported.
-    times: dict[str, list[float]] = {name: [] for name in [*loops, *floors]}
-    for _ in range(repeats):
-        for name, fn in [*loops.items(), *floors.items()]:
-            times[name] += time_call(fn, dev, 1, warmup=0)
+        # Interleaved rounds (every loop once per round, the UNet alone too) so that a slow spell of the
+        # machine hits all of them alike; the best round of each is reported. Every timed call of a loop is
+        # checked (UNet forwards, graph replays): what was timed is what the proof run showed.
+        times: dict[str, list[float]] = {name: [] for name in [*loops, *floors]}
+        for _ in range(repeats):
+            for name, fn in [*loops.items(), *floors.items()]:
+                if name in loops and not proofs[name]["ok"]:
+                    continue
+                try:
+                    times[name] += time_call(fn, dev, 1, warmup=0)
+                except AssertionError as exc:
+                    if check:
+                        raise
+                    failed[name] = f"AssertionError: {exc}"
+    finally:
+        for variant in built:
+            variant.close()
+    for name in list(loops):
+        if not proofs[name]["ok"]:
+            del loops[name]
     unet_ms = min(times["unet"]) / steps * 1e3
     unet_graph_ms = min(times["unet_graph"]) / steps * 1e3 if "unet_graph" in times else None
-    for name in loops:
+    for name, variant in loops.items():
         best = min(times[name])
         # Graph-captured loops are compared with the graph-captured UNet (no launch overhead in either).
-        floor = unet_graph_ms if (unet_graph_ms is not None and name in ("fast+graph", "fast+attn")) else unet_ms
+        floor = unet_graph_ms if (unet_graph_ms is not None and variant.expect.graph) else unet_ms
         results[name] = {
             "seconds": best, "seconds_all": times[name], "it_per_s": steps / best, "ms_per_step": best / steps * 1e3,
             "unet_floor_ms_per_step": floor, "non_unet_ms_per_step": best / steps * 1e3 - floor,
+            "cuda_graph": variant.expect.graph, "fused_attention": variant.expect.fused_attention,
         }
         results[name]["non_unet_fraction"] = results[name]["non_unet_ms_per_step"] / results[name]["ms_per_step"]
 
@@ -615,6 +921,7 @@ def run_bench(model: str = "tiny-unet", *, steps: int = 50, batch: int = 1, dtyp
         "unet_only_ms_per_step": unet_ms,
         "unet_graph_ms_per_step": unet_graph_ms,
         "results": results,
+        "proofs": proofs,
         "skipped": skipped,
         "failed": failed,
         "notes": notes,
@@ -654,10 +961,25 @@ def format_bench(report: dict[str, Any]) -> str:
         lines.append(f"{name:<12} FAILED: {why}")
     for name, why in report.get("notes", {}).items():
         lines.append(f"{name:<12} note: {why}")
+    for name, proof in report.get("proofs", {}).items():
+        if name in report["results"]:
+            lines.append(f"{name:<12} proof: {proof_summary(proof)}")
     if "agree" in report:
         lines.append(f"agreement with {base} (tolerance {cfg['tolerance']:.0e}): "
                      f"{'PASS' if report['agree'] else 'FAIL'}")
     return "\n".join(lines)
+
+
+def proof_summary(proof: dict[str, Any]) -> str:
+    """One line: what a variant was shown to run."""
+    parts = [f"{proof['unet_forwards']} UNet forwards", f"{proof['fused_step_ops']} fused step ops",
+             f"{proof['fused_attention_ops']} fused attention ops / {proof['attention_modules']} modules",
+             f"{proof['unfused_attention_ops']} unfused attention ops"]
+    if proof["expect"]["graph"]:
+        parts.append(f"{proof['graphs_captured']} CUDA graphs captured")
+    if "timed_calls_checked" in proof:
+        parts.append(f"{proof['timed_calls_checked']} timed calls checked")
+    return ", ".join(parts) + (" (ok)" if proof["ok"] else " (FAILED)")
 
 
 def add_arguments(parser) -> None:
