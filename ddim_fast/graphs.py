@@ -31,7 +31,11 @@ itself fails, e.g. for a model that copies a CPU tensor to the GPU on every call
 
 Parameters of the model are read by address at replay time, so weights modified *in place* (e.g. a
 LoRA merged into the same tensors with ``param.data.add_``) take effect on the next replay; weights
-*replaced* by new tensors do not (clear the cache, or recapture).
+*replaced* by new tensors do not (clear the cache, or recapture). Under ``torch.autocast`` the
+half-precision casts of fp32 weights are kept out of the graph (:class:`AutocastWeightCasts`): a
+replay re-casts a weight whose version counter or storage changed (``param.add_`` under no_grad,
+``copy_``, ``load_state_dict``), but a write through ``param.data`` bumps no counter — call
+``step.weight_casts.refresh(force=True)`` after one, or capture with ``autocast_weights="recast"``.
 
 Example (the shape of what ``ddim_fast.sampler`` does)::
 
@@ -62,6 +66,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "AutocastWeightCasts",
     "CapturedStep",
     "EagerStep",
     "GraphCache",
@@ -235,6 +240,114 @@ def capture_stream(device: torch.device | str) -> "torch.cuda.Stream":
     return stream
 
 
+AUTOCAST_WEIGHT_MODES = ("hoist", "recast")
+
+
+class AutocastWeightCasts:
+    """The half-precision copies of a model's weights that ``torch.autocast`` makes, owned by one
+    captured step and kept **out of its graph**.
+
+    Under autocast every fp32 weight that an autocast op (linear, conv, matmul, ...) reads is cast to the
+    autocast dtype on each call (a cast kernel: 4 bytes read + 2 written per parameter). Eager autocast
+    caches these casts for the duration of its context (for leaf tensors that require grad); a CUDA graph
+    cannot use that cache (it is freed when the caller's context exits), so a graph captured with the
+    cache off re-casts every weight on every replay: about 5 GB of traffic per SD1.5 UNet step.
+
+    While :meth:`intercept` is active (warm-up and capture), each ``aten._to_copy`` of an fp32 weight — an
+    ``nn.Parameter``, or a leaf that requires grad, the tensors autocast's own cache serves — to the
+    autocast dtype on its device returns a copy made once, outside the graph, and owned here; the graph
+    reads it by address and records no cast. The values are those of the eager cast (``_to_copy`` is
+    ``empty_like`` + ``copy_``, and :meth:`refresh` re-casts with ``copy_``), so replays give eager
+    autocast's results bit for bit.
+
+    In-place weight updates: :meth:`refresh` (called by every :meth:`CapturedStep.replay`) re-casts each
+    weight whose version counter or storage changed since its copy was made: ``with torch.no_grad():
+    w.add_(...)``, ``w.copy_(...)``, ``load_state_dict`` (same tensors), ``w.data = new`` (new storage).
+    Writes through ``w.data`` (``w.data += delta``, as PEFT's ``merge``/``fuse_lora`` does) do not bump
+    the version counter: call ``refresh(force=True)`` after them (or capture with
+    ``autocast_weights="recast"``). Copies are ``counted`` and their ``bytes`` reported; a weight first
+    seen during the capture itself (not in warm-up) is cast inside the graph and counted in
+    ``recast_in_graph``."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._entries: dict[int, list] = {}  # id(source) -> [source, copy, version, data_ptr]
+        self.hits = 0
+        self.recast_in_graph = 0
+        self.refreshed = 0
+
+    @property
+    def count(self) -> int:
+        """How many weights have a copy here."""
+        return len(self._entries)
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of the copies (what a replay would otherwise write, plus twice that read)."""
+        return sum(e[1].numel() * e[1].element_size() for e in self._entries.values())
+
+    def copies(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(source weight, its copy) pairs."""
+        return [(e[0], e[1]) for e in self._entries.values()]
+
+    def _eligible(self, src, kwargs) -> bool:
+        if not isinstance(src, torch.Tensor) or src.dtype != torch.float32 or src.device != self.device:
+            return False
+        if kwargs.get("dtype") != self.dtype:
+            return False
+        if kwargs.get("device") not in (None, src.device) or kwargs.get("layout") not in (None, torch.strided):
+            return False
+        if kwargs.get("memory_format") not in (None, torch.preserve_format):
+            return False
+        return isinstance(src, torch.nn.Parameter) or (src.is_leaf and src.requires_grad)
+
+    def _lookup(self, func, src, kwargs):
+        entry = self._entries.get(id(src))
+        if entry is not None and entry[0] is src:
+            self.hits += 1
+            self._refresh_entry(entry, force=False)
+            return entry[1]
+        out = func(src, **kwargs)
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            self.recast_in_graph += 1  # first seen inside the capture: this cast is recorded in the graph
+            return out
+        self._entries[id(src)] = [src, out, src._version, src.data_ptr()]
+        return out
+
+    def _refresh_entry(self, entry, force: bool) -> bool:
+        src, copy = entry[0], entry[1]
+        version, ptr = src._version, src.data_ptr()
+        if not force and version == entry[2] and ptr == entry[3]:
+            return False
+        with torch.no_grad():
+            copy.copy_(src)
+        entry[2], entry[3] = version, ptr
+        self.refreshed += 1
+        return True
+
+    def refresh(self, force: bool = False) -> int:
+        """Re-cast the weights that changed since their copies were made (all of them with ``force``), on
+        the current stream; returns how many were re-cast."""
+        return sum(self._refresh_entry(e, force) for e in self._entries.values())
+
+    def intercept(self):
+        """A context (a ``TorchDispatchMode``) serving the eligible casts from the copies held here."""
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        casts = self
+        to_copy = torch.ops.aten._to_copy.default
+
+        class _HoistCasts(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func is to_copy and len(args) == 1 and casts._eligible(args[0], kwargs):
+                    return casts._lookup(func, args[0], kwargs)
+                return func(*args, **kwargs)
+
+        return _HoistCasts()
+
+
 class CapturedStep:
     """One step function captured into a CUDA graph over static input buffers.
 
@@ -248,11 +361,20 @@ class CapturedStep:
     "error", so a host sync in ``fn`` (``.item()``, a CPU -> GPU copy, ...) raises
     :class:`GraphCaptureError` before any capture starts. ``pool`` (``torch.cuda.graph_pool_handle()``)
     may be shared between captures that never replay concurrently.
+
+    ``autocast_weights`` (only matters when capturing inside ``torch.autocast``): ``"hoist"`` (default)
+    keeps the weight casts out of the graph — the half-precision copies are made once and owned by this
+    step (``self.weight_casts``, an :class:`AutocastWeightCasts`; re-cast before a replay when a weight
+    changed in place) — so a replay reads 2-byte weights and casts nothing; ``"recast"`` records the casts
+    in the graph (every replay re-casts every fp32 weight; no copies to keep in sync).
     """
 
     captured = True
 
-    def __init__(self, fn: Callable[[Any], Any], static_inputs: Any, *, warmup_iters: int = 2, pool=None):
+    def __init__(self, fn: Callable[[Any], Any], static_inputs: Any, *, warmup_iters: int = 2, pool=None,
+                 autocast_weights: str = "hoist"):
+        if autocast_weights not in AUTOCAST_WEIGHT_MODES:
+            raise ValueError(f"autocast_weights must be one of {AUTOCAST_WEIGHT_MODES}, got {autocast_weights!r}")
         if warmup_iters < 1:
             raise ValueError(f"warmup_iters must be >= 1 (CUDA graphs need a warm-up run), got {warmup_iters}")
         tensors = tree_tensors(static_inputs)
@@ -269,6 +391,8 @@ class CapturedStep:
         self.pool = pool
         self.graph: torch.cuda.CUDAGraph | None = None
         self.replays = 0
+        self.autocast_weights = autocast_weights
+        self.weight_casts: AutocastWeightCasts | None = None
 
     def _snapshot(self) -> list[torch.Tensor]:
         return [t.clone() for t in tree_tensors(self.static_inputs)]
@@ -296,10 +420,16 @@ class CapturedStep:
         restored) when ``fn`` cannot be captured.
 
         Under ``torch.autocast`` (ldm's scripts sample inside one) warm-up and capture run with the
-        autocast weight cache off: with it on, the capture would record no cast kernels and read the
-        fp16 weight copies cached during warm-up, which the caller's autocast frees when it exits
-        (later replays would read freed memory and never see in-place weight updates)."""
-        with torch.cuda.device(self.device), self._autocast_without_cache():
+        autocast weight cache off: with it on, the capture would read the fp16 weight copies cached during
+        warm-up, which the caller's autocast frees when it exits (later replays would read freed memory
+        and never see in-place weight updates). With ``autocast_weights="hoist"`` every weight cast then
+        reaches an :class:`AutocastWeightCasts` that serves it from copies this step owns (made during
+        warm-up, outside the graph); with ``"recast"`` the casts are recorded in the graph."""
+        casts = None
+        if self.autocast_weights == "hoist" and torch.is_autocast_enabled("cuda"):
+            casts = AutocastWeightCasts(self.device, torch.get_autocast_dtype("cuda"))
+        intercept = casts.intercept() if casts is not None else contextlib.nullcontext()
+        with torch.cuda.device(self.device), self._autocast_without_cache(), intercept:
             caller = torch.cuda.current_stream()
             side = capture_stream(self.device)
             snapshot = self._snapshot()
@@ -337,6 +467,7 @@ class CapturedStep:
                 caller.wait_stream(side)
             self.static_outputs = outputs
             self.graph = graph
+            self.weight_casts = casts
         return self
 
     @staticmethod
@@ -346,32 +477,38 @@ class CapturedStep:
         return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
 
     def replay(self) -> Any:
-        """Relaunch the captured step on the current stream; returns the static outputs."""
+        """Relaunch the captured step on the current stream; returns the static outputs. Weights hoisted
+        out of the graph (see ``autocast_weights``) that changed since the last replay are re-cast first."""
         if self.graph is None:
             raise RuntimeError("CapturedStep.replay: call capture() first")
+        if self.weight_casts is not None:
+            self.weight_casts.refresh()  # weights changed in place since the last replay: re-cast them
         self.graph.replay()
         self.replays += 1
         return self.static_outputs
 
 
 def make_step(fn: Callable[[Any], Any], static_inputs: Any, *, use_graph: bool = True, warmup_iters: int = 2,
-              pool=None) -> CapturedStep | EagerStep:
+              pool=None, autocast_weights: str = "hoist") -> CapturedStep | EagerStep:
     """A :class:`CapturedStep` when `use_graph` and the static inputs live on a CUDA device where graphs
-    work, else an :class:`EagerStep` (logged once). Call ``.capture()`` on the result before replaying."""
+    work, else an :class:`EagerStep` (logged once). Call ``.capture()`` on the result before replaying.
+    ``autocast_weights``: see :class:`CapturedStep`."""
     tensors = tree_tensors(static_inputs)
     device = tensors[0].device if tensors else torch.device("cpu")
     if use_graph and cuda_graphs_available(device):
-        return CapturedStep(fn, static_inputs, warmup_iters=warmup_iters, pool=pool)
+        return CapturedStep(fn, static_inputs, warmup_iters=warmup_iters, pool=pool,
+                            autocast_weights=autocast_weights)
     return EagerStep(fn, static_inputs)
 
 
 def capture_step(fn: Callable[[Any], Any], static_inputs: Any, *, use_graph: bool = True, warmup_iters: int = 2,
-                 pool=None, fallback: bool = True) -> CapturedStep | EagerStep:
+                 pool=None, fallback: bool = True, autocast_weights: str = "hoist") -> CapturedStep | EagerStep:
     """``make_step(...).capture()``; when the capture fails with :class:`GraphCaptureError` and
     `fallback`, a warning is logged and an :class:`EagerStep` over the same static inputs is returned
     instead, so the caller's loop runs unchanged, only without the graph. (Callers cache the result per
     key, so the warning comes once per cache miss, not per step.)"""
-    step = make_step(fn, static_inputs, use_graph=use_graph, warmup_iters=warmup_iters, pool=pool)
+    step = make_step(fn, static_inputs, use_graph=use_graph, warmup_iters=warmup_iters, pool=pool,
+                     autocast_weights=autocast_weights)
     try:
         return step.capture()
     except GraphCaptureError as exc:
