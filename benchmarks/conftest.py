@@ -166,14 +166,26 @@ class Result:
     hardware: str
     baseline: bool
     is_copy: bool
+    is_peer: bool = False   # the competitor a user would pick instead (torch.compile of the unfused step)
+    unit: str = "us/step"
+    scale_only: bool = False  # an entry for scale (an allocation, a copy): no "faster than" ratios
 
 
 RESULTS: list[Result] = []
 
 
+def record_result(group: str, name: str, seconds: float, *, hardware: str, bytes_moved: int = 0,
+                  baseline: bool = False, is_copy: bool = False, is_peer: bool = False,
+                  unit: str = "us/call", scale_only: bool = False) -> None:
+    """Adds a measurement made without a StepTimer (host-time or import-time groups) to the summary."""
+    RESULTS.append(Result(group, name, seconds, int(bytes_moved), hardware, baseline, is_copy, is_peer, unit,
+                          scale_only or is_copy))
+
+
 def run_benchmark(benchmark, timer: StepTimer, *, group: str, name: str, bytes_moved: int,
-                  baseline: bool = False, is_copy: bool = False, rounds: int | None = None,
-                  extra: dict | None = None) -> float:
+                  baseline: bool = False, is_copy: bool = False, is_peer: bool = False,
+                  rounds: int | None = None, extra: dict | None = None, unit: str = "us/step",
+                  scale_only: bool = False) -> float:
     """Times ``timer`` with pytest-benchmark (one timed call = ``timer.steps`` steps) and returns the
     median seconds per step (CUDA-event timed on the GPU). Attaches the shared ``extra_info``."""
     if rounds is None:
@@ -197,27 +209,50 @@ def run_benchmark(benchmark, timer: StepTimer, *, group: str, name: str, bytes_m
         "baseline": baseline,
         **(extra or {}),
     })
-    RESULTS.append(Result(group, name, per_step, int(bytes_moved), hardware, baseline, is_copy))
+    RESULTS.append(Result(group, name, per_step, int(bytes_moved), hardware, baseline, is_copy, is_peer, unit,
+                          scale_only or is_copy))
     return per_step
+
+
+def compare(r: Result, other: Result) -> str:
+    """'2.00x faster than X' or '1.25x slower than X' (never 'faster' for a slow-down)."""
+    speedup = other.seconds_per_step / r.seconds_per_step
+    if speedup >= 1.0:
+        return f"{speedup:6.2f}x faster than {other.name}"
+    return f"{1.0 / speedup:6.2f}x slower than {other.name}"
+
+
+def format_group(group: str, results: list[Result]) -> list[str]:
+    """The summary lines of one group: each entry's time, GB/s (when it moves bytes), its ratio to the
+    group's baseline, to its peer (torch.compile) and to its copy."""
+    base = next((r for r in results if r.baseline), None)
+    copy = next((r for r in results if r.is_copy), None)
+    peer = next((r for r in results if r.is_peer), None)
+    lines = [f"[{group}] on {results[0].hardware}"]
+    width = max(34, *(len(r.name) for r in results))
+    for r in results:
+        value = r.seconds_per_step * (1e3 if r.unit.startswith("ms") else 1e6)
+        parts = [f"  {r.name:<{width}} {value:10.1f} {r.unit}"]
+        if r.bytes_moved:
+            parts.append(f"{r.bytes_moved / r.seconds_per_step / 1e9:7.1f} GB/s")
+        if base is not None and r is not base and not r.scale_only:
+            parts.append(compare(r, base))
+        if peer is not None and r is not peer and not r.scale_only and r is not base:
+            parts.append(compare(r, peer))
+        if copy is not None and r is not copy:
+            parts.append(f"{r.seconds_per_step / copy.seconds_per_step:5.2f}x the copy time")
+        lines.append("  ".join(parts))
+    return lines
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not RESULTS:
         return
     tr = terminalreporter
-    tr.section("ddim-fast step benchmarks: time per step, ratios within each group")
+    tr.section("ddim-fast benchmarks: time per step / call, ratios within each group")
     groups: dict[str, list[Result]] = {}
     for r in RESULTS:
         groups.setdefault(r.group, []).append(r)
     for group, results in groups.items():
-        base = next((r for r in results if r.baseline), None)
-        copy = next((r for r in results if r.is_copy), None)
-        tr.write_line(f"[{group}] on {results[0].hardware}")
-        for r in results:
-            parts = [f"  {r.name:<34} {r.seconds_per_step * 1e6:10.1f} us/step",
-                     f"{r.bytes_moved / r.seconds_per_step / 1e9:7.1f} GB/s"]
-            if base is not None and r is not base:
-                parts.append(f"{base.seconds_per_step / r.seconds_per_step:6.2f}x faster than {base.name}")
-            if copy is not None and r is not copy:
-                parts.append(f"{r.seconds_per_step / copy.seconds_per_step:5.2f}x the copy time")
-            tr.write_line("  ".join(parts))
+        for line in format_group(group, results):
+            tr.write_line(line)
