@@ -1,202 +1,318 @@
 #!/usr/bin/env bash
-# One-shot validation on a bare GPU machine (H100/H200; torch with CUDA, nvcc, no network), in one call
-# of at most ~9 minutes (a global deadline, DDIM_FAST_CHECK_DEADLINE seconds, default 540, caps every
-# stage so the results are always packaged before a 10-minute job limit):
-#   0. installs .whl/*.whl (diffusers, transformers and their pure-Python deps, carried in by the caller)
-#      into /tmp/site with --no-deps and puts it on PYTHONPATH; the installed torch/triton are never touched
-#   1. records the environment (GPU, driver, torch / triton / CUDA versions, date)
-#   2. builds the extension with `pip install --no-build-isolation --no-deps -e .` (an editable build
-#      compiles in place; TORCH_CUDA_ARCH_LIST = this GPU only), falling back to
-#      `setup.py build_ext --inplace` if pip cannot do it, and checks the CUDA kernels registered
-#   3. runs the whole test suite on CUDA, the GPU kernel tests first (JUnit XML)
-#   4. compute-sanitizer memcheck on the step tests and the softmax kernels, racecheck on the softmax
-#      block-per-row kernel (the only kernel with shared memory) -- skipped with a message if missing
-#   5. `python -m ddim_fast bench` and `python -m ddim_fast profile` with the SD1.5 UNet config (random
-#      weights; fp16, 512 px, CFG 7.5, 50 steps), JSON
-#   6. `pytest benchmarks --benchmark-only`, JSON
-# A failing stage is recorded in summary.txt and the script goes on; it exits non-zero if anything failed.
-# $OUT receives at most 7 files (the device tool fetches at most 8): summary.txt, env.txt, logs.tar.gz
-# (every log, the JUnit XML, the benchmark tables), bench_pytest.json, bench_e2e.json, profile.json,
-# profile_graph.json.
+# The device check: every GPU number and check this project needs, from ONE call of at most ~8 minutes on a
+# bare H100/H200 machine (torch with CUDA, nvcc, no network). Results first: each stage writes its file into
+# $OUT as soon as it ends (summary.txt is appended live, logs.tar.gz refreshed after every stage), so a run
+# cut short still returns everything finished before the cut.
 #
-#   OUT=/some/dir bash benchmarks/gpu_check.sh      # from anywhere: it cd's to the repository root
+#   stage                                                         cap (s)  writes
+#   0  wheels: .whl/*.whl (diffusers only) -> /tmp/site, --no-deps    15  summary.txt
+#   1  environment: GPU, driver, torch/triton/CUDA, commit, date      (0)  env.txt
+#   2  build for this GPU's arch only (TORCH_CUDA_ARCH_LIST)          120  logs.tar.gz:build.log
+#   3  micro-benchmark (benchmarks/gpu_micro.py: step, attention,     100  micro.json
+#      autocast graph; ~90 s)
+#   4a python -m ddim_fast bench: SD1.5 UNet, fp16, 512 px, CFG 7.5,  100  bench_e2e.json
+#      50 steps: diffusers, fast, fast+graph, fast+attn (proven)
+#   4b benchmarks/bench_pipeline.py (when the file exists)             35  bench_pipeline.json
+#   4c python -m ddim_fast generate, 1 GPU (when the command exists)   20  generate.json
+#   5  the CUDA tests, pytest -n 8 --cuda-only, per-test timeout,     120  tests.xml (JUnit)
+#      timeout --signal=INT (pytest still writes its JUnit XML)
+#   6  compute-sanitizer memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1)  3x60  logs.tar.gz:sanitizer_*.log
+#      on the native step tests and the softmax kernels, racecheck
+#      on the softmax block kernel (small shapes); runs BESIDE stage 5 (both functional: nothing is timed then)
+#   caps, serial: 15 + 120 + 100 + 100 + 35 + 20 + 120 = 510 s > the 470 s deadline on purpose: the tests take
+#   whatever is left (expected: wheels 5, env 5, build ~70, micro ~90, bench ~80, pipeline ~30, generate ~15,
+#   then ~150 s remain for tests + sanitizer, cut at 120 s for the tests).
+# A global deadline (DDIM_FAST_CHECK_DEADLINE, default 470 s from the start) cuts every cap to what is left
+# (10 s are kept for the last packaging); a stage with under 10 s left is skipped and named in summary.txt.
+# $OUT receives at most 8 files, flat: summary.txt env.txt micro.json bench_e2e.json bench_pipeline.json
+# generate.json tests.xml logs.tar.gz. The script exits non-zero when a stage failed.
+#
+#   OUT=/some/dir bash benchmarks/gpu_check.sh                 # on the GPU machine (see benchmarks/results/README.md)
+#   DRY_RUN=1 OUT=/tmp/x bash benchmarks/gpu_check.sh          # on a CPU: the same stages, order, deadlines,
+#                                                              # packaging and file names, with quick CPU stand-ins
+# Dry-run knobs (for tests): CAP_<stage>=S overrides a stage's cap (stages: wheels build micro bench pipeline
+# generate tests sanitizer); DRY_RUN_SLOW=<stage> makes that stage's stand-in hang (it must be cut at its cap).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-benchmarks/results}
+ROOT=$PWD
+DRY_RUN=${DRY_RUN:-0}
+OUT=${OUT:-benchmarks/results/gpu-check}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-LOGS=$(mktemp -d /tmp/ddim_fast_check.XXXXXX)
+LOGS=$(mktemp -d "${TMPDIR:-/tmp}/ddim_fast_check.XXXXXX")
 PY=${PYTHON:-python3}
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
 status=0
 start=$(date +%s)
-deadline=$(( start + ${DDIM_FAST_CHECK_DEADLINE:-540} ))
+deadline=$(( start + ${DDIM_FAST_CHECK_DEADLINE:-470} ))
+RESERVE=10
+MIN_STAGE=10
+MAX_FILES=8
+EXPECTED_FILES="summary.txt env.txt micro.json bench_e2e.json bench_pipeline.json generate.json tests.xml logs.tar.gz"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
+elapsed() { echo $(( $(date +%s) - start )); }
+cap() { local var="CAP_$1"; echo "${!var:-$2}"; }  # cap STAGE DEFAULT (CAP_<stage> overrides, for tests)
 
-package() {  # everything but the JSON results goes into one tarball: the fetch limit is 8 files
-  note "total $(( $(date +%s) - start ))s"
-  tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null || note "could not write logs.tar.gz"
-  rm -rf "$LOGS"
+pack() {  # every log into one tarball (the fetch limit is 8 files); refreshed after each stage
+  local tmp="$LOGS.pack.$BASHPID.tgz"  # outside $OUT and per process: the sanitizer job packs too
+  tar -czf "$tmp" -C "$LOGS" . 2>/dev/null && mv -f "$tmp" "$OUT/logs.tar.gz"
+  rm -f "$tmp"
+}
+
+check_out() {  # what comes back: at most 8 plain files, flat, names the device tool accepts
+  local n bad
+  n=$(find "$OUT" -mindepth 1 | wc -l)
+  bad=$(find "$OUT" -mindepth 1 \( ! -type f -o ! -name '*' \) -printf '%f\n'; \
+        find "$OUT" -mindepth 1 -type f -printf '%f\n' | grep -Ev '^[A-Za-z0-9._-]+$')
+  [ "$n" -le "$MAX_FILES" ] || { note "FAIL  \$OUT holds $n entries (at most $MAX_FILES come back)"; status=1; }
+  [ -z "$bad" ] || { note "FAIL  \$OUT entries that would not come back: $(echo $bad)"; status=1; }
+  for f in $(find "$OUT" -mindepth 1 -type f -printf '%f\n'); do
+    case " $EXPECTED_FILES " in *" $f "*) ;; *) note "FAIL  unexpected file in \$OUT: $f"; status=1 ;; esac
+  done
+}
+
+finish() {
+  note "total $(elapsed)s (deadline ${DDIM_FAST_CHECK_DEADLINE:-470}s), exit status $status"
+  cp "$SUMMARY" "$LOGS/summary.txt" 2>/dev/null
+  pack
+  check_out
+  rm -rf "$LOGS" "$LOGS".pack.*
   echo "results in $OUT:"; ls -la "$OUT"
 }
-trap package EXIT
+trap finish EXIT
 
-stage() {  # stage NAME LIMIT_SECONDS LOGFILE COMMAND...  (the limit is cut to what the deadline leaves)
-  local name=$1 limit=$2 log=$3
+# stage NAME CAP LOGFILE [--signal SIG] COMMAND...: run with min(CAP, time left before the deadline); the
+# outcome, duration and log name go to summary.txt; logs.tar.gz is refreshed. Returns the command's status.
+stage() {
+  local name=$1 limit=$2 log=$3 sig=TERM
   shift 3
-  local left=$(( deadline - $(date +%s) - 10 ))
-  if [ "$left" -lt 15 ]; then
-    note "SKIP  $name (global deadline reached)"
+  if [ "${1:-}" = "--signal" ]; then sig=$2; shift 2; fi
+  local left=$(( deadline - $(date +%s) - RESERVE ))
+  if [ "$left" -lt "$MIN_STAGE" ]; then
+    note "SKIP  $name (global deadline: ${left}s left)"
     status=1
     return 124
   fi
   [ "$left" -lt "$limit" ] && limit=$left
   local t0=$(date +%s)
-  echo "== $name (limit ${limit}s) =="
-  timeout --signal=TERM --kill-after=10 "$limit" "$@" >"$log" 2>&1
+  echo "== $name (limit ${limit}s, at $(elapsed)s) =="
+  timeout --signal="$sig" --kill-after=10 "$limit" "$@" >"$log" 2>&1
   local rc=$?
   local dt=$(( $(date +%s) - t0 ))
   if [ $rc -eq 0 ]; then
     note "ok    $name (${dt}s)"
   else
-    [ $rc -eq 124 ] && note "      $name timed out after ${limit}s"
+    [ $rc -eq 124 ] && note "      $name cut at its limit of ${limit}s"
     note "FAIL  $name (rc=$rc, ${dt}s, see logs.tar.gz:$(basename "$log"))"
     tail -n 25 "$log"
     status=1
   fi
+  pack
   return $rc
 }
 
-# 0. carried wheels -----------------------------------------------------------------------------------
+# A stand-in that hangs, for the dry run's timeout tests.
+slow_or() { if [ "${DRY_RUN_SLOW:-}" = "$1" ]; then shift; echo "dry run: hanging"; exec sleep 100000; fi; shift; exec "$@"; }
+export -f slow_or 2>/dev/null
+
+run_stage() {  # run_stage STAGE-KEY NAME DEFAULT-CAP LOG [--signal SIG] COMMAND...  (the dry-run hang hook)
+  local key=$1 name=$2 limit; limit=$(cap "$1" "$3"); local log=$4
+  shift 4
+  local sigargs=()
+  if [ "${1:-}" = "--signal" ]; then sigargs=(--signal "$2"); shift 2; fi
+  stage "$name" "$limit" "$log" "${sigargs[@]}" bash -c 'slow_or "$@"' _ "$key" "$@"
+}
+
+[ "$DRY_RUN" = "1" ] && note "DRY RUN on $(hostname): CPU stand-ins for the GPU commands (see the script's header)"
+note "plan (cap s): wheels 15, build 120, micro 100, bench 100, pipeline 35, generate 20, tests 120 (sanitizer 3x60 beside it); deadline ${DDIM_FAST_CHECK_DEADLINE:-470}s"
+
+# 0. carried wheels (diffusers only: the image has transformers, huggingface_hub, safetensors, Pillow) -------
 if compgen -G ".whl/*.whl" >/dev/null; then
-  # --no-deps --no-index: nothing is resolved or downloaded, the installed torch/triton stay as they are.
-  # All at once first; if one wheel does not fit this Python, install the others one by one.
-  if ! "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile --target /tmp/site \
-      .whl/*.whl >"$LOGS/wheels.log" 2>&1; then
-    for w in .whl/*.whl; do
-      "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile --upgrade \
-        --target /tmp/site "$w" >>"$LOGS/wheels.log" 2>&1 || note "wheel not installed: $(basename "$w")"
-    done
+  for w in .whl/*.whl; do
+    case "$(basename "$w")" in
+      diffusers-*) ;;
+      *) note "WARN  carried wheel $(basename "$w") would shadow the image's own package: carry diffusers only" ;;
+    esac
+  done
+  if [ "$DRY_RUN" = "1" ]; then
+    note "dry run: would install $(ls .whl/*.whl | xargs -n1 basename | tr '\n' ' ')into /tmp/site (--no-deps --no-index)"
+  else
+    run_stage wheels "wheels: install .whl/*.whl into /tmp/site" 15 "$LOGS/wheels.log" \
+      "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"  # after the checkout: the image's packages are never shadowed
   fi
-  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-  note "wheels: $(ls .whl/*.whl | wc -l) in .whl/, installed into /tmp/site (on PYTHONPATH; see wheels.log)"
 else
-  note "wheels: no .whl/ folder (tests needing diffusers/transformers will skip)"
+  note "wheels: no .whl/ folder (diffusers missing: the bench and diffusers tests skip; see benchmarks/results/README.md)"
 fi
 
-# 1. environment ------------------------------------------------------------------------------------
+# 1. environment ------------------------------------------------------------------------------------------
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "host: $(hostname)"
-  echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown) $(git status --porcelain 2>/dev/null | wc -l) changed files"
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1 || true
+  echo "git: $(git rev-parse HEAD 2>/dev/null || echo unknown) ($(git status --porcelain 2>/dev/null | wc -l) changed files)"
+  echo "dry_run: $DRY_RUN"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1 || echo "nvidia-smi: not available"
   (nvcc --version 2>/dev/null || "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" --version 2>&1) | tail -n 2
+  uname -r
   "$PY" - <<'EOF'
-import importlib, platform
+import importlib, os, platform
 import torch
 print("python", platform.python_version())
 print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
-for name in ("triton", "numpy", "diffusers", "transformers", "pytest", "pytest_benchmark"):
+for name in ("triton", "numpy", "diffusers", "transformers", "pytest", "pytest_benchmark", "xdist", "pytest_timeout"):
     try:
-        print(name, importlib.import_module(name).__version__)
+        print(name, getattr(importlib.import_module(name), "__version__", "installed"))
     except Exception as exc:
         print(name, "unavailable:", exc)
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
-    print("gpu", p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs", f"{p.total_memory / 2**30:.1f} GiB")
+    print("gpu", p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs",
+          f"{p.total_memory / 2**30:.1f} GiB", f"L2 {getattr(p, 'L2_cache_size', 0) / 2**20:.0f} MiB")
 else:
     print("gpu: none visible to torch")
+print("cpus", os.cpu_count())
 EOF
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
-grep -E "^(torch|triton|gpu) " "$OUT/env.txt" >>"$SUMMARY"
+grep -E "^(git|torch|triton|gpu|diffusers) " "$OUT/env.txt" >>"$SUMMARY"
+cp "$OUT/env.txt" "$LOGS/env.txt"
 
-# 2. build ------------------------------------------------------------------------------------------
+# 2. build for this GPU's arch only -----------------------------------------------------------------------
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-arch=$("$PY" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.major}.{p.minor}')" 2>/dev/null || true)
-[ -n "$arch" ] && export TORCH_CUDA_ARCH_LIST="$arch"  # this GPU only: half the nvcc time
-[ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ] && ! command -v nvcc >/dev/null && export CUDA_HOME=/usr/local/cuda
-# The editable install builds the extension in place (setuptools' editable_mode); --no-deps keeps pip's
-# resolver away from torch and triton, --no-index keeps it offline.
-stage "build: pip install --no-build-isolation --no-deps -e ." 240 "$LOGS/build.log" \
-  "$PY" -m pip install -v --disable-pip-version-check --no-index --no-build-isolation --no-deps -e .
-if ! compgen -G "ddim_fast/_C*.so" >/dev/null; then
-  stage "build: setup.py build_ext --inplace (fallback)" 240 "$LOGS/build_ext.log" "$PY" setup.py build_ext --inplace \
+if [ "$DRY_RUN" = "1" ]; then
+  run_stage build "build (dry run: the extension already built here must import)" 120 "$LOGS/build.log" \
+    "$PY" -c "import ddim_fast, ddim_fast._C as c; print('dry run: would run TORCH_CUDA_ARCH_LIST=<this GPU> setup.py build_ext --inplace; loaded', c.__file__)"
+else
+  arch=$("$PY" -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.major}.{p.minor}')" 2>/dev/null || true)
+  [ -n "$arch" ] && export TORCH_CUDA_ARCH_LIST="$arch"
+  [ -z "${CUDA_HOME:-}" ] && [ -f /usr/local/cuda/include/cuda_runtime.h ] && export CUDA_HOME=/usr/local/cuda
+  note "build: TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-unset} CUDA_HOME=${CUDA_HOME:-unset} MAX_JOBS=$MAX_JOBS"
+  run_stage build "build: setup.py build_ext --inplace (sm_${arch/./})" 120 "$LOGS/build.log" \
+    "$PY" setup.py build_ext --inplace \
     || { note "build failed: nothing else can run"; exit 1; }
 fi
-grep -h "ddim_fast: building" "$LOGS"/build*.log | sort -u | tee -a "$SUMMARY"
-if registered=$("$PY" -c "import ddim_fast.ops as o; assert o.has_native_kernel('cuda'), 'no CUDA ddim_step kernel'; \
-assert o.has_native_kernel('cuda', 'scaled_masked_softmax'), 'no CUDA softmax kernel'" 2>&1); then
-  note "ok    CUDA kernels registered (ddim_step, scaled_masked_softmax)"
+if registered=$("$PY" -c "
+import ddim_fast.ops as o, torch
+want = 'cuda' if torch.cuda.is_available() else 'cpu'
+missing = [op for op in ('ddim_step', 'ddim_step_out', 'scaled_masked_softmax', 'scaled_masked_softmax_') if not o.has_native_kernel(want, op)]
+assert not missing, f'no {want} kernel for {missing}'
+print(want)" 2>&1); then
+  note "ok    native kernels registered on $(echo "$registered" | tail -n 1) (ddim_step, ddim_step_out, softmax, softmax_)"
 else
-  note "FAIL  CUDA kernels not registered: $(echo "$registered" | tail -n 1)"
+  note "FAIL  native kernels not registered: $(echo "$registered" | tail -n 1)"
   status=1
 fi
 
-# 3. tests on CUDA: the GPU kernel tests first (they matter most if time runs short), then the rest ------
-GPU_TESTS="tests/test_ddim_step_cuda.py tests/test_graph_safety.py tests/test_attention_ops.py tests/test_ddim_step_triton.py tests/test_sampler_ldm.py tests/test_scheduler_diffusers.py tests/test_pipeline_diffusers.py"
-stage "pytest GPU kernel tests (CUDA)" 200 "$LOGS/tests_gpu.log" \
-  "$PY" -m pytest $GPU_TESTS -q -p no:cacheprovider -rs --durations=25 --junitxml="$LOGS/tests_gpu.xml"
-tail -n 3 "$LOGS/tests_gpu.log" | tee -a "$SUMMARY"
-stage "pytest other tests (CUDA)" 180 "$LOGS/tests_rest.log" \
-  "$PY" -m pytest tests -q -p no:cacheprovider -rs --durations=25 --junitxml="$LOGS/tests_rest.xml" \
-  $(for f in $GPU_TESTS; do printf -- "--ignore=%s " "$f"; done)
-tail -n 3 "$LOGS/tests_rest.log" | tee -a "$SUMMARY"
-
-# 4. compute-sanitizer ---------------------------------------------------------------------------------
-SAN=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer \
-      /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
-if [ -n "$SAN" ]; then
-  # Small cases only (the >2^31-element test is deselected); Triton compiles on the host, unaffected.
-  STEP_K="(test_views or test_odd_sizes or test_out_of_range or test_in_place or test_empty) and not 2_pow_31"
-  stage "compute-sanitizer memcheck (step)" 75 "$LOGS/sanitizer_memcheck_step.log" \
-    "$SAN" --tool memcheck --error-exitcode 99 --target-processes all \
-    "$PY" -m pytest tests/test_ddim_step_cuda.py -q -p no:cacheprovider -x -k "$STEP_K"
-  grep -E "ERROR SUMMARY|passed|failed" "$LOGS/sanitizer_memcheck_step.log" | tail -n 2 | tee -a "$SUMMARY"
-  # The softmax kernels directly: warp-per-row (short rows, broadcast bool mask, additive mask) and the
-  # block-per-row kernel (shared memory + __syncthreads: racecheck), in place too, every dtype.
-  cat >"$LOGS/softmax_san.py" <<'EOF'
-import torch
-import ddim_fast.ops  # noqa: F401  (loads the extension)
-op, op_ = torch.ops.ddim_fast.scaled_masked_softmax, torch.ops.ddim_fast.scaled_masked_softmax_
-for dtype in (torch.float32, torch.float16, torch.bfloat16):
-    for shape in ((2, 3, 5, 77), (3, 7, 1), (2, 2, 3, 1300), (5, 4097)):
-        s = torch.randn(shape, device="cuda").to(dtype)
-        keep = torch.rand(shape[:-2] + (1, shape[-1]), device="cuda") > 0.3
-        add = torch.randn(shape, device="cuda").to(dtype)
-        for mask in (None, keep, add):
-            out = op(s, mask, 0.5)
-            inplace = s.clone()
-            op_(inplace, mask, 0.5)
-            assert torch.equal(out, inplace), (dtype, shape)
-torch.cuda.synchronize()
-print("softmax sanitizer run: ok")
-EOF
-  for tool in memcheck racecheck; do
-    stage "compute-sanitizer $tool (softmax)" 60 "$LOGS/sanitizer_${tool}_softmax.log" \
-      env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \
-      "$SAN" --tool "$tool" --error-exitcode 99 "$PY" "$LOGS/softmax_san.py"
-    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|ok$" "$LOGS/sanitizer_${tool}_softmax.log" | tail -n 2 | tee -a "$SUMMARY"
-  done
+# 3. micro-benchmark --------------------------------------------------------------------------------------
+if [ "$DRY_RUN" = "1" ]; then
+  run_stage micro "micro-benchmark (dry run: gpu_micro.py on CPU, tiny shapes, no compile)" 100 "$LOGS/micro.log" \
+    "$PY" benchmarks/gpu_micro.py --device cpu --skip compile --repeats 1 --budget 20 --json "$OUT/micro.json"
 else
-  note "SKIP  compute-sanitizer: not on PATH nor under \$CUDA_HOME/bin or /usr/local/cuda*/bin"
+  run_stage micro "micro-benchmark (gpu_micro.py)" 100 "$LOGS/micro.log" \
+    "$PY" benchmarks/gpu_micro.py --budget 85 --json "$OUT/micro.json"
+fi
+sed -n '/^gpu_micro on/,$p' "$LOGS/micro.log" | grep -E "^(copy ceiling|goal|ERROR|sections)" | tee -a "$SUMMARY"
+
+# 4a. the end-to-end bench --------------------------------------------------------------------------------
+if [ "$DRY_RUN" = "1" ]; then
+  BENCH_ARGS="--model tiny-unet --dtype fp32 --guidance 7.5 --steps 2 --batch 1 --repeats 1 --device cpu"
+else
+  BENCH_ARGS="--model sd15-unet --dtype fp16 --resolution 512 --guidance 7.5 --steps 50 --batch 1 --repeats 2"
+fi
+run_stage bench "python -m ddim_fast bench $BENCH_ARGS" 100 "$LOGS/bench_e2e.log" \
+  "$PY" -m ddim_fast --no-progress bench $BENCH_ARGS --json "$OUT/bench_e2e.json"
+grep -E "^(bench:|UNet alone|loop |diffusers |fast|agreement)" "$LOGS/bench_e2e.log" | tee -a "$SUMMARY"
+
+# 4b. the pipeline row ------------------------------------------------------------------------------------
+if [ -f benchmarks/bench_pipeline.py ]; then
+  if [ "$DRY_RUN" = "1" ]; then
+    run_stage pipeline "benchmarks/bench_pipeline.py (dry run: collection only)" 35 "$LOGS/bench_pipeline.log" \
+      bash -c "'$PY' -m pytest benchmarks/bench_pipeline.py --collect-only -q -p no:cacheprovider && echo '{\"dry_run\": true}' >'$OUT/bench_pipeline.json'"
+  else
+    run_stage pipeline "pytest benchmarks/bench_pipeline.py --benchmark-only" 35 "$LOGS/bench_pipeline.log" \
+      "$PY" -m pytest benchmarks/bench_pipeline.py --benchmark-only -q -p no:cacheprovider \
+      --benchmark-json="$OUT/bench_pipeline.json"
+  fi
+  tail -n 3 "$LOGS/bench_pipeline.log" | tee -a "$SUMMARY"
+else
+  note "SKIP  pipeline row: benchmarks/bench_pipeline.py is not in this checkout"
 fi
 
-# 5. end-to-end: SD1.5 UNet config, fp16, 512 px, CFG 7.5, 50 steps -----------------------------------
-SD15="--model sd15-unet --dtype fp16 --resolution 512 --guidance 7.5 --steps 50"
-stage "python -m ddim_fast bench (sd15, fp16, 512)" 120 "$LOGS/bench_e2e.log" \
-  "$PY" -m ddim_fast bench $SD15 --batch 1 --json "$OUT/bench_e2e.json"
-stage "python -m ddim_fast profile (sd15, fp16, 512)" 60 "$LOGS/profile.log" \
-  "$PY" -m ddim_fast profile $SD15 --batch 1 --json "$OUT/profile.json"
-stage "python -m ddim_fast profile --cuda-graph (sd15, fp16, 512)" 60 "$LOGS/profile_graph.log" \
-  "$PY" -m ddim_fast profile $SD15 --batch 1 --cuda-graph --json "$OUT/profile_graph.json"
+# 4c. generate on one GPU ---------------------------------------------------------------------------------
+if "$PY" -m ddim_fast generate --help >/dev/null 2>&1; then
+  if [ "$DRY_RUN" = "1" ]; then
+    GEN_ARGS="--model embedded --num-samples 4 --batch-size 2 --steps 2 --device cpu"
+  else
+    GEN_ARGS="--model embedded --num-samples 512 --batch-size 128 --steps 50 --device cuda"
+  fi
+  run_stage generate "python -m ddim_fast generate $GEN_ARGS" 20 "$LOGS/generate.log" \
+    "$PY" -m ddim_fast --no-progress generate --out "$LOGS/generate_out" $GEN_ARGS --json "$OUT/generate.json"
+  tail -n 2 "$LOGS/generate.log" | tee -a "$SUMMARY"
+  rm -rf "$LOGS/generate_out"  # the images themselves do not come back
+else
+  note "SKIP  generate: \`python -m ddim_fast generate --help\` fails in this checkout"
+fi
 
-# 6. pytest-benchmark suites ---------------------------------------------------------------------------
-stage "pytest benchmarks --benchmark-only" 150 "$LOGS/bench_pytest.log" \
-  "$PY" -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
-  --benchmark-json="$OUT/bench_pytest.json" --benchmark-columns=min,median,max,rounds
-sed -n '/ddim-fast step benchmarks/,$p' "$LOGS/bench_pytest.log" | head -n 80 >"$LOGS/bench_ratios.txt"
+# 5 + 6. CUDA tests and, beside them, compute-sanitizer ---------------------------------------------------
+CUDA_FILES="tests/test_ddim_step_cuda.py,tests/test_ddim_step_triton.py,tests/test_attention_ops.py,tests/test_graph_safety.py,tests/test_graph_autocast.py"
+MIXED_FILES="tests/test_sampler_ldm.py tests/test_scheduler_diffusers.py tests/test_pipeline_diffusers.py tests/test_cli.py"
+[ -f tests/test_pipeline_optimize.py ] && MIXED_FILES="$MIXED_FILES tests/test_pipeline_optimize.py"
+TEST_FLAGS=(-q -p no:cacheprovider -p pytest_gpu_check -rfE --junitxml="$OUT/tests.xml" --cuda-only --cuda-files="$CUDA_FILES")
+if "$PY" -c "import xdist" 2>/dev/null; then TEST_FLAGS+=(-n "${TEST_WORKERS:-8}"); else note "tests: pytest-xdist missing, running serially"; fi
+if "$PY" -c "import pytest_timeout" 2>/dev/null; then TEST_FLAGS+=(--timeout=60 --timeout-method=signal); else TEST_FLAGS+=(--per-test-timeout=60); fi
+if [ "$DRY_RUN" = "1" ]; then
+  # The same pytest command line on two quick CPU files (what --cuda-only keeps here: their CUDA tests skip).
+  TEST_TARGETS="tests/test_graph_autocast.py tests/test_schedule.py"
+  TEST_FLAGS+=(--cuda-files=tests/test_graph_autocast.py)
+else
+  TEST_TARGETS="${CUDA_FILES//,/ } $MIXED_FILES"
+fi
+export PYTHONPATH="$ROOT/benchmarks:$PYTHONPATH"  # the pytest_gpu_check plugin
 
+SAN=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer \
+      /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
+STEP_K="(test_views or test_odd_sizes or test_out_of_range or test_in_place or test_empty) and native and not 2_pow_31"
+sanitize() {  # sanitize TOOL NAME LOG COMMAND...: compute-sanitizer around COMMAND, the caching allocator off
+  local tool=$1 name=$2 log=$3 rc=0
+  shift 3
+  if [ "$DRY_RUN" = "1" ]; then
+    run_stage sanitizer "$name (dry run: the command without compute-sanitizer, on CPU)" 60 "$log" "$@" || rc=$?
+  elif [ -z "$SAN" ]; then
+    note "SKIP  $name: compute-sanitizer not on PATH nor under \$CUDA_HOME/bin or /usr/local/cuda*/bin"
+    return 0
+  else
+    run_stage sanitizer "$name" 60 "$log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+      "$SAN" --tool "$tool" --error-exitcode 99 --target-processes all "$@" || rc=$?
+    if grep -q "Device not supported" "$log"; then
+      note "      $name: compute-sanitizer does not support this machine's runtime (gVisor?): not a kernel failure"
+    fi
+  fi
+  grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|: ok$" "$log" | tail -n 2 | tee -a "$SUMMARY"
+  return $rc
+}
+sanitizers() {  # stage 6, in the background beside the tests (functional checks: nothing is timed then)
+  local rc=0 device_args=()
+  [ "$DRY_RUN" = "1" ] && device_args=(--device cpu)
+  sanitize memcheck "memcheck (native step tests)" "$LOGS/sanitizer_memcheck_step.log" \
+    "$PY" -m pytest tests/test_ddim_step_cuda.py -q -p no:cacheprovider -x -k "$STEP_K" || rc=1
+  sanitize memcheck "memcheck (softmax kernels)" "$LOGS/sanitizer_memcheck_softmax.log" \
+    "$PY" benchmarks/sanitizer_softmax.py "${device_args[@]}" || rc=1
+  sanitize racecheck "racecheck (softmax block kernel)" "$LOGS/sanitizer_racecheck_softmax.log" \
+    "$PY" benchmarks/sanitizer_softmax.py "${device_args[@]}" || rc=1
+  return $rc
+}
+sanitizers &
+sanitizers_pid=$!
+
+# The tests in the foreground: a background job would start pytest with SIGINT ignored, and timeout's INT
+# (which lets pytest write its JUnit XML) would then do nothing.
+run_stage tests "pytest the CUDA tests (-n, per-test timeout, JUnit)" 120 "$LOGS/tests.log" --signal INT \
+  "$PY" -m pytest $TEST_TARGETS "${TEST_FLAGS[@]}" || status=1
+grep -E "passed|failed|error" "$LOGS/tests.log" | tail -n 1 | tee -a "$SUMMARY"
+grep -E "^(FAILED|ERROR) " "$LOGS/tests.log" | head -n 30 | tee -a "$SUMMARY"
+wait "$sanitizers_pid" || status=1
 exit $status
