@@ -30,6 +30,7 @@
 #   OUT=/some/dir bash benchmarks/gpu_check.sh                 # on the GPU machine (see benchmarks/results/README.md)
 #   DRY_RUN=1 OUT=/tmp/x bash benchmarks/gpu_check.sh          # on a CPU: the same stages, order, deadlines,
 #                                                              # packaging and file names, with quick CPU stand-ins
+# STAGES=micro,bench (any of micro bench pipeline generate tests sanitizer) runs only those after the build.
 # Dry-run knobs (for tests): CAP_<stage>=S overrides a stage's cap (stages: wheels build micro bench pipeline
 # generate tests sanitizer); DRY_RUN_SLOW=<stage> makes that stage's stand-in hang (it must be cut at its cap).
 set -uo pipefail
@@ -56,6 +57,9 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 note() { echo "$*" | tee -a "$SUMMARY"; }
 elapsed() { echo $(( $(date +%s) - start )); }
 cap() { local var="CAP_$1"; echo "${!var:-$2}"; }  # cap STAGE DEFAULT (CAP_<stage> overrides, for tests)
+# STAGES=micro,bench,...: run only these of micro bench pipeline generate tests sanitizer (wheels, env and build
+# always run: a fresh machine needs them). Default: all.
+want() { [ -z "${STAGES:-}" ] && return 0; case ",$STAGES," in *",$1,"*) return 0 ;; esac; note "SKIP  $1 (not in STAGES=$STAGES)"; return 1; }
 
 pack() {  # every log into one tarball (the fetch limit is 8 files); refreshed after each stage
   local tmp="$LOGS.pack.$BASHPID.tgz"  # outside $OUT and per process: the sanitizer job packs too
@@ -178,7 +182,7 @@ print("cpus", os.cpu_count())
 EOF
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
-grep -E "^(git|torch|triton|gpu|diffusers) " "$OUT/env.txt" >>"$SUMMARY"
+grep -E "^(git:|torch|triton|gpu|diffusers) " "$OUT/env.txt" >>"$SUMMARY"
 cp "$OUT/env.txt" "$LOGS/env.txt"
 
 # 2. build for this GPU's arch only -----------------------------------------------------------------------
@@ -194,6 +198,7 @@ else
   run_stage build "build: setup.py build_ext --inplace (sm_${arch/./})" 120 "$LOGS/build.log" \
     "$PY" setup.py build_ext --inplace \
     || { note "build failed: nothing else can run"; exit 1; }
+  grep -h "ddim_fast: building" "$LOGS/build.log" | sort -u | tee -a "$SUMMARY"
 fi
 if registered=$("$PY" -c "
 import ddim_fast.ops as o, torch
@@ -208,7 +213,8 @@ else
 fi
 
 # 3. micro-benchmark --------------------------------------------------------------------------------------
-if [ "$DRY_RUN" = "1" ]; then
+if ! want micro; then :
+elif [ "$DRY_RUN" = "1" ]; then
   run_stage micro "micro-benchmark (dry run: gpu_micro.py on CPU, tiny shapes, no compile)" 100 "$LOGS/micro.log" \
     "$PY" benchmarks/gpu_micro.py --device cpu --skip compile --repeats 1 --budget 20 --json "$OUT/micro.json"
 else
@@ -223,12 +229,13 @@ if [ "$DRY_RUN" = "1" ]; then
 else
   BENCH_ARGS="--model sd15-unet --dtype fp16 --resolution 512 --guidance 7.5 --steps 50 --batch 1 --repeats 2"
 fi
-run_stage bench "python -m ddim_fast bench $BENCH_ARGS" 100 "$LOGS/bench_e2e.log" \
+want bench && run_stage bench "python -m ddim_fast bench $BENCH_ARGS" 100 "$LOGS/bench_e2e.log" \
   "$PY" -m ddim_fast --no-progress bench $BENCH_ARGS --json "$OUT/bench_e2e.json"
-grep -E "^(bench:|UNet alone|loop |diffusers |fast|agreement)" "$LOGS/bench_e2e.log" | tee -a "$SUMMARY"
+[ -f "$LOGS/bench_e2e.log" ] && grep -E "^(bench:|UNet alone|loop |diffusers |fast|agreement)" "$LOGS/bench_e2e.log" | tee -a "$SUMMARY"
 
 # 4b. the pipeline row ------------------------------------------------------------------------------------
-if [ -f benchmarks/bench_pipeline.py ]; then
+if ! want pipeline; then :
+elif [ -f benchmarks/bench_pipeline.py ]; then
   if [ "$DRY_RUN" = "1" ]; then
     run_stage pipeline "benchmarks/bench_pipeline.py (dry run: collection only)" 35 "$LOGS/bench_pipeline.log" \
       bash -c "'$PY' -m pytest benchmarks/bench_pipeline.py --collect-only -q -p no:cacheprovider && echo '{\"dry_run\": true}' >'$OUT/bench_pipeline.json'"
@@ -243,7 +250,8 @@ else
 fi
 
 # 4c. generate on one GPU ---------------------------------------------------------------------------------
-if "$PY" -m ddim_fast generate --help >/dev/null 2>&1; then
+if ! want generate; then :
+elif "$PY" -m ddim_fast generate --help >/dev/null 2>&1; then
   if [ "$DRY_RUN" = "1" ]; then
     GEN_ARGS="--model embedded --num-samples 4 --batch-size 2 --steps 2 --device cpu"
   else
@@ -305,14 +313,19 @@ sanitizers() {  # stage 6, in the background beside the tests (functional checks
     "$PY" benchmarks/sanitizer_softmax.py "${device_args[@]}" || rc=1
   return $rc
 }
-sanitizers &
-sanitizers_pid=$!
+sanitizers_pid=
+if want sanitizer; then
+  sanitizers &
+  sanitizers_pid=$!
+fi
 
 # The tests in the foreground: a background job would start pytest with SIGINT ignored, and timeout's INT
 # (which lets pytest write its JUnit XML) would then do nothing.
-run_stage tests "pytest the CUDA tests (-n, per-test timeout, JUnit)" 120 "$LOGS/tests.log" --signal INT \
-  "$PY" -m pytest $TEST_TARGETS "${TEST_FLAGS[@]}" || status=1
-grep -E "passed|failed|error" "$LOGS/tests.log" | tail -n 1 | tee -a "$SUMMARY"
-grep -E "^(FAILED|ERROR) " "$LOGS/tests.log" | head -n 30 | tee -a "$SUMMARY"
-wait "$sanitizers_pid" || status=1
+if want tests; then
+  run_stage tests "pytest the CUDA tests (-n, per-test timeout, JUnit)" 120 "$LOGS/tests.log" --signal INT \
+    "$PY" -m pytest $TEST_TARGETS "${TEST_FLAGS[@]}" || status=1
+  grep -E "passed|failed|error" "$LOGS/tests.log" | tail -n 1 | tee -a "$SUMMARY"
+  grep -E "^(FAILED|ERROR) " "$LOGS/tests.log" | head -n 30 | tee -a "$SUMMARY"
+fi
+[ -n "$sanitizers_pid" ] && { wait "$sanitizers_pid" || status=1; }
 exit $status
