@@ -248,7 +248,10 @@ def test_bench_tiny_unet_agrees_with_the_diffusers_loop(tmp_path, capsys):
     for name in ("fast", "reference"):
         assert report["results"][name]["rel_error_vs_diffusers"] <= 1e-5
         assert report["results"][name]["it_per_s"] > 0
+        assert report["proofs"][name]["ok"], report["proofs"][name]
+    assert report["proofs"]["fast"]["fused_step_ops"] == 3 and report["proofs"]["reference"]["fused_step_ops"] == 0
     assert "PASS" in out and report["environment"]["hardware"]
+    assert out.count("proof:") == 3
 
 
 def test_bench_detects_disagreement(monkeypatch):
