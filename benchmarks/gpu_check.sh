@@ -12,15 +12,15 @@
 #      autocast graph; ~90 s)
 #   4a python -m ddim_fast bench: SD1.5 UNet, fp16, 512 px, CFG 7.5,  100  bench_e2e.json
 #      50 steps: diffusers, fast, fast+graph, fast+attn (proven)
-#   4b benchmarks/bench_pipeline.py (when the file exists)             35  bench_pipeline.json
+#   4b benchmarks/bench_pipeline.py -k cuda, no compile (when present)  60  bench_pipeline.json
 #   4c python -m ddim_fast generate, 1 GPU (when the command exists)   20  generate.json
 #   5  the CUDA tests, pytest -n 8 --cuda-only, per-test timeout,     120  tests.xml (JUnit)
 #      timeout --signal=INT (pytest still writes its JUnit XML)
 #   6  compute-sanitizer memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1)  3x60  logs.tar.gz:sanitizer_*.log
 #      on the native step tests and the softmax kernels, racecheck
 #      on the softmax block kernel (small shapes); runs BESIDE stage 5 (both functional: nothing is timed then)
-#   caps, serial: 15 + 120 + 100 + 100 + 35 + 20 + 120 = 510 s > the 470 s deadline on purpose: the tests take
-#   whatever is left (expected: wheels 5, env 5, build ~70, micro ~90, bench ~80, pipeline ~30, generate ~15,
+#   caps, serial: 15 + 120 + 100 + 100 + 60 + 20 + 120 = 535 s > the 470 s deadline on purpose: the tests take
+#   whatever is left (expected: wheels 5, env 5, build ~70, micro ~90, bench ~80, pipeline ~45, generate ~15,
 #   then ~150 s remain for tests + sanitizer, cut at 120 s for the tests).
 # A global deadline (DDIM_FAST_CHECK_DEADLINE, default 470 s from the start) cuts every cap to what is left
 # (10 s are kept for the last packaging); a stage with under 10 s left is skipped and named in summary.txt.
@@ -132,7 +132,7 @@ run_stage() {  # run_stage STAGE-KEY NAME DEFAULT-CAP LOG [--signal SIG] COMMAND
 }
 
 [ "$DRY_RUN" = "1" ] && note "DRY RUN on $(hostname): CPU stand-ins for the GPU commands (see the script's header)"
-note "plan (cap s): wheels 15, build 120, micro 100, bench 100, pipeline 35, generate 20, tests 120 (sanitizer 3x60 beside it); deadline ${DDIM_FAST_CHECK_DEADLINE:-470}s"
+note "plan (cap s): wheels 15, build 120, micro 100, bench 100, pipeline 60, generate 20, tests 120 (sanitizer 3x60 beside it); deadline ${DDIM_FAST_CHECK_DEADLINE:-470}s"
 
 # 0. carried wheels (diffusers only: the image has transformers, huggingface_hub, safetensors, Pillow) -------
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -233,18 +233,20 @@ want bench && run_stage bench "python -m ddim_fast bench $BENCH_ARGS" 100 "$LOGS
   "$PY" -m ddim_fast --no-progress bench $BENCH_ARGS --json "$OUT/bench_e2e.json"
 [ -f "$LOGS/bench_e2e.log" ] && grep -E "^(bench:|UNet alone|loop |diffusers |fast|agreement)" "$LOGS/bench_e2e.log" | tee -a "$SUMMARY"
 
-# 4b. the pipeline row ------------------------------------------------------------------------------------
+# 4b. the pipeline row: pipe(...) plain vs ddim_fast.optimize(pipe), SD1.5 config, fp16, 512 px, 50 steps ----------
+# (its CUDA group only; DDIM_FAST_BENCH_NO_COMPILE=1: compiling SD1.5's UNet would take minutes of the lease)
 if ! want pipeline; then :
 elif [ -f benchmarks/bench_pipeline.py ]; then
   if [ "$DRY_RUN" = "1" ]; then
-    run_stage pipeline "benchmarks/bench_pipeline.py (dry run: collection only)" 35 "$LOGS/bench_pipeline.log" \
-      bash -c "'$PY' -m pytest benchmarks/bench_pipeline.py --collect-only -q -p no:cacheprovider && echo '{\"dry_run\": true}' >'$OUT/bench_pipeline.json'"
+    run_stage pipeline "benchmarks/bench_pipeline.py -k cuda (dry run: collection only)" 60 "$LOGS/bench_pipeline.log" \
+      bash -c "'$PY' -m pytest benchmarks/bench_pipeline.py -k cuda --collect-only -q -p no:cacheprovider && echo '{\"dry_run\": true}' >'$OUT/bench_pipeline.json'"
   else
-    run_stage pipeline "pytest benchmarks/bench_pipeline.py --benchmark-only" 35 "$LOGS/bench_pipeline.log" \
-      "$PY" -m pytest benchmarks/bench_pipeline.py --benchmark-only -q -p no:cacheprovider \
-      --benchmark-json="$OUT/bench_pipeline.json"
+    run_stage pipeline "pytest benchmarks/bench_pipeline.py -k cuda --benchmark-only (no compile)" 60 "$LOGS/bench_pipeline.log" \
+      env DDIM_FAST_BENCH_NO_COMPILE=1 "$PY" -m pytest benchmarks/bench_pipeline.py -k cuda --benchmark-only -q \
+      -p no:cacheprovider -rfEs --benchmark-json="$OUT/bench_pipeline.json"
   fi
-  tail -n 3 "$LOGS/bench_pipeline.log" | tee -a "$SUMMARY"
+  sed -n '/ddim-fast pipeline benchmarks/,$p' "$LOGS/bench_pipeline.log" | head -n 8 | tee -a "$SUMMARY"
+  tail -n 1 "$LOGS/bench_pipeline.log" | tee -a "$SUMMARY"
 else
   note "SKIP  pipeline row: benchmarks/bench_pipeline.py is not in this checkout"
 fi
@@ -268,7 +270,7 @@ fi
 # 5 + 6. CUDA tests and, beside them, compute-sanitizer ---------------------------------------------------
 CUDA_FILES="tests/test_ddim_step_cuda.py,tests/test_ddim_step_triton.py,tests/test_attention_ops.py,tests/test_graph_safety.py,tests/test_graph_autocast.py"
 MIXED_FILES="tests/test_sampler_ldm.py tests/test_scheduler_diffusers.py tests/test_pipeline_diffusers.py tests/test_cli.py"
-[ -f tests/test_pipeline_optimize.py ] && MIXED_FILES="$MIXED_FILES tests/test_pipeline_optimize.py"
+[ -f tests/test_optimize_pipeline.py ] && MIXED_FILES="$MIXED_FILES tests/test_optimize_pipeline.py"
 TEST_FLAGS=(-q -p no:cacheprovider -p pytest_gpu_check -rfE --junitxml="$OUT/tests.xml" --cuda-only --cuda-files="$CUDA_FILES")
 if "$PY" -c "import xdist" 2>/dev/null; then TEST_FLAGS+=(-n "${TEST_WORKERS:-8}"); else note "tests: pytest-xdist missing, running serially"; fi
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then TEST_FLAGS+=(--timeout=60 --timeout-method=signal); else TEST_FLAGS+=(--per-test-timeout=60); fi
