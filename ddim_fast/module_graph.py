@@ -380,8 +380,13 @@ class GraphedForward:
             return self._call_original(_fresh_containers(static))
 
         try:
+            # "recast": under torch.autocast with fp32 weights, the casts stay inside the graph. Hoisting them
+            # (graphs.py's default) would serve stale half copies after PEFT's fuse_lora / merge, which write
+            # through param.data without bumping a version counter; pipelines that want the speed load fp16
+            # weights (torch_dtype=torch.float16), which need no cast at all.
             return graphs.capture_step(forward_on_static, graphs.make_static(values), use_graph=use_graph,
-                                       pool=self._pool_source.pool(device), fallback=False)
+                                       pool=self._pool_source.pool(device), fallback=False,
+                                       autocast_weights="recast")
         except graphs.GraphCaptureError as exc:
             self.disabled_reason = f"capture failed: {exc}"
             logger.warning("ddim_fast: %s cannot be captured into a CUDA graph (%s); it runs eagerly from now on "
