@@ -1,7 +1,9 @@
 // C++ CPU kernel of ddim_fast::ddim_step: one pass over memory, at::parallel_for over element ranges,
 // fp32 math for every storage dtype. Work is done in blocks of kBlock elements: a load stage gives
-// fp32 pointers (straight into the tensors for contiguous fp32, else gathered/converted into stack
+// fp32 pointers (straight into the tensors for fp32 in memory order, else gathered/converted into stack
 // buffers), a branch-free compute loop the compiler vectorizes, and a store stage.
+// Memory order (DdimStepParams::flat) covers row-major contiguous tensors and dense tensors that share one
+// layout (channels_last latents): ranges are then ranges of memory, walked like a contiguous tensor.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -125,26 +127,44 @@ ComputeFn pick_compute(const DdimStepParams& p) {
   }
 }
 
-// Seeded normals for logical elements [start, start + n).
-void fill_philox_normals(uint64_t seed, uint64_t offset, int64_t start, int64_t n, float* z) {
+// Seeded normals for logical (row-major) elements [start, start + n), with the stream mapping of philox.h:
+// one stream over the tensor (rng_state [2]) or one per batch row (rng_state [B, 2]; the group index then
+// restarts at 0 in every row, so a row's noise does not depend on where the row sits in the batch).
+// One Philox call serves the (up to) 4 consecutive elements of a group.
+void fill_philox_normals(const DdimStepParams& p, uint64_t step, int64_t start, int64_t n, float* z) {
+  int64_t row = 0;
+  int64_t j = start;  // index within the current stream
+  if (p.rng_per_row) {
+    row = start / p.sample_numel;
+    j = start - row * p.sample_numel;
+  }
+  uint64_t seed, offset;
+  philox_stream(p.rng, row, step, &seed, &offset);
   float group_normals[4];
   int64_t cached_group = -1;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t index = start + i;
-    const int64_t group = index >> 2;
+  for (int64_t i = 0; i < n; ++i, ++j) {
+    if (p.rng_per_row && j == p.sample_numel) {  // the next row: its own stream, from group 0
+      j = 0;
+      ++row;
+      philox_stream(p.rng, row, step, &seed, &offset);
+      cached_group = -1;
+    }
+    const int64_t group = j >> 2;
     if (group != cached_group) {
       philox_normal4(seed, offset, static_cast<uint64_t>(group), group_normals);
       cached_group = group;
     }
-    z[i] = group_normals[index & 3];
+    z[i] = group_normals[j & 3];
   }
 }
 
 template <typename scalar_t>
-void run_range(const DdimStepParams& p, const StepCoefs& k, ComputeFn compute, uint64_t seed,
-               uint64_t rng_offset, int64_t begin, int64_t end) {
+void run_range(const DdimStepParams& p, const StepCoefs& k, ComputeFn compute, uint64_t step, int64_t begin,
+               int64_t end) {
   constexpr bool kDirectFloat = std::is_same<scalar_t, float>::value;
-  const bool contiguous = p.all_contiguous;
+  // Memory order: positions start .. start + n of every argument (row-major contiguous, or dense with one
+  // shared layout such as channels_last; see DdimStepParams::flat). Else the strided gather/scatter walk.
+  const bool contiguous = p.flat;
   const bool has_noise_tensor = p.noise.data != nullptr;
   const bool has_rng = !has_noise_tensor && p.rng != nullptr;
   const bool want_x0 = p.pred_x0.data != nullptr;
@@ -196,11 +216,21 @@ void run_range(const DdimStepParams& p, const StepCoefs& k, ComputeFn compute, u
       mus = mub;
     }
     if (has_rng) {
-      fill_philox_normals(seed, rng_offset, start, n, zb);
+      // Only reached with logical positions: the flat path draws Philox noise only when row-major.
+      fill_philox_normals(p, step, start, n, zb);
       zs = zb;
     }
     if (p.clamp == X0Clamp::kDynamic) {
-      for (int64_t i = 0; i < n; ++i) thrb[i] = p.x0_threshold[(start + i) / p.sample_numel];
+      // The sample of position start + i: logical, or in memory order with the batch dim outermost.
+      int64_t sample = start / p.sample_numel;
+      int64_t next_sample_at = (sample + 1) * p.sample_numel;
+      for (int64_t i = 0; i < n; ++i) {
+        if (start + i == next_sample_at) {
+          ++sample;
+          next_sample_at += p.sample_numel;
+        }
+        thrb[i] = p.x0_threshold[sample];
+      }
     }
 
     compute(p, k, n, xs, mus, mcs, zs, thrb, outs, x0s);
@@ -227,20 +257,18 @@ void run_ddim_step_cpu(const DdimStepParams& p) {
   TORCH_CHECK_INDEX(step >= 0 && step < p.num_rows, "ddim_step: step index ", step,
                     " is outside the coefficient table's ", p.num_rows, " rows");
   const StepCoefs k = load_step_coefs(p.table + step * kTableColumns, p.temperature);
-  // The Philox counter's high half advances with the step index, so each step draws fresh noise.
-  const uint64_t seed = p.rng ? static_cast<uint64_t>(p.rng[0]) : 0;
-  const uint64_t rng_offset = p.rng ? static_cast<uint64_t>(p.rng[1]) + static_cast<uint64_t>(step) : 0;
+  // The Philox counter's high half is offset + step (philox_stream), so each step draws fresh noise.
   const ComputeFn compute = pick_compute(p);
   at::parallel_for(0, p.numel, kGrain, [&](int64_t begin, int64_t end) {
     switch (p.dtype) {
       case ScalarKind::kFloat16:
-        run_range<c10::Half>(p, k, compute, seed, rng_offset, begin, end);
+        run_range<c10::Half>(p, k, compute, static_cast<uint64_t>(step), begin, end);
         break;
       case ScalarKind::kBFloat16:
-        run_range<c10::BFloat16>(p, k, compute, seed, rng_offset, begin, end);
+        run_range<c10::BFloat16>(p, k, compute, static_cast<uint64_t>(step), begin, end);
         break;
       default:
-        run_range<float>(p, k, compute, seed, rng_offset, begin, end);
+        run_range<float>(p, k, compute, static_cast<uint64_t>(step), begin, end);
     }
   });
 }
