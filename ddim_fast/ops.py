@@ -29,6 +29,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
     'auto': the C++ kernel when the extension has one for the device, else Triton on CUDA, else the
     reference (pure PyTorch: float64, and devices without kernels such as MPS). On ``meta`` tensors the op
     itself runs (its fake kernel gives shapes only). An explicit backend that cannot run raises."""
+    if backend not in BACKENDS:  # before the lookup: an unhashable backend gets this message too
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     key = (backend, device.type, dtype)
     resolved = _RESOLVED.get(key)
     if resolved is None:
@@ -43,8 +45,6 @@ _RESOLVED: dict = {}
 
 
 def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     kernel_dtype = dtype in _checks.KERNEL_DTYPES
     if backend == "native":
         if not has_native_kernel(device.type) and device.type != "meta":

@@ -14,11 +14,23 @@ Semantics shared with the C++ kernels:
   advance, no host sync); a step outside the table is never read: every output element becomes NaN;
 * seeded noise is Philox4x32-10 with the mapping of csrc/include/ddim_fast/philox.h, mirrored below line
   for line in uint32 arithmetic, so the integer words are bit-identical to the C++ kernels and the
-  normals agree to fp32 rounding of log/sqrt/sin/cos;
-* inputs may be strided: shapes are collapsed (size-1 dims dropped, dims merged where every argument
+  normals agree to fp32 rounding of log/sqrt/sin/cos; rng_state [2] is one stream over the tensor,
+  [B, 2] one stream per batch row (a sample's noise never depends on its row or the batch size);
+* divisions are IEEE round-to-nearest (``tl.div_rn``) where the C++/CUDA kernels divide;
+* outputs of the functional op are laid out like ``torch.empty_like(x)`` (channels_last stays so);
+* memory order (the CONTIGUOUS constexpr): row-major tensors, and tensors that are all dense with one
+  shared layout (channels_last), run as flat memory in 16-byte rows, unless Philox noise needs the
+  logical index (then the strided path) or dynamic thresholding needs a sample index the memory position
+  does not give (batch not outermost);
+* other strided inputs: shapes are collapsed (size-1 dims dropped, dims merged where every argument
   is contiguous across them) to at most 4 logical dims and the strides go to the kernel. Shapes that
   still need more than 4 dims after collapsing fall back to contiguous copies of the inputs (and a
   contiguous temporary for each strided output, copied back): correct, one extra pass over memory.
+
+Host cost per call: the checks of csrc/ddim_step_args.cpp run every call (the functional op skips the
+overlap checks of the outputs it just allocated, which could not fail); everything that follows from
+shapes, strides, dtype and options (layout path, collapsed sizes/strides, noise mode, block size, grid)
+is a cached _Plan.
 
 On CPU tensors the kernel runs under the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is
 imported) with a fixed block size; on CUDA the block size and warp count are chosen by problem size.
@@ -497,9 +509,10 @@ def _launch_config(numel: int, contiguous: bool) -> tuple[int, int]:
         # multiple of 16, every option on); one warp of 8 elements per thread compiles clean on sm_80 and
         # sm_90 (offline ptxas -v).
         return 64, 1
-    if numel < (1 << 22):
-        return 256, 4
-    return 512, 8
+    # 1024 elements on 4 warps from 2^16 elements up. 512 groups on 8 warps (the same 8 elements per thread)
+    # made ptxas cap registers at 64 on sm_90 and spill 4 B with fp16/bf16, every option on and numel not a
+    # multiple of 16 (offline ptxas -v); 256 groups on 4 warps compile clean everywhere.
+    return 256, 4
 
 
 def _same_strides(t_strides, x_strides, shape) -> bool:
