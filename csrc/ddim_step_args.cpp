@@ -4,7 +4,10 @@
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
+
+#include <cmath>
 
 namespace ddim_fast {
 namespace {
@@ -49,6 +52,15 @@ void check_written_arg(const at::Tensor& x, const at::Tensor& written, const cha
     TORCH_CHECK_VALUE(overlap_status(written, *noise) == at::MemOverlapStatus::No, "ddim_step: ",
                       name, " overlaps noise");
   }
+}
+
+// t holds every element at the offset x holds it at (t has x's sizes, checked): equal strides on every dim
+// of size > 1 (a size-1 dim's stride never enters an offset).
+bool same_strides_as_x(const at::Tensor& t, const at::Tensor& x) {
+  for (int64_t d = 0; d < x.dim(); ++d) {
+    if (x.size(d) != 1 && t.stride(d) != x.stride(d)) return false;
+  }
+  return true;
 }
 
 }  // namespace
@@ -99,11 +111,16 @@ DdimStepParams make_ddim_step_params(const at::Tensor& x, const at::Tensor& mode
                       "ddim_step: with guidance_scale, model_output must stack [uncond, cond] along dim 0: "
                       "expected batch ",
                       2 * batch, ", got ", model_output.size(0));
+    // NaN or +-inf would turn every latent into NaN without a word: refused like ddim_fast.ops does.
+    TORCH_CHECK_VALUE(std::isfinite(*options.guidance_scale), "ddim_step: guidance_scale must be finite, got ",
+                      *options.guidance_scale);
     p.guidance_scale = static_cast<float>(*options.guidance_scale);
-    const at::Tensor uncond = model_output.narrow(0, 0, batch);
-    const at::Tensor cond = model_output.narrow(0, batch, batch);
-    p.model_uncond = strided_arg(uncond);
-    p.model_cond = strided_arg(cond);
+    // The two halves as views without building view tensors (this runs every step): same strides, the
+    // cond half `batch` rows further on.
+    p.model_uncond = strided_arg(model_output);
+    p.model_cond = p.model_uncond;
+    p.model_cond.data = static_cast<const char*>(p.model_uncond.data) +
+                        batch * model_output.stride(0) * static_cast<int64_t>(model_output.element_size());
   } else {
     TORCH_CHECK_VALUE(model_output.size(0) == batch, "ddim_step: model_output batch must equal x's batch ",
                       batch, " (or be ", 2 * batch, " with guidance_scale set), got ", model_output.size(0));
@@ -135,7 +152,10 @@ DdimStepParams make_ddim_step_params(const at::Tensor& x, const at::Tensor& mode
   TORCH_CHECK_VALUE(!(options.clip_range.has_value() && options.x0_threshold.has_value()),
                     "ddim_step: give clip_range or x0_threshold, not both");
   if (options.clip_range.has_value()) {
-    TORCH_CHECK_VALUE(*options.clip_range > 0, "ddim_step: clip_range must be > 0, got ", *options.clip_range);
+    // `> 0` is false for NaN, so NaN is refused too; +inf is allowed: it clamps nothing (but, with
+    // use_clipped_model_output, still re-derives eps from x0, as diffusers does).
+    TORCH_CHECK_VALUE(*options.clip_range > 0, "ddim_step: clip_range must be > 0, got ", *options.clip_range,
+                      " (inf clamps nothing)");
     p.clamp = X0Clamp::kStatic;
     p.clip_range = static_cast<float>(*options.clip_range);
   }
@@ -163,12 +183,16 @@ DdimStepParams make_ddim_step_params(const at::Tensor& x, const at::Tensor& mode
     const at::Tensor& rng = *options.rng_state;
     TORCH_CHECK_VALUE(rng.device() == x.device(), "ddim_step: rng_state must be on x's device ", x.device(),
                       ", got ", rng.device());
-    TORCH_CHECK_TYPE(rng.scalar_type() == at::kLong, "ddim_step: rng_state must be int64 [seed, offset], got ",
-                     rng.scalar_type());
-    TORCH_CHECK_VALUE(rng.dim() == 1 && rng.size(0) == 2 && rng.is_contiguous(),
-                      "ddim_step: rng_state must be a contiguous int64 tensor [seed, offset], got shape ",
-                      rng.sizes());
+    TORCH_CHECK_TYPE(rng.scalar_type() == at::kLong,
+                     "ddim_step: rng_state must be int64 ([seed, offset] or [B, 2]), got ", rng.scalar_type());
+    // [2]: one stream over the tensor; [B, 2]: one (seed, offset) per batch row (see philox.h).
+    const bool one_stream = rng.dim() == 1 && rng.size(0) == 2;
+    const bool per_row = rng.dim() == 2 && rng.size(0) == batch && rng.size(1) == 2;
+    TORCH_CHECK_VALUE((one_stream || per_row) && rng.is_contiguous(),
+                      "ddim_step: rng_state must be a contiguous int64 tensor [seed, offset] or [B, 2] = [", batch,
+                      ", 2] (one seed and offset per batch row), got shape ", rng.sizes());
     p.rng = rng.data_ptr<int64_t>();
+    p.rng_per_row = per_row;
   }
   TORCH_CHECK_VALUE(std::isfinite(options.temperature), "ddim_step: temperature must be finite, got ",
                     options.temperature);
@@ -183,15 +207,29 @@ DdimStepParams make_ddim_step_params(const at::Tensor& x, const at::Tensor& mode
     p.pred_x0 = strided_arg(*pred_x0_out);
   }
 
-  p.all_contiguous = x.is_contiguous() && model_output.is_contiguous() && out.is_contiguous() &&
-                     (!options.noise.has_value() || options.noise->is_contiguous()) &&
-                     (!pred_x0_out.has_value() || pred_x0_out->is_contiguous());
+  // Which path the kernels take (DdimStepParams::flat).
+  const bool has_noise = options.noise.has_value();
+  const bool has_x0 = pred_x0_out.has_value();
+  const bool row_major = x.is_contiguous() && model_output.is_contiguous() && out.is_contiguous() &&
+                         (!has_noise || options.noise->is_contiguous()) && (!has_x0 || pred_x0_out->is_contiguous());
+  p.flat = row_major;
+  if (!row_major && x.is_non_overlapping_and_dense()) {
+    const bool philox = !has_noise && p.rng != nullptr;
+    const bool batch_outermost = batch <= 1 || x.stride(0) == p.sample_numel;
+    // Both CFG halves have model_output's strides (they are slices along dim 0).
+    p.flat = !philox && (p.clamp != X0Clamp::kDynamic || batch_outermost) && same_strides_as_x(model_output, x) &&
+             same_strides_as_x(out, x) && (!has_noise || same_strides_as_x(*options.noise, x)) &&
+             (!has_x0 || same_strides_as_x(*pred_x0_out, x));
+  }
   return p;
 }
 
 std::pair<at::Tensor, at::Tensor> allocate_ddim_step_outputs(const at::Tensor& x, bool return_pred_x0) {
-  at::Tensor out = at::empty(x.sizes(), x.options());
-  at::Tensor pred_x0 = return_pred_x0 ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  // Like element-wise PyTorch: empty_like keeps x's strides when x is non-overlapping and dense (a
+  // channels_last latent stays channels_last, so the UNet sees the layout it was given), else it takes
+  // x's suggested memory format. The fake kernel and the Triton op call torch.empty_like alike.
+  at::Tensor out = at::empty_like(x);
+  at::Tensor pred_x0 = return_pred_x0 ? at::empty_like(x) : at::empty({0}, x.options());
   return {out, pred_x0};
 }
 

@@ -36,7 +36,9 @@ DdimStepParams make_ddim_step_params(const at::Tensor& x, const at::Tensor& mode
                                      const StepOptions& options, const at::Tensor& out,
                                      const std::optional<at::Tensor>& pred_x0_out);
 
-// Allocates the functional op's outputs (contiguous, x's dtype) — the fake kernel mirrors this.
+// Allocates the functional op's outputs like element-wise PyTorch: empty_like(x) (x's strides when x is
+// non-overlapping and dense, e.g. channels_last; else its suggested memory format), x's dtype; pred_x0 is
+// [0] unless asked for. The fake kernel and the Triton op (ddim_fast/_checks.py) allocate alike.
 std::pair<at::Tensor, at::Tensor> allocate_ddim_step_outputs(const at::Tensor& x, bool return_pred_x0);
 
 }  // namespace ddim_fast

@@ -123,20 +123,30 @@ for _name, _fake in (("ddim_step", _ddim_step_fake), ("ddim_step_triton", _ddim_
 # --------------------------------------------------------------------------------------------------
 
 
+_step_launcher = None  # ddim_fast.triton.ddim_step.run_ddim_step, bound on the first Triton step
+
+
+def _run_triton_step(*args, fresh_outputs: bool) -> None:
+    global _step_launcher
+    if _step_launcher is None:
+        _step_launcher = triton_module("ddim_step").run_ddim_step
+    _step_launcher(*args, fresh_outputs=fresh_outputs)
+
+
 def _ddim_step_triton(x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
                       use_clipped_model_output, noise, rng_state, temperature, return_pred_x0):
     out, pred_x0 = allocate_step_outputs(x, return_pred_x0)
-    triton_module("ddim_step").run_ddim_step(
-        x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
-        use_clipped_model_output, noise, rng_state, temperature, out, pred_x0 if return_pred_x0 else None)
+    # Fresh outputs overlap nothing: the launcher skips the overlap checks that could not fail.
+    _run_triton_step(x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
+                     use_clipped_model_output, noise, rng_state, temperature, out,
+                     pred_x0 if return_pred_x0 else None, fresh_outputs=True)
     return out, pred_x0
 
 
 def _ddim_step_triton_out(x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
                           use_clipped_model_output, noise, rng_state, temperature, out, pred_x0_out):
-    triton_module("ddim_step").run_ddim_step(
-        x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
-        use_clipped_model_output, noise, rng_state, temperature, out, pred_x0_out)
+    _run_triton_step(x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
+                     use_clipped_model_output, noise, rng_state, temperature, out, pred_x0_out, fresh_outputs=False)
 
 
 def _attention_triton(q, k, v, scale, mask):

@@ -5,6 +5,7 @@ registrations are set up by ``import ddim_fast`` (``ddim_fast._library``); schem
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -28,8 +29,22 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
     'auto': the C++ kernel when the extension has one for the device, else Triton on CUDA, else the
     reference (pure PyTorch: float64, and devices without kernels such as MPS). On ``meta`` tensors the op
     itself runs (its fake kernel gives shapes only). An explicit backend that cannot run raises."""
-    if backend not in BACKENDS:
+    if backend not in BACKENDS:  # before the lookup: an unhashable backend gets this message too
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    key = (backend, device.type, dtype)
+    resolved = _RESOLVED.get(key)
+    if resolved is None:
+        resolved = _resolve_backend(backend, device, dtype)  # raises for a backend that cannot run
+        _RESOLVED[key] = resolved
+    return resolved
+
+
+# (backend, device type, dtype) -> resolved backend. The answer depends only on the key and on what was built
+# and installed (fixed at import), so a step pays one dict lookup instead of re-deriving it.
+_RESOLVED: dict = {}
+
+
+def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     kernel_dtype = dtype in _checks.KERNEL_DTYPES
     if backend == "native":
         if not has_native_kernel(device.type) and device.type != "meta":
@@ -50,6 +65,18 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
     if device.type == "cuda" and triton_found():
         return "triton"
     return "reference"
+
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_PREDICTIONS = _checks._PREDICTION_ALIASES
+
+
+def _scalar(name: str, value, *, optional: bool) -> float:
+    """A finite Python float (the common case costs two checks), else the full rules of _checks.finite_float
+    (ints, numpy and 0-dim tensor scalars, and the messages)."""
+    if type(value) is float and math.isfinite(value):
+        return value
+    return _checks.finite_float("ddim_step", name, value, optional=optional)
 
 
 def ddim_step(
@@ -77,46 +104,62 @@ def ddim_step(
     Shapes: x [B, ...]; model_output [B, ...], or [2B, ...] = cat([uncond, cond]) with ``guidance_scale``;
     table [S, 8] fp32 (``ddim_fast.schedule.coefficient_table``) and step an int64 tensor holding the row
     (both on x's device: bump ``step`` in place to advance without host work); noise [B, ...] or
-    rng_state int64 [2] = (seed, offset) for in-kernel Philox normals (step k uses offset + k);
-    x0_threshold [B] fp32 dynamic-threshold scale s (x0 -> clamp(x0, -s, s) / s) or clip_range.
+    rng_state int64 for in-kernel Philox normals: [2] = (seed, offset), one stream over the whole tensor, or
+    [B, 2], one (seed, offset) per batch row, so that a sample's noise depends on its own seed only, not on
+    its row or the batch size (step k uses offset + k; mapping in csrc/include/ddim_fast/philox.h);
+    x0_threshold [B] fp32 dynamic-threshold scale s (x0 -> clamp(x0, -s, s) / s) or clip_range (> 0; +inf
+    clamps nothing but still re-derives eps with ``use_clipped_model_output``).
     ``prediction_type``: 'epsilon'/'eps', 'v_prediction'/'v', 'sample'/'x0'.
 
     Mixed dtypes are promoted like PyTorch would (fp16 model output with fp32 x computes and stores fp32).
+    Outputs are laid out like ``torch.empty_like(x)`` (channels_last x gives channels_last outputs), as
+    element-wise PyTorch ops do; the kernels run dense shared layouts in memory order, as fast as contiguous.
     ``out`` (may be ``x`` itself) and ``pred_x0_out`` receive the results in place.
     CUDA-graph capture needs a tensor ``step`` and a kernel backend: ``backend="reference"`` with ``rng_state``
     reads the seed on the host, and an int ``step`` is copied to the device on every call.
     Returns x_prev [B, ...], or (x_prev, pred_x0) when ``return_pred_x0`` or ``pred_x0_out`` is given.
     """
-    op = "ddim_step"
-    _checks.require_float_tensor(op, "x", x, allow_float64=True)
-    _checks.require_float_tensor(op, "model_output", model_output, allow_float64=True)
-    _checks.require_tensor(op, "table", table)
-    if isinstance(step, bool):
-        raise TypeError("ddim_step: step must be an int64 tensor or an int, got bool")
-    if isinstance(step, int):
+    # Every check below runs on every call; each is written so that the common case (tensors of a kernel
+    # dtype, Python floats, a tensor step) costs a type test, and anything else takes the full rule with its
+    # message. The kernels check the rest (shapes, devices, overlap) in C++ or in the Triton launcher.
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES:
+        _checks.require_float_tensor("ddim_step", "x", x, allow_float64=True)
+    if not isinstance(model_output, torch.Tensor) or model_output.dtype not in _FLOAT_DTYPES:
+        _checks.require_float_tensor("ddim_step", "model_output", model_output, allow_float64=True)
+    if not isinstance(table, torch.Tensor):
+        _checks.require_tensor("ddim_step", "table", table)
+    if not isinstance(step, torch.Tensor):
+        if isinstance(step, bool):
+            raise TypeError("ddim_step: step must be an int64 tensor or an int, got bool")
+        if not isinstance(step, int):
+            _checks.require_tensor("ddim_step", "step", step)
         step = torch.tensor([step], dtype=torch.int64, device=x.device)
-    _checks.require_tensor(op, "step", step)
-    prediction_type = canonical_prediction_type(prediction_type)
-    guidance_scale = _checks.optional_finite_float(op, "guidance_scale", guidance_scale)
+    canonical = _PREDICTIONS.get(prediction_type) if type(prediction_type) is str else None
+    prediction_type = canonical if canonical is not None else canonical_prediction_type(prediction_type)
+    if guidance_scale is not None:
+        guidance_scale = _scalar("guidance_scale", guidance_scale, optional=True)
     if clip_range is not None:
         # +inf is allowed: "clamp nothing, but re-derive eps" (diffusers' use_clipped_model_output).
-        clip_range = _checks.real_number(op, "clip_range", clip_range, optional=True)
+        if type(clip_range) is not float:
+            clip_range = _checks.real_number("ddim_step", "clip_range", clip_range, optional=True)
         if not clip_range > 0:
             raise ValueError(f"ddim_step: clip_range must be > 0, got {clip_range:g} (inf clamps nothing)")
     if temperature is None:
         raise TypeError("ddim_step: temperature must be a float, got None")
-    temperature = _checks.finite_float(op, "temperature", temperature)
-    if noise is not None:
-        _checks.require_float_tensor(op, "noise", noise, allow_float64=True)
-    if rng_state is not None:
-        _checks.require_tensor(op, "rng_state", rng_state)
-    if x0_threshold is not None:
-        _checks.require_tensor(op, "x0_threshold", x0_threshold)
+    temperature = _scalar("temperature", temperature, optional=False)
+    if noise is not None and (not isinstance(noise, torch.Tensor) or noise.dtype not in _FLOAT_DTYPES):
+        _checks.require_float_tensor("ddim_step", "noise", noise, allow_float64=True)
+    if rng_state is not None and not isinstance(rng_state, torch.Tensor):
+        _checks.require_tensor("ddim_step", "rng_state", rng_state)
+    if x0_threshold is not None and not isinstance(x0_threshold, torch.Tensor):
+        _checks.require_tensor("ddim_step", "x0_threshold", x0_threshold)
 
     # Promote like eager PyTorch would (ldm under autocast feeds fp16 model outputs to fp32 latents).
-    dtype = torch.promote_types(x.dtype, model_output.dtype)
+    dtype = x.dtype
+    if model_output.dtype != dtype:
+        dtype = torch.promote_types(dtype, model_output.dtype)
+        model_output = model_output if model_output.dtype == dtype else model_output.to(dtype)
     x_in = x if x.dtype == dtype else x.to(dtype)
-    model_output = model_output if model_output.dtype == dtype else model_output.to(dtype)
     if noise is not None and noise.dtype != dtype:
         noise = noise.to(dtype)
 
@@ -124,28 +167,14 @@ def ddim_step(
     want_pred_x0 = return_pred_x0 or pred_x0_out is not None
 
     if backend == "reference":
-        ref_noise = noise
-        if rng_state is not None:
-            seed, offset = (int(v) for v in rng_state.tolist())
-            ref_noise = reference.philox_normal(seed, offset + int(step.reshape(-1)[0]), x.shape).to(x.device)
-        x_prev, pred_x0 = reference.ddim_step(
-            x_in, model_output, table, step, guidance_scale=guidance_scale, prediction_type=prediction_type,
-            clip_range=clip_range, x0_threshold=x0_threshold, use_clipped_model_output=use_clipped_model_output,
-            noise=ref_noise, temperature=temperature,
-            compute_dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-        x_prev, pred_x0 = x_prev.to(dtype), pred_x0.to(dtype)
-        if out is not None:
-            out.copy_(x_prev)
-            x_prev = out
-        if pred_x0_out is not None:
-            pred_x0_out.copy_(pred_x0)
-            pred_x0 = pred_x0_out
-        return (x_prev, pred_x0) if want_pred_x0 else x_prev
+        return _reference_step(x_in, model_output, table, step, guidance_scale, prediction_type, clip_range,
+                               x0_threshold, use_clipped_model_output, noise, rng_state, temperature, out,
+                               pred_x0_out, want_pred_x0)
 
     if backend == "triton":
-        functional, out_variant = torch.ops.ddim_fast.ddim_step_triton, torch.ops.ddim_fast.ddim_step_triton_out
+        functional, out_variant = _TRITON_STEP, _TRITON_STEP_OUT
     else:
-        functional, out_variant = torch.ops.ddim_fast.ddim_step, torch.ops.ddim_fast.ddim_step_out
+        functional, out_variant = _NATIVE_STEP, _NATIVE_STEP_OUT
 
     args = (x_in, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
             bool(use_clipped_model_output), noise, rng_state, temperature)
@@ -153,9 +182,41 @@ def ddim_step(
         x_prev, pred_x0 = functional(*args, bool(want_pred_x0))
         return (x_prev, pred_x0) if want_pred_x0 else x_prev
 
+    # Laid out like the functional op's outputs (empty_like keeps channels_last).
     if out is None:
-        out = torch.empty_like(x_in, memory_format=torch.contiguous_format)
+        out = torch.empty_like(x_in)
     if pred_x0_out is None and want_pred_x0:
-        pred_x0_out = torch.empty_like(x_in, memory_format=torch.contiguous_format)
+        pred_x0_out = torch.empty_like(x_in)
     out_variant(*args, out, pred_x0_out)
     return (out, pred_x0_out) if want_pred_x0 else out
+
+
+# The op overloads themselves: calling .default skips the OpOverloadPacket's overload resolution.
+_NATIVE_STEP = torch.ops.ddim_fast.ddim_step.default
+_NATIVE_STEP_OUT = torch.ops.ddim_fast.ddim_step_out.default
+_TRITON_STEP = torch.ops.ddim_fast.ddim_step_triton.default
+_TRITON_STEP_OUT = torch.ops.ddim_fast.ddim_step_triton_out.default
+
+
+def _reference_step(x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
+                    use_clipped_model_output, noise, rng_state, temperature, out, pred_x0_out, want_pred_x0):
+    """backend='reference': the pure-PyTorch oracle (float64 latents, devices without kernels), with the
+    kernels' seeded noise (drawn on the host) and their output layout."""
+    dtype = x.dtype
+    ref_noise = noise
+    if rng_state is not None:
+        _checks.rng_state_per_row(rng_state, x)  # the kernels' rules and messages for [2] / [B, 2]
+        ref_noise = reference.seeded_noise(rng_state, int(step.reshape(-1)[0]), x.shape).to(x.device)
+    x_prev, pred_x0 = reference.ddim_step(
+        x, model_output, table, step, guidance_scale=guidance_scale, prediction_type=prediction_type,
+        clip_range=clip_range, x0_threshold=x0_threshold, use_clipped_model_output=use_clipped_model_output,
+        noise=ref_noise, temperature=temperature,
+        compute_dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    x_prev, pred_x0 = x_prev.to(dtype), pred_x0.to(dtype)  # .to keeps the empty_like(x) layout
+    if out is not None:
+        out.copy_(x_prev)
+        x_prev = out
+    if pred_x0_out is not None:
+        pred_x0_out.copy_(pred_x0)
+        pred_x0 = pred_x0_out
+    return (x_prev, pred_x0) if want_pred_x0 else x_prev

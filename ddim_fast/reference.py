@@ -66,9 +66,11 @@ def ddim_step(
     x [B, ...]; model_output [B, ...] or [2B, ...] (uncond first) with guidance_scale; table [S, 8] from
     ddim_fast.schedule.coefficient_table; step an int or an int64 tensor holding the row; noise [B, ...] or None;
     x0_threshold [B] (per-sample dynamic-threshold scale s: x0 -> clamp(x0, -s, s) / s).
-    Returns (x_prev, pred_x0) in compute_dtype (x's dtype when compute_dtype is None).
+    Returns (x_prev, pred_x0) in compute_dtype (x's dtype when compute_dtype is None), laid out like
+    ``torch.empty_like(x)`` (channels_last x gives channels_last outputs).
     """
     dtype = x.dtype if compute_dtype is None else compute_dtype
+    x_layout = x  # the outputs are laid out like x (like_input), whatever the arithmetic below leaves
     row = table[step].reshape(-1).to(dtype) if torch.is_tensor(step) else table[int(step)].to(dtype)
     sqrt_alpha = row[_schedule.COL_SQRT_ALPHA]
     sqrt_one_minus_alpha = row[_schedule.COL_SQRT_ONE_MINUS_ALPHA]
@@ -94,7 +96,19 @@ def ddim_step(
     x_prev = sqrt_alpha_prev * x0 + dir_coef * eps
     if noise is not None:
         x_prev = x_prev + sigma * temperature * noise.to(dtype)
-    return x_prev, x0
+    return like_input(x_prev, x_layout), like_input(x0, x_layout)
+
+
+def like_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``t`` laid out as ``torch.empty_like(x)`` lays out a result (x's strides when x is non-overlapping and
+    dense, e.g. channels_last; else x's suggested memory format), the layout every ddim_fast backend gives its
+    outputs. The values are unchanged; ``t`` itself when it already has that layout."""
+    if x.is_contiguous() and t.is_contiguous():
+        return t  # the common case, without an allocation (benchmarks time this function)
+    like = torch.empty_like(x, dtype=t.dtype, device=t.device)
+    if like.stride() == t.stride():
+        return t
+    return like.copy_(t)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -156,6 +170,35 @@ def philox_normal(seed: int, offset: int, shape, dtype: torch.dtype = torch.floa
         axis=1,
     ).reshape(-1)[:numel]
     return torch.from_numpy(z.reshape(shape)).to(dtype)
+
+
+def philox_normal_rows(streams, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The seeded draw with one Philox stream per batch row (rng_state [B, 2]): ``streams`` holds one
+    (seed, offset) pair per row of ``shape`` (offset = that row's rng offset + step). Row b is the
+    one-stream draw of a single sample, ``philox_normal(seed_b, offset_b, shape[1:])``: group g = j >> 2 of
+    the index j inside the row, never straddling rows, so a row's noise does not depend on b or on B."""
+    shape = tuple(int(s) for s in shape)
+    streams = [(int(seed), int(offset)) for seed, offset in streams]
+    if not shape or len(streams) != shape[0]:
+        raise ValueError(f"philox_normal_rows: need one (seed, offset) per row of shape {shape}, got {len(streams)}")
+    rows = [philox_normal(seed, offset, shape[1:], dtype) for seed, offset in streams]
+    if not rows:
+        return torch.empty(shape, dtype=dtype)
+    return torch.stack(rows)
+
+
+def seeded_noise(rng_state, step: int, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The noise the kernels draw for ``rng_state`` at step ``step``: [2] = (seed, offset), one stream over
+    the tensor (philox_normal with offset + step), or [B, 2], one stream per batch row (philox_normal_rows).
+    ``rng_state`` is a tensor or nested sequence of ints (read on the host)."""
+    values = rng_state.tolist() if isinstance(rng_state, torch.Tensor) else list(rng_state)
+    step = int(step)
+    if values and isinstance(values[0], (list, tuple)):
+        return philox_normal_rows([(seed, offset + step) for seed, offset in values], shape, dtype)
+    if len(values) == 0 and len(tuple(shape)) > 0 and int(tuple(shape)[0]) == 0:
+        return torch.empty(tuple(int(s) for s in shape), dtype=dtype)  # a [0, 2] state for an empty batch
+    seed, offset = (int(v) for v in values)
+    return philox_normal(seed, offset + step, shape, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ noise, opcheck, torch.compile, and the bad-input messages.
 from __future__ import annotations
 
 import math
+import time
 import zlib
 
 import pytest
@@ -53,10 +54,9 @@ def _inputs(shape, dtype, guided: bool, seed: int = 0, x_scale: float = 1.0):
 
 
 def _reference(x, mo, table, step, *, rng_state=None, noise=None, prediction_type="epsilon", **opts):
-    """fp64 oracle; seeded noise is the numpy Philox draw of step `step`."""
+    """fp64 oracle; seeded noise is the numpy Philox draw of step `step` ([2] or per-row [B, 2] state)."""
     if rng_state is not None:
-        seed, offset = (int(v) for v in rng_state.tolist())
-        noise = reference.philox_normal(seed, offset + int(step), x.shape, dtype=torch.float64)
+        noise = reference.seeded_noise(rng_state, int(step), x.shape, dtype=torch.float64)
     prediction_type = ALIASES.get(prediction_type, prediction_type)
     return reference.ddim_step(x, mo, table, step, noise=noise, prediction_type=prediction_type, **opts)
 
@@ -100,7 +100,7 @@ def _materialize(opts: dict, x, mo, table, step, seed: int = 5) -> dict:
     opts = dict(opts)
     if opts.get("noise") == "tensor":
         opts["noise"] = torch.randn(x.shape, generator=_gen(seed)).to(x.dtype)
-    if "rng_state" in opts:
+    if "rng_state" in opts and not isinstance(opts["rng_state"], torch.Tensor):
         opts["rng_state"] = torch.tensor(opts["rng_state"], dtype=torch.int64)
     if opts.get("x0_threshold") == "dynamic":
         # Imagen dynamic thresholding: s from the unclamped x0 of this very step (diffusers' recipe).
@@ -494,6 +494,281 @@ def test_temperature(dtype):
     assert torch.equal(no_noise, noisy_cold)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_block_conversions_equal_element_conversions(dtype):
+    """The memory-order path converts whole blocks (F16C for fp16 where the CPU has it), the strided path one
+    element at a time (c10's conversions): every 16-bit pattern, through every prediction type, gives the
+    same output bits on both paths (NaN payloads aside)."""
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).reshape(1, 256, 256)
+    g = _gen(77)
+    table = schedule.coefficient_table([1, 500], [0.5, 0.3], [1.0, 0.61], [0.0, 0.2])
+    for step, pred in ((0, "sample"), (1, "epsilon"), (1, "v_prediction")):
+        mo = torch.cat([bits, (torch.randn(1, 256, 256, generator=g) * 100).to(dtype)])
+        x = (torch.randn(2, 256, 256, generator=g) * 30).to(dtype)
+        noise = torch.randn(2, 256, 256, generator=g).to(dtype)
+        flat = ops.ddim_step(x, mo, table, step, prediction_type=pred, noise=noise, return_pred_x0=True)
+        t = lambda v: v.transpose(-1, -2).contiguous().transpose(-1, -2)  # noqa: E731  (strided walk)
+        strided = ops.ddim_step(t(x), t(mo), table, step, prediction_type=pred, noise=t(noise), return_pred_x0=True)
+        for a, b, name in ((flat[0], strided[0], "x_prev"), (flat[1], strided[1], "pred_x0")):
+            same_bits = a.view(torch.int16) == b.view(torch.int16)
+            assert (same_bits | (torch.isnan(a) & torch.isnan(b))).all(), f"{pred} {name}"
+            assert torch.isnan(a).sum() < a.numel() // 8  # mostly real values: the test compares something
+
+
+# --------------------------------------------------------------------------------------------------
+# Seeded noise per sample: rng_state [B, 2]
+# --------------------------------------------------------------------------------------------------
+
+# One (seed, offset) per sample; seeds with high 32-bit halves so both key words matter.
+STREAMS = [(1000 + 17 * b + (b << 33), 3 * b + (b << 40)) for b in range(8)]
+
+
+def _rows(streams) -> torch.Tensor:
+    return torch.tensor([list(s) for s in streams], dtype=torch.int64)
+
+
+def _draw_rows(sample_shape, streams, step, dtype=torch.float32, layout=None, backend="native"):
+    """temperature * z for a batch whose row b carries streams[b] (the noise table makes x_prev = z)."""
+    shape = (len(streams),) + tuple(sample_shape)
+    x = torch.zeros(shape, dtype=dtype)
+    mo = torch.zeros(shape, dtype=dtype)
+    if layout is not None:
+        x, mo = layout(x), layout(mo)
+    return ops.ddim_step(x, mo, _noise_table(), step, rng_state=_rows(streams), backend=backend)
+
+
+# sample_numel % 8 == 0, % 4 == 0 only, and % 4 != 0 (the last Philox group of each row is partial).
+ROW_SAMPLE_SHAPES = [(4, 6, 6), (3, 2, 2), (3, 5, 7), (1, 1, 3), (2, 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sample_shape", ROW_SAMPLE_SHAPES, ids=str)
+def test_per_row_noise_belongs_to_the_sample(dtype, sample_shape):
+    """A sample's noise is bit-identical whether it is row 0 of a batch of 1 or row 5 of a batch of 8 (or row 1
+    of a batch of 3 in another order): a function of its own (seed, offset) and the step only."""
+    step = 2
+    z8 = _draw_rows(sample_shape, STREAMS, step, dtype)
+    for b in (0, 5, 7):
+        alone = _draw_rows(sample_shape, [STREAMS[b]], step, dtype)
+        assert torch.equal(alone[0], z8[b]), f"row {b} of 8 != batch of 1"
+    z3 = _draw_rows(sample_shape, [STREAMS[2], STREAMS[5], STREAMS[0]], step, dtype)
+    assert torch.equal(z3[0], z8[2]) and torch.equal(z3[1], z8[5]) and torch.equal(z3[2], z8[0])
+    # Against the numpy oracle: row b is the one-stream draw of a single sample with (seed_b, offset_b + step).
+    expected = reference.philox_normal_rows([(s, o + step) for s, o in STREAMS], z8.shape, torch.float64)
+    assert_rel_close(z8, expected, dtype, "per-row normals")
+    for b in (0, 5):
+        single = reference.philox_normal(STREAMS[b][0], STREAMS[b][1] + step, sample_shape, torch.float64)
+        assert torch.equal(expected[b], single)
+    # Rows with different seeds really differ (when a row has more than a couple of elements).
+    if math.prod(sample_shape) >= 4:
+        assert not torch.equal(z8[0], z8[1])
+
+
+def test_per_row_state_of_one_row_equals_the_one_stream_state():
+    """[1, 2] and [2] with the same (seed, offset) draw the same bits: the per-row mapping extends the old one."""
+    for sample_shape in ((4, 5, 7), (4, 8, 8)):
+        rows = _draw_rows(sample_shape, [(42, 9)], 3)
+        flat = _draw((1,) + sample_shape, 42, 9, 3)
+        assert torch.equal(rows, flat)
+
+
+def test_one_stream_state_is_not_per_row():
+    """With [2] the batch is one stream: row 1 continues row 0's stream, it does not restart it (the old
+    mapping, unchanged), so two rows of a [2] draw differ, while two rows with the same [B, 2] stream agree."""
+    z_one = _draw((2, 4, 6, 6), 42, 9, 3)
+    z_rows = _draw_rows((4, 6, 6), [(42, 9), (42, 9)], 3)
+    assert torch.equal(z_rows[0], z_one[0]) and torch.equal(z_rows[1], z_one[0])
+    assert not torch.equal(z_one[1], z_one[0])
+    expected = reference.philox_normal(42, 9 + 3, (2, 4, 6, 6), torch.float64)
+    torch.testing.assert_close(z_one.double(), expected, rtol=2e-6, atol=2e-6)
+
+
+def test_per_row_offsets_and_steps():
+    """Row b's counter is offset_b + step: each row advances on its own offset, and every step draws fresh noise."""
+    at_step_2 = _draw_rows((3, 5, 7), STREAMS[:4], 2)
+    shifted = _draw_rows((3, 5, 7), [(s, o + 2) for s, o in STREAMS[:4]], 0)
+    assert torch.equal(at_step_2, shifted)
+    at_step_3 = _draw_rows((3, 5, 7), STREAMS[:4], 3)
+    for b in range(4):
+        assert not torch.equal(at_step_2[b], at_step_3[b])
+    # The seed's high word is part of the key.
+    low_only = _draw_rows((3, 5, 7), [(s & 0xFFFFFFFF, o) for s, o in STREAMS[:4]], 2)
+    assert not torch.equal(low_only[1], at_step_2[1])
+
+
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced"])
+def test_per_row_noise_any_layout_and_parallel_split(layout):
+    """Per-row noise depends on the logical index only: strided and channels_last views draw the bits a
+    contiguous run draws, also when at::parallel_for splits a row between tasks (71k-element samples, sample
+    size % 4 != 0, so tasks restart mid-row and mid-group)."""
+    sample_shape = (5, 67, 71)  # 23,785 elements per sample: % 4 == 1
+    views = {
+        "transposed": lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2),
+        "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
+        "sliced": lambda t: torch.cat([t, t], dim=-1)[..., ::2],
+    }
+    streams = STREAMS[:3]
+    contiguous = _draw_rows(sample_shape, streams, 1, torch.bfloat16)
+    strided = _draw_rows(sample_shape, streams, 1, torch.bfloat16, layout=views[layout])
+    assert torch.equal(strided, contiguous)
+    alone = _draw_rows(sample_shape, streams[2:], 1, torch.bfloat16)
+    assert torch.equal(alone[0], contiguous[2])
+    expected = reference.philox_normal_rows([(s, o + 1) for s, o in streams], contiguous.shape, torch.float64)
+    assert_rel_close(contiguous, expected, torch.bfloat16, "per-row normals, parallel")
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_per_row_noise_in_a_full_step(guided):
+    """The per-row draw enters x_prev like any noise: the op equals the oracle fed with the per-row normals,
+    and the reference backend draws the same."""
+    x, mo = _inputs((3, 4, 5, 7), torch.float32, guided=guided, seed=17)
+    rng = _rows(STREAMS[:3])
+    kw = dict(guidance_scale=7.5 if guided else None, rng_state=rng, temperature=0.8, return_pred_x0=True)
+    out, x0 = ops.ddim_step(x, mo, TABLE_ETA1, 4, **kw)
+    ref_out, ref_x0 = _reference(x, mo, TABLE_ETA1, 4, guidance_scale=kw["guidance_scale"], rng_state=rng,
+                                 temperature=0.8)
+    assert_rel_close(out, ref_out, torch.float32, "x_prev")
+    assert_rel_close(x0, ref_x0, torch.float32, "pred_x0")
+    via_reference = ops.ddim_step(x, mo, TABLE_ETA1, 4, backend="reference", **kw)
+    assert_rel_close(out, via_reference[0], 1e-6, "native vs reference backend")
+
+
+def test_per_row_empty_batch():
+    x = torch.zeros(0, 4, 8, 8)
+    out = ops.ddim_step(x, x, _noise_table(), 0, rng_state=torch.zeros(0, 2, dtype=torch.int64))
+    assert out.shape == x.shape
+    ref = ops.ddim_step(x, x, _noise_table(), 0, rng_state=torch.zeros(0, 2, dtype=torch.int64), backend="reference")
+    assert ref.shape == x.shape
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory formats: outputs keep x's layout; dense shared layouts run in memory order
+# --------------------------------------------------------------------------------------------------
+
+
+def _cl(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+CL_OPTIONS = {
+    "plain": {},
+    "guided": {"guidance_scale": 7.5},
+    "noise_clip_reuse": {"noise": "tensor", "guidance_scale": 3.0, "clip_range": 0.5,
+                         "use_clipped_model_output": True, "temperature": 0.7},
+    "threshold": {"x0_threshold": "dynamic", "use_clipped_model_output": True},
+    "rng": {"rng_state": (1234, 17), "guidance_scale": 5.0},  # Philox: the logical-index (strided) path
+    "rng_rows": {"rng_state": "rows"},
+}
+
+
+def _cl_opts(option_set, x, mo):
+    opts = dict(CL_OPTIONS[option_set])
+    if opts.get("rng_state") == "rows":
+        opts["rng_state"] = _rows(STREAMS[: x.shape[0]])
+    return _materialize(opts, x, mo, TABLE_ETA1, 3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 4, 9, 7), (1, 4, 64, 64)], ids=str)
+@pytest.mark.parametrize("option_set", list(CL_OPTIONS))
+def test_channels_last_keeps_layout_and_values(dtype, shape, option_set):
+    """channels_last x, model_output (and noise) give channels_last x_prev and pred_x0, bit-identical to the
+    contiguous computation, through the front door, the raw functional op and the out variant."""
+    x, mo = _inputs(shape, dtype, guided="guidance_scale" in CL_OPTIONS[option_set], seed=len(option_set))
+    opts = _cl_opts(option_set, x, mo)
+    want_out, want_x0 = ops.ddim_step(x, mo, TABLE_ETA1, 3, return_pred_x0=True, **opts)
+    assert want_out.is_contiguous()
+    cl_opts = {k: (_cl(v) if k == "noise" else v) for k, v in opts.items()}
+    xc, moc = _cl(x), _cl(mo)
+    assert not xc.is_contiguous() and xc.is_contiguous(memory_format=torch.channels_last)
+    out, x0 = ops.ddim_step(xc, moc, TABLE_ETA1, 3, return_pred_x0=True, **cl_opts)
+    for t, name in ((out, "x_prev"), (x0, "pred_x0")):
+        assert t.stride() == xc.stride(), f"{name}: strides {t.stride()} != x's {xc.stride()}"
+    assert torch.equal(out, want_out) and torch.equal(x0, want_x0)
+    raw = torch.ops.ddim_fast.ddim_step(xc, moc, TABLE_ETA1, torch.tensor([3]), opts.get("guidance_scale"),
+                                        "epsilon", opts.get("clip_range"), opts.get("x0_threshold"),
+                                        opts.get("use_clipped_model_output", False), cl_opts.get("noise"),
+                                        opts.get("rng_state"), opts.get("temperature", 1.0), True)
+    assert raw[0].stride() == xc.stride() and raw[1].stride() == xc.stride()
+    assert torch.equal(raw[0], want_out) and torch.equal(raw[1], want_x0)
+    # The out variant into poisoned channels_last buffers.
+    buf, buf_x0 = poison(torch.empty_like(xc)), poison(torch.empty_like(xc))
+    ops.ddim_step(xc, moc, TABLE_ETA1, 3, out=buf, pred_x0_out=buf_x0, **cl_opts)
+    assert torch.equal(buf, want_out) and torch.equal(buf_x0, want_x0)
+    # out given, pred_x0 allocated by the front door: laid out like x as well.
+    _, allocated = ops.ddim_step(xc, moc, TABLE_ETA1, 3, out=poison(torch.empty_like(xc)), return_pred_x0=True,
+                                 **cl_opts)
+    assert allocated.stride() == xc.stride() and torch.equal(allocated, want_x0)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_outputs_follow_x_not_the_other_arguments(backend):
+    """Mixed layouts: the outputs take x's layout (empty_like(x)), whatever model_output's is, as element-wise
+    PyTorch does for a channels_last first operand; non-dense x gets empty_like's suggested format."""
+    x, mo = _inputs((2, 4, 9, 7), torch.float32, guided=True, seed=3)
+    want = ops.ddim_step(x, mo, TABLE, 2, guidance_scale=7.5, backend=backend)
+    got = ops.ddim_step(_cl(x), mo, TABLE, 2, guidance_scale=7.5, backend=backend)
+    assert got.stride() == _cl(x).stride() and torch.equal(got, want)
+    got = ops.ddim_step(x, _cl(mo), TABLE, 2, guidance_scale=7.5, backend=backend)
+    assert got.is_contiguous() and torch.equal(got, want)
+    # Not dense: a slice of a wider channels_last tensor.
+    wide = _cl(torch.randn(2, 4, 9, 11, generator=_gen(4)))
+    xs = wide[..., 2:9]
+    xs.copy_(x)
+    got = ops.ddim_step(xs, mo, TABLE, 2, guidance_scale=7.5, backend=backend)
+    assert got.stride() == torch.empty_like(xs).stride() and torch.equal(got, want)
+
+
+def test_reference_function_keeps_layout():
+    x, mo = _inputs((2, 4, 5, 3), torch.float32, guided=False)
+    out, x0 = reference.ddim_step(_cl(x), mo, TABLE, 1)
+    assert out.stride() == _cl(x).stride() and x0.stride() == _cl(x).stride()
+    want, _ = reference.ddim_step(x, mo, TABLE, 1)
+    assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("option_set", ["guided", "noise_clip_reuse", "threshold", "rng", "rng_rows"])
+def test_opcheck_channels_last(option_set):
+    """The fake kernel lays out its outputs like the C++ op (opcheck compares strides too)."""
+    x, mo = _inputs((2, 4, 9, 7), torch.float32, guided="guidance_scale" in CL_OPTIONS[option_set], seed=9)
+    opts = _cl_opts(option_set, x, mo)
+    args = (_cl(x), _cl(mo), TABLE_ETA1, torch.tensor([3]), opts.get("guidance_scale"), "epsilon",
+            opts.get("clip_range"), opts.get("x0_threshold"), opts.get("use_clipped_model_output", False),
+            _cl(opts["noise"]) if "noise" in opts else None, opts.get("rng_state"), opts.get("temperature", 1.0))
+    torch.library.opcheck(torch.ops.ddim_fast.ddim_step.default, args + (True,))
+    torch.library.opcheck(torch.ops.ddim_fast.ddim_step.default, args + (False,))
+    torch.library.opcheck(torch.ops.ddim_fast.ddim_step_out.default,
+                          args + (torch.empty_like(args[0]), torch.empty_like(args[0])))
+
+
+def _best_time(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@pytest.mark.slow
+def test_channels_last_runs_as_fast_as_contiguous():
+    """channels_last takes the memory-order (vectorized) path, not the strided gather/scatter walk: it costs
+    about what the contiguous layout costs (the strided walk measured 8x the contiguous time at 16x4x128x128).
+    Interleaved best-of-N timings, with a wide margin for a shared machine."""
+    shape = (4, 4, 128, 128)
+    x, mo = _inputs(shape, torch.float32, guided=True, seed=5)
+    xc, moc = _cl(x), _cl(mo)
+    out, out_c = torch.empty_like(x), torch.empty_like(xc)
+    run = lambda a, b, o: ops.ddim_step(a, b, TABLE, 2, guidance_scale=7.5, out=o)  # noqa: E731
+    best_contiguous = best_cl = float("inf")
+    for _ in range(3):
+        best_contiguous = min(best_contiguous, _best_time(lambda: run(x, mo, out), 5))
+        best_cl = min(best_cl, _best_time(lambda: run(xc, moc, out_c), 5))
+    assert torch.equal(out, out_c)
+    assert best_cl < 2.0 * best_contiguous, (f"channels_last {best_cl * 1e6:.0f} us vs contiguous "
+                                             f"{best_contiguous * 1e6:.0f} us: not the memory-order path")
+
+
 # --------------------------------------------------------------------------------------------------
 # opcheck and torch.compile
 # --------------------------------------------------------------------------------------------------
@@ -615,13 +890,55 @@ def test_meta_tensors_give_shapes():
     assert out.device.type == "meta" and out.shape == x.shape and x0.shape == x.shape
 
 
-@pytest.mark.parametrize("name, value", [("guidance_scale", float("nan")), ("guidance_scale", float("inf")),
-                                         ("temperature", float("nan")), ("temperature", float("-inf")),
-                                         ("clip_range", float("nan")), ("clip_range", 0.0)])
-def test_non_finite_scalars_rejected(name, value):
+NON_FINITE = [("guidance_scale", float("nan")), ("guidance_scale", float("inf")), ("guidance_scale", float("-inf")),
+              ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", float("-inf")),
+              ("clip_range", float("nan")), ("clip_range", 0.0), ("clip_range", -1.0), ("clip_range", float("-inf"))]
+_NON_FINITE_MESSAGES = {"guidance_scale": "must be finite, got {v}", "temperature": "must be finite, got {v}",
+                        "clip_range": r"must be > 0, got {v} \(inf clamps nothing\)"}
+
+
+def _non_finite_call(name, value, entry):
+    """The same bad scalar through the front door ('ops'), the raw functional op and the raw out variant."""
     x, mo = _inputs((2, 3, 6), torch.float32, guided=name == "guidance_scale")
-    with pytest.raises(ValueError, match=f"ddim_step: {name} must be"):
-        ops.ddim_step(x, mo, TABLE, 4, **{name: value})
+    step = torch.tensor([4])
+    kw = {"guidance_scale": None, "clip_range": None, "temperature": 1.0}
+    kw[name] = value
+    if entry == "ops":
+        return lambda: ops.ddim_step(x, mo, TABLE, step, **{name: value})
+    args = (x, mo, TABLE, step, kw["guidance_scale"], "epsilon", kw["clip_range"], None, False, None, None,
+            kw["temperature"])
+    if entry == "raw":
+        return lambda: torch.ops.ddim_fast.ddim_step(*args, False)
+    return lambda: torch.ops.ddim_fast.ddim_step_out(*args, torch.empty_like(x), None)
+
+
+@pytest.mark.parametrize("entry", ["ops", "raw", "raw_out"])
+@pytest.mark.parametrize("name, value", NON_FINITE)
+def test_non_finite_scalars_rejected(name, value, entry):
+    """NaN/inf guidance or temperature and NaN/non-positive clip_range are a ValueError naming the argument,
+    with one message, whether the front door or the C++ op itself sees them (a raw torch.ops call too)."""
+    message = f"ddim_step: {name} " + _NON_FINITE_MESSAGES[name].format(v=f"{value:g}")
+    with pytest.raises(ValueError, match=message):
+        _non_finite_call(name, value, entry)()
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_clip_range_inf_clamps_nothing(reuse):
+    """clip_range=+inf is allowed everywhere: no clamping, and with use_clipped_model_output eps is re-derived
+    from x0 (diffusers' behaviour), which differs from the model's eps only by rounding."""
+    x, mo = _inputs((2, 3, 6, 5), torch.float32, guided=True, seed=8, x_scale=3.0)
+    kw = dict(guidance_scale=7.5, use_clipped_model_output=reuse)
+    out, x0 = ops.ddim_step(x, mo, TABLE, 4, clip_range=float("inf"), return_pred_x0=True, **kw)
+    ref_out, ref_x0 = _reference(x, mo, TABLE, 4, clip_range=float("inf"), **kw)
+    assert_rel_close(out, ref_out, torch.float32, "x_prev")
+    assert_rel_close(x0, ref_x0, torch.float32, "pred_x0")
+    unclamped = ops.ddim_step(x, mo, TABLE, 4, return_pred_x0=True, guidance_scale=7.5)
+    assert torch.equal(x0, unclamped[1])  # nothing was clamped
+    if not reuse:
+        assert torch.equal(out, unclamped[0])
+    raw = torch.ops.ddim_fast.ddim_step(x, mo, TABLE, torch.tensor([4]), 7.5, "epsilon", float("inf"), None, reuse,
+                                        None, None, 1.0, True)
+    assert torch.equal(raw[0], out) and torch.equal(raw[1], x0)
 
 
 def test_reference_backend_accepts_float64():
@@ -670,7 +987,11 @@ BAD_INPUTS = {
     "step_int32": (_call(step=_STEP.int()), TypeError, "step must be an int64 tensor, got Int"),
     "step_float": (_call(step=_STEP.float()), TypeError, "step must be an int64 tensor, got Float"),
     "rng_state_int32": (_call(rng_state=torch.tensor([1, 2], dtype=torch.int32)), TypeError,
-                        r"rng_state must be int64 \[seed, offset\], got Int"),
+                        r"rng_state must be int64 \(\[seed, offset\] or \[B, 2\]\), got Int"),
+    "raw_rng_state_int32": (_raw(rng_state=torch.tensor([1, 2], dtype=torch.int32)), TypeError,
+                            r"rng_state must be int64 \(\[seed, offset\] or \[B, 2\]\), got Int"),
+    "reference_rng_state_int32": (_call(rng_state=torch.tensor([1, 2], dtype=torch.int32), backend="reference"),
+                                  TypeError, r"rng_state must be int64 \(\[seed, offset\] or \[B, 2\]\), got Int"),
     "x0_threshold_half": (_call(x0_threshold=torch.ones(2, dtype=torch.half)), TypeError,
                           "x0_threshold must be float32, got Half"),
     "out_dtype": (_call(out=torch.empty(2, 3, 5, dtype=torch.half)), TypeError, "out must have x's dtype"),
@@ -703,7 +1024,20 @@ BAD_INPUTS = {
     "step_negative": (_call(step=torch.tensor([-1])), IndexError, "step index -1 is outside"),
     "step_int_past_end": (_call(step=99), IndexError, "step index 99 is outside"),
     "rng_state_shape": (_call(rng_state=torch.tensor([1, 2, 3])), ValueError,
-                        r"rng_state must be a contiguous int64 tensor \[seed, offset\], got shape \[3\]"),
+                        r"rng_state must be a contiguous int64 tensor \[seed, offset\] or \[B, 2\] = \[2, 2\] "
+                        r"\(one seed and offset per batch row\), got shape \[3\]"),
+    "rng_state_rows_too_many": (_call(rng_state=torch.zeros(3, 2, dtype=torch.int64)), ValueError,
+                                r"rng_state must be .* or \[B, 2\] = \[2, 2\] .*got shape \[3, 2\]"),
+    "rng_state_rows_too_few": (_raw(rng_state=torch.zeros(1, 2, dtype=torch.int64)), ValueError,
+                               r"rng_state must be .* or \[B, 2\] = \[2, 2\] .*got shape \[1, 2\]"),
+    "rng_state_rows_three_columns": (_call(rng_state=torch.zeros(2, 3, dtype=torch.int64)), ValueError,
+                                     r"rng_state must be .*got shape \[2, 3\]"),
+    "rng_state_3d": (_raw(rng_state=torch.zeros(2, 1, 2, dtype=torch.int64)), ValueError,
+                     r"rng_state must be .*got shape \[2, 1, 2\]"),
+    "rng_state_rows_not_contiguous": (_call(rng_state=torch.zeros(2, 2, dtype=torch.int64).t()), ValueError,
+                                      r"rng_state must be a contiguous int64 tensor"),
+    "reference_rng_state_rows_shape": (_call(rng_state=torch.zeros(3, 2, dtype=torch.int64), backend="reference"),
+                                       ValueError, r"rng_state must be .* = \[2, 2\] .*got shape \[3, 2\]"),
     "x0_threshold_shape": (_call(x0_threshold=torch.ones(3)), ValueError,
                            r"x0_threshold must be a contiguous \[B\] = \[2\] tensor, got \[3\]"),
     "x_0dim": (_call(x=torch.tensor(1.0), model_output=torch.tensor(1.0)), ValueError,

@@ -172,3 +172,119 @@ def test_more_than_2_pow_31_elements(backend):
         assert_rel_close(out[[sample], cols], ref_out, torch.float16, f"slice {sample}:{start}")
     del x, model_output, out
     torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory formats: channels_last stays channels_last and takes the 16-byte vector path
+# --------------------------------------------------------------------------------------------------
+
+
+def _cl(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _kernel_names(fn) -> list[str]:
+    """Names of the CUDA kernels `fn` launches (torch.profiler); skips when the profiler sees no kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    if not any("ddim_step" in n for n in names):
+        pytest.skip("the profiler recorded no ddim_step kernel (CUPTI unavailable?)")
+    return names
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 4, 9, 7), (1, 4, 64, 64), (2, 4, 64, 64)], ids=str)
+@pytest.mark.parametrize("noise", ["tensor", "philox", "philox-rows", "none"])
+def test_channels_last_keeps_layout_and_values(backend, dtype, shape, noise):
+    case = make_case(shape, dtype, "cuda", noise="none" if noise == "none" else noise.split("-")[0],
+                     clamp="dynamic", seed=6)
+    if noise == "philox-rows":
+        case["rng_state"] = torch.tensor([[5 + b, 3 * b] for b in range(shape[0])], device="cuda")
+    want_out, want_x0 = run_functional(backend, case)
+    cl_case = dict(case, x=_cl(case["x"]), model_output=_cl(case["model_output"]))
+    if case["noise"] is not None:
+        cl_case["noise"] = _cl(case["noise"])
+    out, x0 = run_functional(backend, cl_case)
+    assert out.stride() == cl_case["x"].stride() and x0.stride() == cl_case["x"].stride()
+    assert torch.equal(out, want_out) and torch.equal(x0, want_x0)
+    buf, buf_x0 = poison(torch.empty_like(cl_case["x"])), poison(torch.empty_like(cl_case["x"]))
+    run_out(backend, cl_case, buf, buf_x0)
+    assert torch.equal(buf, want_out) and torch.equal(buf_x0, want_x0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_channels_last_runs_the_vector_kernel(dtype):
+    """The native CUDA op runs a channels_last SD latent (every argument dense, one layout) in its 16-byte
+    vector kernel, as it does a contiguous one; with Philox noise (logical indices) the strided kernel."""
+    case = make_case((2, 4, 64, 64), dtype, "cuda", noise="tensor", seed=8)
+    cl_case = dict(case, x=_cl(case["x"]), model_output=_cl(case["model_output"]), noise=_cl(case["noise"]))
+    names = _kernel_names(lambda: run_functional("native", cl_case))
+    assert any("ddim_step_vector_kernel" in n for n in names), names
+    philox = dict(cl_case, noise=None, rng_state=torch.tensor([1, 2], device="cuda"))
+    names = _kernel_names(lambda: run_functional("native", philox))
+    assert any("ddim_step_scalar_kernel" in n for n in names), names
+
+
+# --------------------------------------------------------------------------------------------------
+# Seeded noise per sample (rng_state [B, 2]) on the GPU
+# --------------------------------------------------------------------------------------------------
+
+STREAMS = [(0xABCDEF + 7 * b + (b << 35), 11 * b) for b in range(8)]
+
+
+def _rows_case(streams, sample_shape, device, dtype=torch.float32, step=0):
+    shape = (len(streams),) + tuple(sample_shape)
+    case = normals_case(0, 0, shape, device)
+    case["x"], case["model_output"] = case["x"].to(dtype), case["model_output"].to(dtype)
+    case["rng_state"] = torch.tensor([list(s) for s in streams], dtype=torch.int64, device=device)
+    return case
+
+
+# % 8 == 0 (vector path for every dtype), % 4 == 0 only (fp16/bf16 leave the vector path), % 4 != 0 (padded).
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sample_shape", [(4, 16, 16), (3, 2, 2), (3, 5, 7), (1, 1, 3)], ids=str)
+def test_per_row_noise_belongs_to_the_sample(backend, dtype, sample_shape):
+    z8 = run_functional(backend, _rows_case(STREAMS, sample_shape, "cuda", dtype))[0]
+    for b in (0, 5, 7):
+        alone = run_functional(backend, _rows_case([STREAMS[b]], sample_shape, "cuda", dtype))[0]
+        assert torch.equal(alone[0], z8[b]), f"row {b} of 8 != batch of 1"
+    # The same Philox words as the C++ CPU op: the normals agree to fp32 rounding of the transcendentals; a
+    # different word would move a normal by O(1), far beyond NORMALS_ATOL.
+    z_cpu = run_functional("native", _rows_case(STREAMS, sample_shape, "cpu", dtype))[0]
+    expected = reference.philox_normal_rows(STREAMS, z8.shape, torch.float64)
+    if dtype == torch.float32:
+        assert (z8.cpu().double() - z_cpu.double()).abs().max().item() <= NORMALS_ATOL
+        assert (z8.cpu().double() - expected).abs().max().item() <= NORMALS_ATOL
+    else:
+        assert_rel_close(z8, z_cpu, 0.5 * {torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype], "CUDA vs CPU")
+        assert_rel_close(z8, expected, dtype, "per-row normals")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("view", ["misaligned", "channels_last", "sliced"])
+def test_per_row_noise_every_path(backend, view):
+    """Per-row noise through the scalar (misaligned) and strided kernels equals the vector path's."""
+    sample_shape = (4, 16, 16)
+    case = _rows_case(STREAMS[:3], sample_shape, "cuda", torch.float16)
+    want = run_functional(backend, case)[0]
+    transform = {"misaligned": misaligned, "channels_last": _cl,
+                 "sliced": lambda t: torch.cat([t, t], dim=-1)[..., ::2]}[view]
+    moved = dict(case, x=transform(case["x"]), model_output=transform(case["model_output"]))
+    assert torch.equal(run_functional(backend, moved)[0], want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,value", [("guidance_scale", float("nan")), ("guidance_scale", float("inf")),
+                                        ("temperature", float("nan")), ("clip_range", float("nan")),
+                                        ("clip_range", 0.0)])
+def test_non_finite_scalars_rejected_on_cuda(backend, name, value):
+    case = make_case((2, 4, 8, 8), torch.float32, "cuda", guided=name == "guidance_scale")
+    case[name] = value
+    with pytest.raises(ValueError, match=f"ddim_step: {name} must be"):
+        run_functional(backend, case)

@@ -89,8 +89,8 @@ def reference_for(case):
     """(x_prev, pred_x0) in float64, the seeded noise drawn by the reference Philox."""
     noise = case["noise"]
     if case["rng_state"] is not None:
-        seed, offset = (int(v) for v in case["rng_state"].cpu().tolist())
-        noise = reference.philox_normal(seed, offset + int(case["step"].item()), case["x"].shape, torch.float64)
+        noise = reference.seeded_noise(case["rng_state"].cpu(), int(case["step"].item()), case["x"].shape,
+                                       torch.float64)
     cpu = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in case.items()}
     return reference.ddim_step(
         cpu["x"], cpu["model_output"], cpu["table"], cpu["step"], guidance_scale=cpu["guidance_scale"],
@@ -321,7 +321,16 @@ def _bad_cases():
     yield "noise shape", {"noise": torch.zeros(2, 3, 5, device=d)}
     yield "rng shape", {"noise": None, "rng_state": torch.tensor([1, 2, 3], device=d)}
     yield "rng dtype", {"noise": None, "rng_state": torch.tensor([1.0, 2.0], device=d)}
+    yield "rng rows", {"noise": None, "rng_state": torch.zeros(3, 2, dtype=torch.int64, device=d)}
+    yield "rng columns", {"noise": None, "rng_state": torch.zeros(2, 3, dtype=torch.int64, device=d)}
+    yield "rng rows strided", {"noise": None, "rng_state": torch.zeros(2, 2, dtype=torch.int64, device=d).t()}
     yield "temperature", {"temperature": float("inf")}
+    yield "temperature nan", {"temperature": float("nan")}
+    yield "guidance nan", {"guidance_scale": float("nan")}
+    yield "guidance inf", {"guidance_scale": float("inf")}
+    yield "guidance -inf", {"guidance_scale": float("-inf")}
+    yield "clip_range nan", {"clip_range": float("nan")}
+    yield "clip_range zero", {"clip_range": 0.0}
 
 
 @pytest.mark.parametrize("name,change", list(_bad_cases()), ids=[n for n, _ in _bad_cases()])
@@ -335,6 +344,11 @@ def test_validation_matches_cpp(name, change):
     cpp, tri = errors
     assert cpp.type is tri.type, f"{name}: C++ raised {cpp.type.__name__}, Triton {tri.type.__name__}"
     assert str(cpp.value).splitlines()[0] == str(tri.value).splitlines()[0]
+    # The out variants check the same way.
+    for op in (torch.ops.ddim_fast.ddim_step_out, triton_step.ddim_step_triton_out):
+        with pytest.raises(cpp.type) as info:
+            op(*positional(case), torch.empty_like(case["x"]), None)
+        assert str(info.value).splitlines()[0] == str(cpp.value).splitlines()[0]
 
 
 def test_validation_of_written_args():
@@ -364,9 +378,172 @@ def test_validation_of_written_args():
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("noise", ["tensor", "philox"])
+@pytest.mark.parametrize("noise", ["tensor", "philox", "philox-rows", "channels_last"])
 def test_opcheck(noise):
-    case = make_case((2, 3, 4, 5), torch.float32, DEVICE, noise=noise, clamp="dynamic")
+    case = make_case((2, 3, 4, 5), torch.float32, DEVICE, noise="tensor" if noise == "channels_last" else noise,
+                     clamp="dynamic")
+    if noise == "philox-rows":
+        case["rng_state"] = rows_state(STREAMS[:2], DEVICE)
+    if noise == "channels_last":
+        for key in ("x", "model_output", "noise"):
+            case[key] = case[key].contiguous(memory_format=torch.channels_last)
     torch.library.opcheck(triton_step.ddim_step_triton, tuple(positional(case)) + (True,))
     out, x0 = torch.empty_like(case["x"]), torch.empty_like(case["x"])
     torch.library.opcheck(triton_step.ddim_step_triton_out, tuple(positional(case)) + (out, x0))
+
+
+# --------------------------------------------------------------------------------------------------
+# Seeded noise per sample (rng_state [B, 2])
+# --------------------------------------------------------------------------------------------------
+
+STREAMS = [(0x1234_5678_9ABC + 31 * b, 5 * b + (b << 36)) for b in range(8)]
+
+
+def rows_state(streams, device) -> torch.Tensor:
+    return torch.tensor([list(s) for s in streams], dtype=torch.int64, device=device)
+
+
+def rows_normals_case(streams, sample_shape, device, dtype=torch.float32, step=0):
+    """A step whose x_prev is the per-row seeded normal z (sqrt(a_prev) = 0, dir = 0, sigma = 1)."""
+    shape = (len(streams),) + tuple(sample_shape)
+    case = normals_case(0, 0, shape, device)
+    case["x"], case["model_output"] = case["x"].to(dtype), case["model_output"].to(dtype)
+    case["rng_state"] = rows_state(streams, device)
+    case["table"] = schedule.coefficient_table([1] * (step + 1), [0.5] * (step + 1), [0.0] * (step + 1),
+                                               [1.0] * (step + 1), device=device)
+    case["step"] = torch.tensor([step], device=device)
+    return case
+
+
+# sample_numel % 8 == 0, % 4 == 0 only (fp16's 8-element rows straddle two samples), % 4 != 0 (padded groups).
+ROW_SAMPLE_SHAPES = [(4, 6, 6), (3, 2, 2), (3, 5, 7), (1, 1, 3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sample_shape", ROW_SAMPLE_SHAPES, ids=str)
+def test_per_row_noise_belongs_to_the_sample(dtype, sample_shape):
+    """Bit-identical noise for a sample whether it is row 0 of a batch of 1 or row 5 of a batch of 8; equal to
+    the per-row reference, and to the C++ op's per-row draw to fp32 rounding of the transcendentals."""
+    z8 = run_functional("triton", rows_normals_case(STREAMS, sample_shape, DEVICE, dtype, step=2))[0]
+    for b in (0, 5, 7):
+        alone = run_functional("triton", rows_normals_case([STREAMS[b]], sample_shape, DEVICE, dtype, step=2))[0]
+        assert torch.equal(alone[0], z8[b]), f"row {b} of 8 != batch of 1"
+    expected = reference.philox_normal_rows([(s, o + 2) for s, o in STREAMS], z8.shape, torch.float64)
+    if dtype == torch.float32:
+        assert (z8.cpu().double() - expected).abs().max().item() <= NORMALS_ATOL
+    else:
+        assert_rel_close(z8, expected, dtype, "per-row normals")
+    z_cpp = run_functional("native", rows_normals_case(STREAMS, sample_shape, DEVICE, dtype, step=2))[0]
+    if dtype == torch.float32:
+        assert (z8 - z_cpp).abs().max().item() <= NORMALS_ATOL
+    else:  # one storage rounding apart at most
+        assert_rel_close(z8, z_cpp, 0.5 * {torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype], "triton vs C++")
+
+
+def test_per_row_state_of_one_row_equals_the_one_stream_state():
+    for sample_shape in ((3, 5, 7), (4, 8, 8)):
+        rows = run_functional("triton", rows_normals_case([(42, 9)], sample_shape, DEVICE))[0]
+        flat = run_functional("triton", normals_case(42, 9, (1,) + sample_shape, DEVICE))[0]
+        assert torch.equal(rows, flat)
+
+
+@pytest.mark.parametrize("layout", ["permuted", "sliced"])
+def test_per_row_noise_strided(layout):
+    sample_shape = (3, 5, 7)
+    case = rows_normals_case(STREAMS[:3], sample_shape, DEVICE, torch.float16, step=1)
+    contiguous = run_functional("triton", case)[0]
+    view = {"permuted": lambda t: t.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2),
+            "sliced": lambda t: torch.cat([t, t], dim=-1)[..., ::2]}[layout]
+    strided = dict(case, x=view(case["x"]), model_output=view(case["model_output"]))
+    assert torch.equal(run_functional("triton", strided)[0], contiguous)
+    out = poison(view(torch.empty_like(case["x"])))
+    run_out("triton", strided, out, None)
+    assert torch.equal(out, contiguous)
+
+
+def test_per_row_noise_in_a_full_step():
+    case = make_case((3, 4, 5, 7), torch.float32, DEVICE, noise="philox", clamp="dynamic", seed=4)
+    case["rng_state"] = rows_state(STREAMS[:3], DEVICE)
+    case["temperature"] = 0.7
+    check_case("triton", case, "per-row philox")
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory formats
+# --------------------------------------------------------------------------------------------------
+
+
+def _cl(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 4, 9, 7), (1, 4, 64, 64)], ids=str)
+@pytest.mark.parametrize("noise", ["tensor", "philox", "philox-rows", "none"])
+def test_channels_last_keeps_layout_and_values(dtype, shape, noise):
+    """channels_last in, channels_last out, bit-identical to the contiguous computation."""
+    case = make_case(shape, dtype, DEVICE, noise="none" if noise == "none" else noise.split("-")[0],
+                     clamp="dynamic", seed=3)
+    if noise == "philox-rows":
+        case["rng_state"] = rows_state(STREAMS[: shape[0]], DEVICE)
+    want_out, want_x0 = run_functional("triton", case)
+    cl_case = dict(case, x=_cl(case["x"]), model_output=_cl(case["model_output"]))
+    if case["noise"] is not None:
+        cl_case["noise"] = _cl(case["noise"])
+    out, x0 = run_functional("triton", cl_case)
+    assert out.stride() == cl_case["x"].stride() and x0.stride() == cl_case["x"].stride()
+    assert torch.equal(out, want_out) and torch.equal(x0, want_x0)
+    buf, buf_x0 = poison(torch.empty_like(cl_case["x"])), poison(torch.empty_like(cl_case["x"]))
+    run_out("triton", cl_case, buf, buf_x0)
+    assert torch.equal(buf, want_out) and torch.equal(buf_x0, want_x0)
+
+
+def _plan_of(case, out=None, pred_x0=None):
+    """The launcher's plan for a case (its layout and noise decisions), as run_ddim_step computes it."""
+    x, mo = case["x"], case["model_output"]
+    b = x.shape[0]
+    uncond, cond = (mo[:b], mo[b:]) if case["guidance_scale"] is not None else (mo, None)
+    out = torch.empty_like(x) if out is None else out
+    args = [x, uncond, x if cond is None else cond, x if case["noise"] is None else case["noise"], out,
+            out if pred_x0 is None else pred_x0]
+    noise_mode = (triton_step._NOISE_TENSOR if case["noise"] is not None else
+                  triton_step._NOISE_PHILOX if case["rng_state"] is not None else triton_step._NOISE_NONE)
+    per_row = case["rng_state"] is not None and case["rng_state"].dim() == 2
+    return triton_step._plan(x.shape, tuple(a.stride() for a in args), x.dtype, noise_mode, per_row,
+                             case["x0_threshold"] is not None)
+
+
+def test_launch_plan_runs_dense_shared_layouts_in_memory_order():
+    """The launcher's choice: channels_last (every argument dense, one layout) takes the CONTIGUOUS
+    (memory-order, 16-byte) path unless Philox needs logical indices; mixed layouts take the strided path."""
+    shape = (2, 4, 9, 7)
+    base = make_case(shape, torch.float16, DEVICE, noise="tensor", clamp="dynamic")
+    cl = dict(base, x=_cl(base["x"]), model_output=_cl(base["model_output"]), noise=_cl(base["noise"]))
+    assert _plan_of(base).contiguous
+    assert _plan_of(cl).contiguous, "channels_last must run in memory order"
+    assert not _plan_of(dict(cl, noise=base["noise"])).contiguous  # mixed layouts: strided
+    philox = dict(cl, noise=None, rng_state=torch.tensor([1, 2], device=DEVICE))
+    assert not _plan_of(philox).contiguous  # Philox needs the logical index: strided
+    assert _plan_of(dict(base, noise=None, rng_state=torch.tensor([1, 2], device=DEVICE))).contiguous
+    rows_odd = make_case((2, 3, 5, 7), torch.float16, DEVICE, noise="philox")
+    rows_odd["rng_state"] = rows_state(STREAMS[:2], DEVICE)
+    assert _plan_of(rows_odd).noise == triton_step._NOISE_PHILOX_ROWS_PADDED  # 3*5*7 % 4 != 0
+    rows_even = make_case((2, 4, 9, 7), torch.float16, DEVICE, noise="philox")
+    rows_even["rng_state"] = rows_state(STREAMS[:2], DEVICE)
+    assert _plan_of(rows_even).noise == triton_step._NOISE_PHILOX_ROWS and _plan_of(rows_even).contiguous
+    # The plan is cached: one object per (shape, strides, dtype, options).
+    assert _plan_of(cl) is _plan_of(cl)
+
+
+def test_non_dense_and_batch_inner_layouts_stay_correct():
+    """Layouts the memory-order path must not take: a batch dim that is not outermost with dynamic
+    thresholding (the sample is not position // sample_numel), and a dense but permuted layout with Philox."""
+    case = make_case((3, 4, 5, 6), torch.float32, DEVICE, noise="tensor", clamp="dynamic", seed=12)
+    batch_inner = lambda t: t.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)  # noqa: E731
+    moved = dict(case, x=batch_inner(case["x"]), noise=batch_inner(case["noise"]),
+                 model_output=batch_inner(case["model_output"]))
+    assert not _plan_of(moved).contiguous
+    want_out, want_x0 = run_functional("triton", case)
+    out, x0 = run_functional("triton", moved)
+    assert torch.equal(out, want_out) and torch.equal(x0, want_x0)
+    assert_rel_close(out, reference_for(case)[0], torch.float32)

@@ -1,8 +1,10 @@
 """Graph safety of the ddim_step ops: the step index is read on the device, so advancing the loop is an
 in-place bump of a tensor — no host sync, one torch.compile graph and one CUDA graph for every step.
 
-CPU (always): bumping `step` in place advances the row for the C++ and Triton ops alike, and they agree;
-torch.compile(fullgraph=True) of a loop body compiles once across steps.
+Any machine: bumping `step` in place advances the row for the C++ and Triton ops alike, and they agree;
+torch.compile(fullgraph=True) of a loop body compiles once across steps. These run where each backend runs:
+Triton on CUDA tensors when a GPU is present, else on CPU tensors under the interpreter (TRITON_INTERPRET=1,
+set by conftest.py without a GPU); the C++ op on CPU, and on CUDA too when its CUDA kernel is built.
 GPU (requires_cuda): one captured CUDA graph (model stand-in + guidance + update) replayed for all 50
 steps equals the eager loop; torch.compile(mode="reduce-overhead", fullgraph=True) does not recompile.
 """
@@ -15,10 +17,22 @@ import torch._dynamo.testing
 
 import ddim_fast.ops  # noqa: F401  (loads the C++ extension)
 from conftest import assert_rel_close, requires_cuda
-from ddim_fast import reference, schedule
+from ddim_fast import ops, reference, schedule
 from ddim_fast.triton import ddim_step as triton_step
 
 NUM_STEPS = 50
+
+
+def device_for(backend: str) -> str:
+    """Where `backend` runs on this machine: Triton on CUDA when present (its CPU path exists only under the
+    interpreter), else on CPU under TRITON_INTERPRET=1; the C++ op on CUDA when its CUDA kernel is built."""
+    if torch.cuda.is_available():
+        if backend == "native" and not ops.has_native_kernel("cuda"):
+            pytest.skip("the C++ extension was built without its CUDA kernel")
+        return "cuda"
+    if backend == "triton" and not triton_step._INTERPRETED:
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 before triton is imported")
+    return "cpu"
 
 
 def sd_table(num_steps: int, device, eta: float = 0.5) -> torch.Tensor:
@@ -54,18 +68,19 @@ def stand_in_model(x: torch.Tensor, table: torch.Tensor, step: torch.Tensor, wei
 @pytest.mark.parametrize("backend", ["native", "triton"])
 def test_step_is_read_from_the_device_tensor(backend):
     """Bumping the step tensor in place advances the row: each call equals the reference at that row."""
-    table = sd_table(10, "cpu")
+    device = device_for(backend)
+    table = sd_table(10, device)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 6, 5, generator=gen)
-    model_output = torch.randn(4, 4, 6, 5, generator=gen)
-    rng = torch.tensor([99, 0], dtype=torch.int64)
-    step = schedule.step_index(0)
+    x = torch.randn(2, 4, 6, 5, generator=gen).to(device)
+    model_output = torch.randn(4, 4, 6, 5, generator=gen).to(device)
+    rng = torch.tensor([99, 0], dtype=torch.int64, device=device)
+    step = schedule.step_index(0, device=device)
     outputs = []
     for k in range(table.shape[0]):
         out, _ = functional_op(backend)(x, model_output, table, step, 5.0, "epsilon", None, None, False, None,
                                         rng, 1.0, False)
         z = reference.philox_normal(99, k, x.shape, torch.float64)
-        ref, _ = reference.ddim_step(x, model_output, table, k, guidance_scale=5.0, noise=z)
+        ref, _ = reference.ddim_step(x.cpu(), model_output.cpu(), table.cpu(), k, guidance_scale=5.0, noise=z)
         assert_rel_close(out, ref, torch.float32, f"step {k}")
         outputs.append(out)
         step.add_(1)
@@ -73,13 +88,16 @@ def test_step_is_read_from_the_device_tensor(backend):
 
 
 def test_native_and_triton_agree_after_in_place_bumps():
-    table = sd_table(20, "cpu")
+    device = device_for("triton")
+    if device == "cuda":
+        device_for("native")  # skips when the C++ CUDA kernel is missing
+    table = sd_table(20, device)
     gen = torch.Generator().manual_seed(1)
-    x_native = torch.randn(1, 4, 8, 8, generator=gen)
+    x_native = torch.randn(1, 4, 8, 8, generator=gen).to(device)
     x_triton = x_native.clone()
-    weight = torch.randn(4, 4, generator=gen) * 0.3
-    rng = torch.tensor([7, 1000], dtype=torch.int64)
-    step_native, step_triton = schedule.step_index(0), schedule.step_index(0)
+    weight = (torch.randn(4, 4, generator=gen) * 0.3).to(device)
+    rng = torch.tensor([7, 1000], dtype=torch.int64, device=device)
+    step_native, step_triton = schedule.step_index(0, device=device), schedule.step_index(0, device=device)
     for _ in range(table.shape[0]):
         for backend, x, step in (("native", x_native, step_native), ("triton", x_triton, step_triton)):
             m = stand_in_model(x, table, step, weight)
@@ -92,10 +110,11 @@ def test_native_and_triton_agree_after_in_place_bumps():
 @pytest.mark.parametrize("backend", ["native", "triton"])
 def test_compiled_loop_body_compiles_once(backend):
     """torch.compile(fullgraph=True) of one step traces once; later steps only bump the step tensor."""
-    table = sd_table(NUM_STEPS, "cpu")
+    device = device_for(backend)
+    table = sd_table(NUM_STEPS, device)
     gen = torch.Generator().manual_seed(2)
-    weight = torch.randn(4, 4, generator=gen) * 0.3
-    rng = torch.tensor([5, 0], dtype=torch.int64)
+    weight = (torch.randn(4, 4, generator=gen) * 0.3).to(device)
+    rng = torch.tensor([5, 0], dtype=torch.int64, device=device)
 
     def body(x, step):
         m = stand_in_model(x, table, step, weight)
@@ -107,15 +126,36 @@ def test_compiled_loop_body_compiles_once(backend):
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(body, backend=counter, fullgraph=True)
-    x0 = torch.randn(1, 4, 6, 6, generator=gen)
+    x0 = torch.randn(1, 4, 6, 6, generator=gen).to(device)
     x_c, x_e = x0.clone(), x0.clone()
-    step_c, step_e = schedule.step_index(0), schedule.step_index(0)
+    step_c, step_e = schedule.step_index(0, device=device), schedule.step_index(0, device=device)
     for _ in range(12):
         x_c, _ = compiled(x_c, step_c)
         x_e, _ = body(x_e, step_e)
     assert counter.frame_count == 1, f"compiled {counter.frame_count} times for 12 steps"
     assert step_c.item() == 12
     assert_rel_close(x_c, x_e, 1e-6, "compiled loop vs eager loop")
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_per_row_rng_state_is_read_on_the_device(backend):
+    """Per-row seeds ([B, 2]) are read by the kernel at run time, like the step: rewriting them in place (what
+    a captured graph's static buffer gets) changes the draw without re-planning, and restoring them restores
+    it bit for bit."""
+    device = device_for(backend)
+    table = schedule.coefficient_table([1], [0.5], [0.0], [1.0], device=device)  # x_prev = z
+    x = torch.zeros(3, 4, 5, 7, device=device)
+    rng = torch.tensor([[11, 0], [12, 0], [13, 0]], dtype=torch.int64, device=device)
+    step = schedule.step_index(0, device=device)
+    call = lambda: functional_op(backend)(x, x, table, step, None, "epsilon", None, None, False, None, rng,  # noqa: E731
+                                          1.0, False)[0].clone()
+    first = call()
+    rng[1, 0] = 99
+    changed = call()
+    assert torch.equal(changed[0], first[0]) and torch.equal(changed[2], first[2])
+    assert not torch.equal(changed[1], first[1])
+    rng[1, 0] = 12
+    assert torch.equal(call(), first)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,13 +176,16 @@ def _eager_loop(backend, x, table, weight, rng, guidance):
 @requires_cuda
 @pytest.mark.parametrize("backend", ["native", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_cuda_graph_replays_every_step(backend, dtype):
+@pytest.mark.parametrize("rng_form", ["one_stream", "per_row"])
+def test_cuda_graph_replays_every_step(backend, dtype, rng_form):
     device = "cuda"
     table = sd_table(NUM_STEPS, device)
     gen = torch.Generator(device=device).manual_seed(3)
     x_init = torch.randn(2, 4, 32, 32, generator=gen, device=device).to(dtype)
     weight = (torch.randn(4, 4, generator=gen, device=device) * 0.3).to(dtype)
-    rng = torch.tensor([1234, 0], dtype=torch.int64, device=device)
+    # [2]: one stream; [B, 2]: one (seed, offset) per sample, read on the device at every replay.
+    rng = torch.tensor([1234, 0] if rng_form == "one_stream" else [[1234, 0], [77, 5]], dtype=torch.int64,
+                       device=device)
     expected = _eager_loop(backend, x_init, table, weight, rng, 7.5)
 
     static_x = x_init.clone()

@@ -204,3 +204,54 @@ def test_cpp_philox_matches_numpy(seed, offset, numel):
     expected = reference.philox_normal(seed, offset + step, (numel, 1), dtype=torch.float64)
     # Same 24-bit uniforms; the normals differ only by fp32 rounding of log/sqrt/sin/cos.
     torch.testing.assert_close(z.double(), expected, rtol=2e-6, atol=2e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-row Philox streams (rng_state [B, 2]) and the seeded-noise helper
+# --------------------------------------------------------------------------------------------------
+
+
+def test_philox_normal_rows_is_one_stream_per_row():
+    streams = [(7, 3), (2**40 + 1, 5), (-2, 0)]
+    z = reference.philox_normal_rows(streams, (3, 2, 5), dtype=torch.float64)  # 10 per row: % 4 != 0
+    assert z.shape == (3, 2, 5)
+    for b, (seed, offset) in enumerate(streams):
+        assert torch.equal(z[b], reference.philox_normal(seed, offset, (2, 5), dtype=torch.float64))
+    # A row's draw does not depend on its position or on the other rows.
+    swapped = reference.philox_normal_rows(streams[::-1], (3, 2, 5), dtype=torch.float64)
+    assert torch.equal(swapped[0], z[2]) and torch.equal(swapped[2], z[0])
+    # Row b restarts its groups at 0: it is not the continuation of row b - 1 (as the one-stream draw is).
+    one_stream = reference.philox_normal(7, 3, (3, 2, 5), dtype=torch.float64)
+    assert torch.equal(one_stream[0], z[0]) and not torch.equal(one_stream[1], reference.philox_normal_rows(
+        [(7, 3)] * 3, (3, 2, 5), dtype=torch.float64)[1])
+    with pytest.raises(ValueError, match="one \\(seed, offset\\) per row"):
+        reference.philox_normal_rows(streams, (2, 5))
+
+
+def test_philox_words_of_a_row_use_the_index_within_the_row():
+    # The counter of element j of row b: (j >> 2, offset_b + step); the key: seed_b. Checked on the words.
+    seed, offset, numel = 0xDEADBEEF12345, 77, 10
+    words = reference.philox_words(seed, offset, numel)
+    for g in range(3):
+        counter = np.array([[g, 0, offset, 0]], dtype=np.uint32)
+        np.testing.assert_array_equal(words[g], reference.philox4x32_10(counter, (seed & 0xFFFFFFFF, seed >> 32))[0])
+
+
+def test_seeded_noise_both_state_shapes():
+    one = reference.seeded_noise(torch.tensor([5, 6]), 2, (2, 3, 4))
+    assert torch.equal(one, reference.philox_normal(5, 8, (2, 3, 4)))
+    rows = reference.seeded_noise(torch.tensor([[5, 6], [9, 1]]), 2, (2, 3, 4))
+    assert torch.equal(rows, reference.philox_normal_rows([(5, 8), (9, 3)], (2, 3, 4)))
+    assert torch.equal(rows[0], one[0]) and not torch.equal(rows[1], one[1])
+    assert reference.seeded_noise(torch.zeros(0, 2, dtype=torch.int64), 0, (0, 3)).shape == (0, 3)
+
+
+def test_reference_outputs_are_laid_out_like_x():
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    m = torch.randn(2, 3, 4, 5, dtype=torch.float64)  # another layout: the result still follows x
+    out, x0 = reference.ddim_step(x, m, _tiny_table(), 1)
+    assert out.stride() == x.stride() and x0.stride() == x.stride()
+    want, want_x0 = reference.ddim_step(x.contiguous(), m, _tiny_table(), 1)
+    assert torch.equal(out, want) and torch.equal(x0, want_x0)
+    t = torch.randn(2, 3, 4, 5)
+    assert reference.like_input(t, torch.empty(2, 3, 4, 5)) is t  # already laid out: no copy

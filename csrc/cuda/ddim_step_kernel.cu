@@ -3,10 +3,12 @@
 // One pass over memory: each element of x, model_output (one or both CFG halves) and noise is read
 // once, out (and pred_x0 when asked) written once. The step is memory bound, so the design goals are
 // full-width memory transactions and no wasted bytes, not arithmetic:
-//   * vector path: 16-byte loads/stores (4 fp32 or 8 fp16/bf16) when every argument is contiguous and
-//     16-byte aligned; a short scalar tail covers numel % vector width;
-//   * scalar paths: contiguous-but-misaligned (offset = index) and strided (offsets from sizes/strides);
-//     both walk groups of 4 consecutive elements so one Philox call serves 4 elements;
+//   * vector path: 16-byte loads/stores (4 fp32 or 8 fp16/bf16) when every argument is in memory order
+//     (DdimStepParams::flat: row-major contiguous, or dense with one shared layout such as channels_last)
+//     and 16-byte aligned; a short scalar tail covers numel % vector width;
+//   * scalar paths: memory order but misaligned (offset = position) and strided (offsets from
+//     sizes/strides); both walk groups of 4 consecutive elements of one noise stream so one Philox call
+//     serves 4 elements;
 //   * grid-stride loops with int64 indices (tensors over 2^31 elements), grid sized from the SM count;
 //   * all math in fp32 through the header shared with the CPU kernel (ddim_fast/step_math.h), so both
 //     backends evaluate the same expression in the same order.
@@ -105,8 +107,10 @@ struct StepState {
   StepCoefs coefs;
   bool valid_step;  // false: step outside the table; every output element becomes NaN
   bool philox;      // seeded noise drawn in-kernel
-  uint64_t seed;
-  uint64_t rng_offset;  // rng[1] + step: each step draws fresh noise
+  bool per_row;     // one noise stream per batch row (rng_state [B, 2]); else one over the tensor
+  uint64_t step;
+  uint64_t seed;        // stream 0 (the only one unless per_row)
+  uint64_t rng_offset;  // stream 0's offset + step: each step draws fresh noise
 };
 
 __device__ __forceinline__ StepState load_step_state(const DdimStepParams& p) {
@@ -121,9 +125,37 @@ __device__ __forceinline__ StepState load_step_state(const DdimStepParams& p) {
     s.coefs = StepCoefs{nan, nan, nan, nan, nan};
   }
   s.philox = p.noise.data == nullptr && p.rng != nullptr;
-  s.seed = s.philox ? static_cast<uint64_t>(p.rng[0]) : 0;
-  s.rng_offset = s.philox ? static_cast<uint64_t>(p.rng[1]) + static_cast<uint64_t>(step) : 0;
+  s.per_row = s.philox && p.rng_per_row;
+  s.step = static_cast<uint64_t>(step);
+  s.seed = 0;
+  s.rng_offset = 0;
+  if (s.philox && !s.per_row) philox_stream(p.rng, 0, s.step, &s.seed, &s.rng_offset);
   return s;
+}
+
+// The stream holding logical element i and i's index j in it (philox.h): stream 0 and j = i for one
+// stream; row i / sample_numel and the index inside the row for per-row streams (reads that row's seed).
+__device__ __forceinline__ void philox_locate(const DdimStepParams& p, const StepState& s, int64_t i,
+                                              uint64_t* seed, uint64_t* offset, int64_t* j) {
+  if (s.per_row) {
+    const int64_t row = i / p.sample_numel;
+    *j = i - row * p.sample_numel;
+    philox_stream(p.rng, row, s.step, seed, offset);
+  } else {
+    *j = i;
+    *seed = s.seed;
+    *offset = s.rng_offset;
+  }
+}
+
+// The seeded normal of one logical element (a whole Philox call: only for the vector path's short tail).
+__device__ __forceinline__ float philox_normal_at(const DdimStepParams& p, const StepState& s, int64_t i) {
+  uint64_t seed, offset;
+  int64_t j;
+  philox_locate(p, s, i, &seed, &offset, &j);
+  float group[kGroup];
+  philox_normal4(seed, offset, static_cast<uint64_t>(j >> 2), group);
+  return group[j & 3];
 }
 
 // Walks the batch index of consecutive logical elements without a division per element
@@ -203,10 +235,15 @@ __global__ void __launch_bounds__(kThreads) ddim_step_vector_kernel(const DdimSt
     if (p.noise.data != nullptr) {
       load_vector<T>(p.noise.data, v, z);
     } else if (s.philox) {
-      // i0 is a multiple of kVec, hence of 4: the vector holds groups (i0 >> 2) .. (i0 >> 2) + kVec/4 - 1.
+      // i0 is a multiple of kVec, hence of 4, and so is its index j0 in its stream (per-row streams take
+      // this path only when sample_numel % kVec == 0: a vector never straddles two rows). The vector holds
+      // groups (j0 >> 2) .. (j0 >> 2) + kVec/4 - 1 of one stream.
+      uint64_t seed, offset;
+      int64_t j0;
+      philox_locate(p, s, i0, &seed, &offset, &j0);
 #pragma unroll
       for (int g = 0; g < kVec / kGroup; ++g) {
-        philox_normal4(s.seed, s.rng_offset, static_cast<uint64_t>((i0 >> 2) + g), z + g * kGroup);
+        philox_normal4(seed, offset, static_cast<uint64_t>((j0 >> 2) + g), z + g * kGroup);
       }
     } else {
 #pragma unroll
@@ -234,9 +271,7 @@ __global__ void __launch_bounds__(kThreads) ddim_step_vector_kernel(const DdimSt
     if (p.noise.data != nullptr) {
       z = load_scalar<T>(p.noise.data, i);
     } else if (s.philox) {
-      float group[kGroup];
-      philox_normal4(s.seed, s.rng_offset, static_cast<uint64_t>(i >> 2), group);
-      z = group[i & 3];
+      z = philox_normal_at(p, s, i);
     }
     const float thr = dynamic ? p.x0_threshold[i / p.sample_numel] : 1.0f;
     float out, x0;
@@ -292,20 +327,52 @@ struct Coords {
   }
 };
 
+// Work items of the scalar kernels: groups of 4 consecutive logical elements of one noise stream (one
+// Philox call each). One stream over the tensor: group g is elements 4g .. 4g+3 (a group may straddle two
+// samples). Per-row streams (rng_state [B, 2]): each row has ceil(sample_numel / 4) groups of its own, the
+// last one partial when sample_numel % 4 != 0, so no group straddles two rows.
+struct GroupSpace {
+  int64_t stream_len;         // elements per stream: numel, or sample_numel per row
+  int64_t groups_per_stream;  // ceil(stream_len / 4)
+  int64_t num_groups;         // streams * groups_per_stream
+};
+
+__host__ __device__ __forceinline__ GroupSpace group_space(const DdimStepParams& p) {
+  const bool per_row = p.noise.data == nullptr && p.rng != nullptr && p.rng_per_row;
+  GroupSpace g;
+  g.stream_len = per_row ? p.sample_numel : p.numel;
+  g.groups_per_stream = (g.stream_len + kGroup - 1) / kGroup;
+  g.num_groups = (per_row ? p.sizes[0] : 1) * g.groups_per_stream;
+  return g;
+}
+
 template <typename T, bool kStrided>
 __global__ void __launch_bounds__(kThreads) ddim_step_scalar_kernel(const DdimStepParams p) {
   const StepState s = load_step_state(p);
   const bool want_x0 = p.pred_x0.data != nullptr;
   const bool has_noise = p.noise.data != nullptr;
   const bool dynamic = p.clamp == X0Clamp::kDynamic;
-  const int64_t num_groups = (p.numel + kGroup - 1) / kGroup;
+  const GroupSpace space = group_space(p);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
 
-  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < num_groups; g += stride) {
-    const int64_t i0 = g * kGroup;
+  for (int64_t gid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; gid < space.num_groups;
+       gid += stride) {
+    // Stream `row` (0 unless per-row) and group g inside it; i0 is the group's first logical index.
+    int64_t row = 0;
+    int64_t g = gid;
+    if (s.per_row) {
+      row = gid / space.groups_per_stream;
+      g = gid - row * space.groups_per_stream;
+    }
+    const int64_t j0 = g * kGroup;
+    const int64_t i0 = row * space.stream_len + j0;
     float z[kGroup] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (s.philox) philox_normal4(s.seed, s.rng_offset, static_cast<uint64_t>(g), z);
-    const int n = static_cast<int>(p.numel - i0 < kGroup ? p.numel - i0 : kGroup);
+    if (s.philox) {
+      uint64_t seed = s.seed, offset = s.rng_offset;
+      if (s.per_row) philox_stream(p.rng, row, s.step, &seed, &offset);
+      philox_normal4(seed, offset, static_cast<uint64_t>(g), z);
+    }
+    const int n = static_cast<int>(space.stream_len - j0 < kGroup ? space.stream_len - j0 : kGroup);
 
     Coords coords(p, kStrided ? i0 : 0);
     BatchCursor cursor(i0, dynamic ? p.sample_numel : 1);
@@ -367,10 +434,15 @@ cudaError_t sm_count(int* count) {
 
 bool aligned16(const void* ptr) { return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
+// The 16-byte path: memory order, every pointer 16-byte aligned, and with per-row Philox streams rows that
+// are whole vectors (else a vector would straddle two streams' groups).
+template <typename T>
 bool vector_path_ok(const DdimStepParams& p) {
-  return p.all_contiguous && aligned16(p.x.data) && aligned16(p.model_uncond.data) &&
-         aligned16(p.model_cond.data) && aligned16(p.noise.data) && aligned16(p.out.data) &&
-         aligned16(p.pred_x0.data);
+  constexpr int64_t kVec = 16 / sizeof(T);
+  const bool per_row = p.noise.data == nullptr && p.rng != nullptr && p.rng_per_row;
+  return p.flat && (!per_row || p.sample_numel % kVec == 0) && aligned16(p.x.data) &&
+         aligned16(p.model_uncond.data) && aligned16(p.model_cond.data) && aligned16(p.noise.data) &&
+         aligned16(p.out.data) && aligned16(p.pred_x0.data);
 }
 
 template <typename T>
@@ -385,16 +457,16 @@ cudaError_t launch_typed(const DdimStepParams& p, cudaStream_t stream) {
     return static_cast<unsigned int>(blocks < 1 ? 1 : blocks);
   };
 
-  if (vector_path_ok(p)) {
+  if (vector_path_ok<T>(p)) {
     constexpr int64_t kVec = 16 / sizeof(T);
     // Each thread also takes at most one tail element, so at least numel % kVec threads are needed.
     int64_t work = p.numel / kVec;
     if (work < p.numel % kVec) work = p.numel % kVec;
     ddim_step_vector_kernel<T><<<blocks_for(work), kThreads, 0, stream>>>(p);
-  } else if (p.all_contiguous) {
-    ddim_step_scalar_kernel<T, false><<<blocks_for((p.numel + kGroup - 1) / kGroup), kThreads, 0, stream>>>(p);
+  } else if (p.flat) {
+    ddim_step_scalar_kernel<T, false><<<blocks_for(group_space(p).num_groups), kThreads, 0, stream>>>(p);
   } else {
-    ddim_step_scalar_kernel<T, true><<<blocks_for((p.numel + kGroup - 1) / kGroup), kThreads, 0, stream>>>(p);
+    ddim_step_scalar_kernel<T, true><<<blocks_for(group_space(p).num_groups), kThreads, 0, stream>>>(p);
   }
   return cudaGetLastError();
 }

@@ -1,18 +1,30 @@
 // Philox4x32-10 counter-based RNG and the mapping from (seed, offset, element index) to a standard
 // normal sample. Header-only and dependency-free so the CPU kernel, the CUDA kernel and (by mirroring
-// this file line for line) the Triton kernel draw the same noise.
+// this file line for line) the Triton kernel draw the same noise; ddim_fast/reference.py mirrors it in numpy.
 //
-// The mapping, which every backend must reproduce exactly:
+// Noise streams. rng_state is int64 and comes in two shapes:
+//   [2]    = (seed, offset): ONE stream over the whole tensor. Element i (the logical row-major index in x's
+//            shape; strides do not matter) is element j = i of that stream.
+//   [B, 2] = one (seed_b, offset_b) per batch row b = 0 .. B-1: row b is a stream of its own. Element i is
+//            element j = i - b * sample_numel of stream b, b = i / sample_numel (sample_numel = numel / B).
+//            So a sample's noise is a function of its own seed_b, offset_b, the step and j only, never of b
+//            or B: the same seed row draws the same noise as row 0 of a batch of 1 or as row 5 of a batch of 8.
+//            A [1, 2] state draws exactly what the [2] state with the same values draws.
+//
+// Within a stream (seed, offset), element j, at device step index `step`:
 //   key      = (lo32(seed), hi32(seed))
-//   counter  = (lo32(g), hi32(g), lo32(o), hi32(o))   with g = i >> 2 and o = offset + step
+//   counter  = (lo32(g), hi32(g), lo32(o), hi32(o))   with g = j >> 2 and o = offset + step (mod 2^64)
 //   (r0, r1, r2, r3) = Philox4x32-10(counter, key)
 //   u(r)     = (r >> 8) * 2^-24                        in [0, 1), exact in fp32 (24 bits)
 //   radius(r)= sqrt(-2 ln(u(r) + 2^-24))               u + 2^-24 in (0, 1], so the log is finite
 //   angle(r) = 2*pi * u(r)
 //   z[4g+0] = radius(r0) * cos(angle(r1))    z[4g+1] = radius(r0) * sin(angle(r1))
 //   z[4g+2] = radius(r2) * cos(angle(r3))    z[4g+3] = radius(r2) * sin(angle(r3))
-// i is the logical row-major index of the element in x's shape (strides do not matter), `step` is the
-// device step index, so a replayed CUDA graph draws fresh noise every step without host work.
+// Groups of 4 belong to one stream: in [B, 2] mode they never straddle two rows. When sample_numel % 4 != 0
+// the last group of each row is partial and its unused normals are dropped (the next row starts at g = 0 of
+// its own stream). In [2] mode a group may straddle two samples, as it always has.
+// `step` is read on the device, so a replayed CUDA graph draws fresh noise every step without host work, and
+// the (seed, offset) rows are read on the device too (a graph may capture them; update them in place).
 // The integers (r0..r3, u) are bit-identical across backends; the normals agree to fp32 rounding of
 // log/sqrt/sin/cos, which differ by an ulp or two between libm, CUDA's libdevice and Triton.
 #pragma once
@@ -91,6 +103,12 @@ DDIM_HD void philox_normal4(uint64_t seed, uint64_t offset, uint64_t group, floa
                                   static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
   box_muller(r.r[0], r.r[1], &z[0], &z[1]);
   box_muller(r.r[2], r.r[3], &z[2], &z[3]);
+}
+
+// The (seed, offset + step) of noise stream `row` of a [rows, 2] rng_state (row 0 for a [2] state).
+DDIM_HD void philox_stream(const int64_t* rng, int64_t row, uint64_t step, uint64_t* seed, uint64_t* offset) {
+  *seed = static_cast<uint64_t>(rng[2 * row]);
+  *offset = static_cast<uint64_t>(rng[2 * row + 1]) + step;
 }
 
 }  // namespace ddim_fast

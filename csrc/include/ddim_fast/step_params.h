@@ -34,15 +34,25 @@ struct DdimStepParams {
   StridedArg out;           // written
   StridedArg pred_x0;       // written; data == nullptr when nobody asked for pred_x0
 
-  // True when every present argument is contiguous in the row-major order of `sizes`.
-  bool all_contiguous = false;
+  // The memory-order ("flat") path: true when every present argument holds the element at flat position k
+  // (0 <= k < numel) at data + k, for one and the same element across the arguments, and k tells the kernel
+  // all it needs about the element's logical position. Set by the binding when
+  //   * every argument is row-major contiguous (k is the logical index i), or
+  //   * every argument is dense (non-overlapping, no gaps) with x's strides (channels_last and other
+  //     permutations), no Philox noise is drawn (its mapping needs the logical index, which k is not), and,
+  //     with dynamic thresholding, the batch dim is outermost in memory (the sample is k / sample_numel).
+  // Otherwise the kernels walk logical indices through sizes/strides (the strided paths).
+  bool flat = false;
 
   const float* table = nullptr;  // [num_rows, kTableColumns], contiguous
   int64_t num_rows = 0;
   const int64_t* step = nullptr;  // one element: the row to use
 
-  // Seeded noise (used when noise.data == nullptr and rng != nullptr): rng[0] = seed, rng[1] = offset.
+  // Seeded noise (used when noise.data == nullptr and rng != nullptr), see philox.h for the mapping:
+  // rng_state [2]: rng[0] = seed, rng[1] = offset, one stream over the tensor (rng_per_row false);
+  // rng_state [B, 2]: rng[2b] = seed_b, rng[2b + 1] = offset_b, one stream per batch row (rng_per_row true).
   const int64_t* rng = nullptr;
+  bool rng_per_row = false;
 
   const float* x0_threshold = nullptr;  // [sizes[0]] fp32, with X0Clamp::kDynamic
 
