@@ -346,7 +346,9 @@ def launch_config(batch_heads: int, lq: int, lk: int, head_dim: int, dtype: torc
            and batch_heads * triton.cdiv(lq, block_m) < 2 * sms):
         block_m //= 2
         num_warps //= 2
-    num_stages = 1 if single else (2 if block_d >= 128 else 3)
+    # Key-loop stages: 3 for the fp16/bf16 BLOCK_D 64 loop; 2 at BLOCK_D 128+ (shared memory) and for fp32 (its
+    # BLOCK_D 64 loop spilled 4 B at 3 stages on sm_90 with a full mask, ptxas holding it to 72 registers).
+    num_stages = 1 if single else (2 if block_d >= 128 or dtype == torch.float32 else 3)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SINGLE_TILE=single, num_warps=num_warps,
                 num_stages=num_stages)
 
