@@ -3,8 +3,21 @@
 
 No GPU is needed: ``triton.compile`` builds PTX and a cubin for a ``GPUTarget`` on any machine, with the
 ptxas bundled in the triton wheel. For sm_90 and sm_80 this script compiles the GPU variants the launchers
-produce and fails on any compile error, any register spill, or shared memory / registers beyond the
-target's limits.
+produce and fails on any compile error, any register spill, shared memory / registers beyond the target's
+limits, or a missing code property that decides speed (read from each compile's PTX and TTGIR):
+
+* widest global load / store: 16 bytes on the contiguous SD paths of the step kernel (every tensor
+  contiguous and 16-byte aligned, element count a multiple of 16; the CUDA kernel's LDG.E.128 / STG.E.128
+  twin is checked by nvcc_check.sh) and on every SD attention launch at head dims 40/64/80/160; without a
+  mask every attention load (ld.global and cp.async) must be 16 bytes;
+* ``cp.async`` (or TMA) copies inside the self-attention key loop (the loop's PTX body, not the prologue);
+* no duplicated score computation: the ex2 count per thread equals the tile's share, M * N / threads for
+  each [M, N] exponential of the TTGIR plus the rows a thread holds for each row rescale (a 64-row tile on
+  8 warps along the rows, warpsPerCTA [8, 1], computes every score twice);
+* MMA instructions (mma.sync / wgmma) for fp16/bf16 attention;
+* registers and the occupancy they allow: the step kernel must leave room for 16 warps per SM; each
+  fp16/bf16 attention tile class has a register budget (``ATTENTION_REGISTER_BUDGETS``) that keeps its
+  blocks per SM (``--suggest-budgets`` prints the table after an intended change).
 
 Which variants:
 * ``ddim_step._ddim_step_kernel``: fp32/fp16/bf16 x every (BLOCK_GROUPS, num_warps) the GPU
@@ -17,21 +30,28 @@ Which variants:
   get the most expensive row.
 * ``attention._attention_kernel``: the tiles the GPU ``launch_config`` picks for SD1.5/SD2 shapes (8 heads,
   head dim 40/64/80/160, Lq 4096/1024/256/64, Lk 77 and Lk = Lq, CFG batches of 1 and 4 images) on an
-  H100/H200 (132 SMs) and an A100 (108 SMs) x fp16/bf16/fp32 x no mask / bool / additive mask, for ldm's
-  3-D contiguous layout ([B*H, 1, Lk] mask) and diffusers' 4-D transposed view ([B, H, Lq, Lk] mask).
+  H100/H200 (132 SMs, sm_90 tables) and an A100 (108 SMs, sm_80 tables) x fp16/bf16/fp32 x no mask / bool /
+  additive mask, for ldm's 3-D contiguous layout ([B*H, 1, Lk] key-padding mask) and diffusers' 4-D
+  transposed view ([B, H, Lq, Lk] mask), packed by the launcher's own ``kernel_arguments``.
 
 Each launch is specialized exactly as Triton's JIT specializes it (its own binder and argument packing:
 integers equal to 1 become constants, multiples of 16 and 16-byte aligned pointers get divisibility
 hints), so the compiled code is what the GPU would run. Identical (signature, constants, hints, options)
-compile once; so do attention launches that differ only in the hint of ``num_m_blocks`` (it only splits
-the program id). Triton 3.6's ``CompiledKernel`` learns ``n_regs``/``n_spills`` only when it loads the
-cubin on a device and its metadata has no register count, so registers and spills come from ptxas -v:
-the log of Triton's own ptxas run (``knobs.nvidia.dump_ptxas_log``), or, for a kernel already in Triton's
-cache, numbers saved beside it by an earlier run, or a rerun of the wheel's ptxas with Triton's flags,
-checked to reproduce Triton's cubin byte for byte. Compiles are cached by Triton (``~/.triton/cache`` or
+compile once (and must meet every requirement of every launch that maps to them); so do attention
+launches that differ only in the hint of ``num_m_blocks`` (it only splits the program id). Triton 3.6's
+``CompiledKernel`` learns ``n_regs``/``n_spills`` only when it loads the cubin on a device and its metadata
+has no register count, so registers and spills come from ptxas -v: the log of Triton's own ptxas run
+(``knobs.nvidia.dump_ptxas_log``), or, for a kernel already in Triton's cache, numbers saved beside it by
+an earlier run, or a rerun of the wheel's ptxas with Triton's flags, checked to reproduce Triton's cubin
+byte for byte. Compiles (PTX and TTGIR included) are cached by Triton (``~/.triton/cache`` or
 ``$TRITON_CACHE_DIR``): a warm run takes seconds.
 
-Usage: ``python scripts/triton_aot_check.py [--quick] [--arch 90,80] [--kernel NAME] [--jobs N] [--verbose]``
+Usage: ``python scripts/triton_aot_check.py [--quick] [--arch 90,80] [--kernel NAME] [--jobs N] [--verbose]
+[--json FILE] [--suggest-budgets]``. ``--json FILE`` writes one row per compiled configuration: kernel,
+arch, dtype, shape (the launches that map to it), config (constexprs, warps, stages), regs, spills,
+shared, occupancy (blocks/warps per SM and what limits them), max_global_load_bytes,
+max_global_store_bytes, load/store width histograms, cp_async (and in the loop, and widths), tma, ex2
+and the tile's share, mma, the requirements, status and problems.
 Exit status: 0 all clean (or "skipped" when triton is missing), 1 otherwise.
 """
 
@@ -65,12 +85,61 @@ if str(REPO) not in sys.path:
 log = logging.getLogger("triton-aot-check")
 TAG = "[triton-aot-check]"
 
-# SM counts the attention launcher's grid-filling rule sees on each target (H100 SXM / H200; A100 SXM).
-# Only its query-tile shrink loop depends on them.
+# SM counts the attention launcher's grid-filling rule sees on each target (H100 SXM / H200; A100 SXM): its
+# query-tile shrink loop depends on them (and its tile tables on the target's compute capability).
 SM_COUNTS = {90: (132,), 80: (108,)}
 # Per-block shared memory limits (opt-in maximum): a kernel above them fails to launch.
 MAX_SHARED = {90: 232448, 80: 166912}
 REGISTERS_PER_SM = 65536
+# The DDIM step is a memory-bound stream: every compile must leave room for 16 resident warps per SM (25%
+# occupancy; today's variants allow 20-64), the latency hiding a streaming kernel needs to keep DRAM busy.
+STEP_EXPECT = dict(min_warps_per_sm=16)
+# Attention register budgets per fp16/bf16 tile class (arch, "half", "single" tile or key "loop",
+# "masked" or "none", BLOCK_D, num_warps): the registers every compile of the class may use. Each is the
+# measured maximum plus at most ~10%, and never more than keeps today's blocks per SM: growing past it loses
+# occupancy (or, at one block per SM, heads for the spill the ptxas cap makes). Regenerate after an intended
+# change with `python scripts/triton_aot_check.py --kernel attention --suggest-budgets`.
+ATTENTION_REGISTER_BUDGETS = {  # measured maximum -> budget
+    (80, 'half', 'loop', 'masked', 64, 4): 208,  # 186
+    (80, 'half', 'loop', 'masked', 64, 8): 208,  # 188
+    (80, 'half', 'loop', 'masked', 128, 4): 168,  # 147
+    (80, 'half', 'loop', 'masked', 128, 8): 208,  # 183
+    (80, 'half', 'loop', 'masked', 256, 4): 200,  # 182
+    (80, 'half', 'loop', 'none', 64, 4): 168,  # 158
+    (80, 'half', 'loop', 'none', 64, 8): 176,  # 160
+    (80, 'half', 'loop', 'none', 128, 4): 128,  # 128
+    (80, 'half', 'loop', 'none', 256, 8): 128,  # 128
+    (80, 'half', 'single', 'masked', 64, 4): 255,  # 255
+    (80, 'half', 'single', 'masked', 64, 8): 248,  # 224
+    (80, 'half', 'single', 'masked', 128, 4): 96,  # 96
+    (80, 'half', 'single', 'masked', 128, 8): 112,  # 96
+    (80, 'half', 'single', 'masked', 256, 8): 176,  # 158
+    (80, 'half', 'single', 'none', 64, 4): 200,  # 180
+    (80, 'half', 'single', 'none', 64, 8): 184,  # 168
+    (80, 'half', 'single', 'none', 128, 4): 96,  # 90
+    (80, 'half', 'single', 'none', 128, 8): 80,  # 80
+    (80, 'half', 'single', 'none', 256, 8): 160,  # 144
+    (90, 'half', 'loop', 'masked', 64, 4): 160,  # 144
+    (90, 'half', 'loop', 'masked', 64, 8): 160,  # 140
+    (90, 'half', 'loop', 'masked', 128, 4): 216,  # 195
+    (90, 'half', 'loop', 'masked', 128, 8): 216,  # 192
+    (90, 'half', 'loop', 'masked', 256, 4): 208,  # 186
+    (90, 'half', 'loop', 'none', 64, 4): 144,  # 130
+    (90, 'half', 'loop', 'none', 64, 8): 128,  # 114
+    (90, 'half', 'loop', 'none', 128, 4): 200,  # 176
+    (90, 'half', 'loop', 'none', 128, 8): 192,  # 169
+    (90, 'half', 'loop', 'none', 256, 8): 160,  # 140
+    (90, 'half', 'single', 'masked', 64, 4): 168,  # 167
+    (90, 'half', 'single', 'masked', 64, 8): 168,  # 152
+    (90, 'half', 'single', 'masked', 128, 4): 120,  # 106
+    (90, 'half', 'single', 'masked', 128, 8): 104,  # 91
+    (90, 'half', 'single', 'masked', 256, 8): 176,  # 159
+    (90, 'half', 'single', 'none', 64, 4): 160,  # 143
+    (90, 'half', 'single', 'none', 64, 8): 128,  # 124
+    (90, 'half', 'single', 'none', 128, 4): 120,  # 106
+    (90, 'half', 'single', 'none', 128, 8): 80,  # 79
+    (90, 'half', 'single', 'none', 256, 8): 168,  # 150
+}
 DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
@@ -85,6 +154,10 @@ class Variant:
     args: list  # positional kernel arguments (meta tensors / pointer stand-ins, ints, floats)
     kwargs: dict  # constexpr keywords + num_warps / num_stages
     users: list = dataclasses.field(default_factory=list)  # the shapes that map to this compile
+    # Required code properties (property_problems): load_bytes / store_bytes (widest global access at
+    # least), all_loads_bytes (every global load and cp.async at least), cp_async_in_loop, ex2_share
+    # (ex2 count = the tile's share), mma, min_warps_per_sm.
+    expect: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -97,6 +170,7 @@ class Result:
     seconds: float = 0.0
     error: str = ""
     note: str = ""
+    props: dict = dataclasses.field(default_factory=dict)  # analyze_ptx + ex2_share + occupancy
 
 
 class _Pointer:
@@ -258,11 +332,17 @@ def step_variants(arch: int, quick: bool) -> list[Variant]:
             args = [*pointers, fp32_ptr, i64_ptr, i64_ptr, fp32_ptr, numel, sample_numel, num_rows,
                     sizes[1], sizes[2], sizes[3], *[s for st in strides for s in st], 7.5, 1.0, 1.0]
             rows = _step_option_rows(step, "quick" if quick else ("all" if tier == "sd" else "heavy"))
+            # The contiguous SD path (every tensor contiguous and 16-byte aligned, an element count that is a
+            # multiple of 16): a memory-bound kernel must move 16 bytes per access there, like the CUDA
+            # kernel's vector path (LDG.E.128 / STG.E.128, checked by scripts/nvcc_check.sh).
+            expect = dict(STEP_EXPECT)
+            if contiguous and not misaligned and tier == "sd":
+                expect.update(load_bytes=16, store_bytes=16)
             for row in rows:
                 kwargs = dict(row, CONTIGUOUS=contiguous, BLOCK_GROUPS=block_groups, num_warps=num_warps)
                 group = f"{dname} {'contig' if contiguous else 'strided'} BG={block_groups} w={num_warps}"
                 label = f"{layout} {_options_label(step, row)}"
-                variants.append(Variant("ddim_step", arch, group, label, args, kwargs, [layout]))
+                variants.append(Variant("ddim_step", arch, group, label, args, kwargs, [layout], dict(expect)))
     return variants
 
 
@@ -278,14 +358,15 @@ _ATTN_BATCHES = (2, 8)  # CFG of 1 and of 4 images
 
 
 @contextlib.contextmanager
-def _sm_count_as(attention, count: int):
-    """The launcher asks the device for its SM count; answer for the target instead (no device here)."""
-    original = attention._sm_count
-    attention._sm_count = lambda device_index: count
+def _device_as(attention, arch: int, sms: int):
+    """The launcher asks the device for its SM count and compute capability; answer for the target
+    instead (no device here)."""
+    original = attention._device_traits
+    attention._device_traits = lambda device_index: (sms, arch // 10)
     try:
         yield
     finally:
-        attention._sm_count = original
+        attention._device_traits = original
 
 
 def _attention_tensors(torch, layout: str, batch: int, lq: int, lk: int, head_dim: int, dtype, mask_kind: str):
@@ -313,6 +394,35 @@ def _attention_tensors(torch, layout: str, batch: int, lq: int, lk: int, head_di
     return q, k, v, out, mask
 
 
+def attention_budget_class(kwargs: dict, dtype, arch: int) -> tuple:
+    """The register-budget class of an attention launch: (arch, dtype kind, tile kind, mask, BLOCK_D, warps)."""
+    import torch
+
+    return (arch, "fp32" if dtype == torch.float32 else "half",
+            "single" if kwargs["SINGLE_TILE"] else "loop", "masked" if kwargs["MASK_KIND"] else "none",
+            kwargs["BLOCK_D"], kwargs["num_warps"])
+
+
+def attention_expectations(kwargs: dict, dtype, arch: int) -> dict:
+    """The code properties every SD attention launch must compile to (all SD layouts are aligned: the
+    launcher's ALIGN > 1): 16-byte q/k/v/out accesses (every load, when no mask adds its narrow reads),
+    cp.async copies of K/V inside the self-attention key loop, no warp repeating another's scores (ex2
+    per thread = the tile's share), tensor-core MMA for fp16/bf16, and the occupancy floor."""
+    import torch
+
+    expect = dict(ex2_share=True, mma=dtype != torch.float32)
+    if dtype != torch.float32:  # fp32 is the exact path, not the fast one: no register budget
+        # A class without a recorded budget fails (max_regs 0) and says how to record one.
+        expect["max_regs"] = ATTENTION_REGISTER_BUDGETS.get(attention_budget_class(kwargs, dtype, arch), 0)
+    if kwargs["ALIGN"] > 1:
+        expect.update(load_bytes=16, store_bytes=16)
+        if kwargs["MASK_KIND"] == 0:
+            expect["all_loads_bytes"] = 16
+        if not kwargs["SINGLE_TILE"]:
+            expect["cp_async_in_loop"] = True
+    return expect
+
+
 def attention_variants(arch: int, quick: bool) -> list[Variant]:
     import torch
 
@@ -335,30 +445,182 @@ def attention_variants(arch: int, quick: bool) -> list[Variant]:
             q, k, v, out, mask = _attention_tensors(torch, layout, batch, lq, lk, head_dim, dtype, mask_kind)
             attention._check_inputs(q, k, v, mask)  # the op's own rules: these are launches it accepts
             batch_heads = batch * _ATTN_HEADS
-            with _sm_count_as(attention, sms):
+            with _device_as(attention, arch, sms):
                 cfg = attention.launch_config(batch_heads, lq, lk, head_dim, dtype, device, masked=mask is not None)
-            # The launcher's packing (attention.attention_triton_impl on CUDA).
-            if mask is None:
-                mask_kind_id, mask_arg, mask_strides = attention._MASK_NONE, q, [0, 0, 0, 0]
-            else:
-                mask_kind_id = attention._MASK_BOOL if mask.dtype == torch.bool else attention._MASK_ADDITIVE
-                mask_arg = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-                mask_strides = [0 if m == 1 else st for m, st in zip(mask.shape, mask.stride())]
-                if mask.dim() == 3:
-                    mask_strides = [mask_strides[0], 0] + mask_strides[1:]
-            heads = q.shape[1] if q.dim() == 4 else 1
-            num_m_blocks = -(-lq // cfg["BLOCK_M"])
-            args = [q, k, v, out, mask_arg, *attention._strides4(q), *attention._strides4(k), *attention._strides4(v),
-                    *attention._strides4(out), *mask_strides, heads, lq, lk, head_dim, head_dim ** -0.5, num_m_blocks]
-            kwargs = dict(MASK_KIND=mask_kind_id, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                          BLOCK_D=cfg["BLOCK_D"], SINGLE_TILE=cfg["SINGLE_TILE"], DOT_FP32=dtype == torch.float32,
-                          INTERP_TILES=0, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            # The launcher's own packing (attention.attention_triton_impl on CUDA).
+            _grid, args, kwargs = attention.kernel_arguments(q, k, v, out, mask, head_dim ** -0.5, cfg)
             tiles = "1tile" if cfg["SINGLE_TILE"] else "loop"
             group = (f"{dname} mask={mask_kind} BM={cfg['BLOCK_M']} BN={cfg['BLOCK_N']} BD={cfg['BLOCK_D']} {tiles} "
                      f"w={cfg['num_warps']} s={cfg['num_stages']}")
             user = f"d{head_dim} {lq}x{lk} bh{batch_heads} {sms}SM"
-            variants.append(Variant("attention", arch, group, layout, args, kwargs, [user]))
+            variants.append(Variant("attention", arch, group, f"{layout} d{head_dim}", args, kwargs, [user],
+                                    attention_expectations(kwargs, dtype, arch)))
     return variants
+
+
+# ----------------------------------------------------------------------------------------------------
+# Code-generation properties: what decides speed, read from the PTX and TTGIR of each compile
+# ----------------------------------------------------------------------------------------------------
+
+# One PTX memory instruction: optional predicate, opcode with its dotted qualifiers, operands.
+_PTX_GLOBAL_ACCESS = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld|st)\.global((?:\.[\w:]+)+)\s", re.M)
+_PTX_CP_ASYNC = re.compile(r"^\s*(?:@!?%p\d+\s+)?cp\.async\.(?:ca|cg)\.shared(?:::cta)?\.global[\w.:]*\s+"
+                           r"\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)", re.M)
+_PTX_TMA = re.compile(r"^\s*(?:@!?%p\d+\s+)?cp\.async\.bulk\.tensor", re.M)
+_PTX_EX2 = re.compile(r"^\s*(?:@!?%p\d+\s+)?ex2\.approx", re.M)
+_PTX_MMA = re.compile(r"^\s*(?:@!?%p\d+\s+)?(wgmma\.mma_async|mma\.sync)", re.M)
+_PTX_LABEL = re.compile(r"^(\$L__BB\d+_\d+):", re.M)
+_PTX_TYPE = re.compile(r"^[bsuf](8|16|32|64|128)$")
+
+
+def _access_bytes(qualifiers: str) -> int:
+    """Bytes moved by one ld/st.global from its qualifiers (".L1::evict_last.v4.b32" -> 16)."""
+    vec, bits = 1, 0
+    for part in qualifiers.strip(".").split("."):
+        if part in ("v2", "v4", "v8"):
+            vec = int(part[1:])
+        elif _PTX_TYPE.match(part):
+            bits = int(_PTX_TYPE.match(part).group(1))
+    return vec * bits // 8
+
+
+def _loop_bodies(ptx: str) -> list[tuple[int, int]]:
+    """(start, end) character spans of the PTX loops: a block label and the last branch back to it."""
+    spans = []
+    for label in _PTX_LABEL.finditer(ptx):
+        back = [m.end() for m in re.finditer(r"\bbra(?:\.uni)?\s+" + re.escape(label.group(1)) + r";", ptx)
+                if m.start() > label.start()]
+        if back:
+            spans.append((label.start(), back[-1]))
+    return spans
+
+
+def analyze_ptx(ptx: str) -> dict:
+    """Per-thread code properties of one kernel's PTX (static instruction counts, one thread's view):
+    global load/store widths, cp.async (and TMA) copies, in total and inside a loop, ex2, MMA."""
+    loads, stores = {}, {}
+    for m in _PTX_GLOBAL_ACCESS.finditer(ptx):
+        width = _access_bytes(m.group(2))
+        hist = loads if m.group(1) == "ld" else stores
+        hist[width] = hist.get(width, 0) + 1
+    cp_async = [(m.start(), int(m.group(1), 0)) for m in _PTX_CP_ASYNC.finditer(ptx)]
+    loops = _loop_bodies(ptx)
+    in_loop = sum(1 for pos, _ in cp_async if any(a <= pos < b for a, b in loops))
+    mma = [m.group(1) for m in _PTX_MMA.finditer(ptx)]
+    return dict(
+        load_widths=dict(sorted(loads.items())), store_widths=dict(sorted(stores.items())),
+        max_global_load_bytes=max(loads, default=0), max_global_store_bytes=max(stores, default=0),
+        min_global_load_bytes=min(loads, default=0),
+        cp_async=len(cp_async), cp_async_in_loop=in_loop, cp_async_bytes=max((b for _, b in cp_async), default=0),
+        min_cp_async_bytes=min((b for _, b in cp_async), default=0),
+        tma=len(_PTX_TMA.findall(ptx)), ex2=len(_PTX_EX2.findall(ptx)), mma=len(mma),
+        mma_kind=("wgmma" if "wgmma.mma_async" in mma else "mma.sync") if mma else "")
+
+
+_TTGIR_LAYOUT = re.compile(r"^#(\w+) = #ttg\.(blocked|nvidia_mma)<\{(.*)\}>", re.M)
+# An exponential of a tensor: tl.exp (math.exp) or libdevice's expf (the fp32 IEEE path), with its shape and layout.
+_TTGIR_EXP = re.compile(r"(?:= math\.exp2? %\S+ : |symbol = \"__nv_exp2?f\"\} : \()"
+                        r"tensor<([0-9x]+)xf32, (#ttg\.slice<\{dim = (\d+), parent = #(\w+)\}>|#(\w+))>")
+
+
+def _layout_fields(body: str) -> dict:
+    return {key: [int(v) for v in value.split(",")] if value.strip() else []
+            for key, value in re.findall(r"(\w+) = \[([0-9, ]*)\]", body)}
+
+
+def _rows_per_thread(layout: tuple[str, dict], rows: int) -> float:
+    """Distinct rows (dim 0) of a [rows, cols] tensor that one thread holds, for a layout without
+    duplication along the rows: an MMA layout gives each warp 16-row slabs (8 row-threads of 2 rows, for
+    mma.sync m16 and for each warp of a wgmma m64 group); a blocked layout has threadsPerWarp[0] x
+    warpsPerCTA[0] row-threads."""
+    kind, fields = layout
+    if kind == "nvidia_mma":
+        return rows / (8 * fields["warpsPerCTA"][0])
+    return rows / (fields["threadsPerWarp"][0] * fields["warpsPerCTA"][0])
+
+
+def expected_exp_count(ttgir: str, num_warps: int) -> int | None:
+    """The ex2 count per thread that the kernel's exponentials need when no warp repeats another's work:
+    each [M, N] exp is spread over all threads (M * N / threads each), each [M] row exp (the online
+    softmax's rescale) costs the rows a thread holds in its parent layout. None when the TTGIR has no exp.
+    A duplicated layout (e.g. warpsPerCTA [8, 1] on a 64-row tile: two 4-warp groups on the same rows)
+    computes more than this."""
+    layouts = {m.group(1): (m.group(2), _layout_fields(m.group(3))) for m in _TTGIR_LAYOUT.finditer(ttgir)}
+    threads = 32 * num_warps
+    total, found = 0.0, False
+    for m in _TTGIR_EXP.finditer(ttgir):
+        found = True
+        shape = [int(x) for x in m.group(1).split("x")]
+        if len(shape) == 2:
+            total += shape[0] * shape[1] / threads
+        elif len(shape) == 1 and m.group(3) == "1":  # a row vector: slice of a 2-D parent along dim 1
+            total += _rows_per_thread(layouts[m.group(4)], shape[0])
+        else:
+            return None  # an exp of a shape this rule does not cover
+    return round(total) if found else None
+
+
+def _blocks_by_registers(regs: int, num_warps: int) -> int:
+    regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256  # allocated per warp in units of 256
+    return (REGISTERS_PER_SM // regs_per_warp) // num_warps
+
+
+def register_budget(regs: int, num_warps: int) -> int:
+    """A budget for a measured register count: about 10% more (rounded up to 8), but never so many that fewer
+    blocks fit per SM than now."""
+    blocks = _blocks_by_registers(regs, num_warps)
+    ceiling = max(r for r in range(regs, 256) if _blocks_by_registers(r, num_warps) >= blocks)
+    return max(regs, min(ceiling, -(-int(regs * 1.1) // 8) * 8))
+
+
+def occupancy(arch: int, regs: int, num_warps: int, shared: int) -> dict:
+    """Blocks and warps per SM that registers, shared memory and the hardware caps allow (sm_80/sm_90:
+    64 warps, 32 blocks, 64K registers allocated per warp in units of 256, 1 KiB of shared memory reserved
+    per block; 164 / 228 KiB of shared memory per SM)."""
+    by_regs = _blocks_by_registers(regs, num_warps)
+    smem_per_sm = {90: 233472, 80: 167936}[arch]
+    by_smem = smem_per_sm // (shared + 1024) if shared else 32
+    blocks = min(by_regs, by_smem, 64 // num_warps, 32)
+    limit = "registers" if blocks == by_regs else ("shared memory" if blocks == by_smem else "warps")
+    return dict(blocks_per_sm=blocks, warps_per_sm=blocks * num_warps, occupancy=blocks * num_warps / 64,
+                occupancy_limit=limit)
+
+
+def property_problems(expect: dict, props: dict) -> list[str]:
+    """Which of a variant's required code properties its compile misses (empty: all there)."""
+    problems = []
+    for key, label in (("load_bytes", "max_global_load_bytes"), ("store_bytes", "max_global_store_bytes")):
+        if key in expect and props[label] < expect[key]:
+            widths = props["load_widths" if key == "load_bytes" else "store_widths"]
+            problems.append(f"widest global {'load' if key == 'load_bytes' else 'store'} {props[label]} B < "
+                            f"{expect[key]} B (widths B:count {widths})")
+    if "all_loads_bytes" in expect:
+        narrow = {w: c for w, c in props["load_widths"].items() if w < expect["all_loads_bytes"]}
+        if narrow or (props["cp_async"] and props["min_cp_async_bytes"] < expect["all_loads_bytes"]):
+            problems.append(f"global loads narrower than {expect['all_loads_bytes']} B (ld.global B:count {narrow}, "
+                            f"cp.async min {props['min_cp_async_bytes']} B)")
+    if expect.get("cp_async_in_loop") and props["cp_async_in_loop"] + props["tma"] == 0:
+        problems.append(f"no cp.async/TMA copy inside the key loop ({props['cp_async']} cp.async in all)")
+    if expect.get("ex2_share"):
+        share = props.get("ex2_share")
+        if share is None:
+            problems.append("no exponential found in the TTGIR to check the ex2 share against")
+        elif props["ex2"] != share:
+            problems.append(f"ex2 per thread {props['ex2']} != the tile's share {share} "
+                            f"({'duplicated' if props['ex2'] > share else 'missing'} exponentials)")
+    if expect.get("mma") and props["mma"] == 0:
+        problems.append("no MMA instruction (mma.sync / wgmma) for a tensor-core dtype")
+    if "max_regs" in expect and props["regs"] > expect["max_regs"]:
+        if expect["max_regs"] <= 0:
+            problems.append("registers: no register budget recorded for this tile class (add it to "
+                            "ATTENTION_REGISTER_BUDGETS: --suggest-budgets prints the table)")
+        else:
+            problems.append(f"registers: {props['regs']} > the tile class's budget {expect['max_regs']} "
+                            f"({props['warps_per_sm']} warps per SM now)")
+    if "min_warps_per_sm" in expect and props["warps_per_sm"] < expect["min_warps_per_sm"]:
+        problems.append(f"occupancy: {props['regs']} registers allow {props['warps_per_sm']} warps per SM "
+                        f"({props['occupancy_limit']}-limited) < {expect['min_warps_per_sm']}")
+    return problems
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -508,6 +770,11 @@ def compile_one(job: tuple) -> tuple[int, Result]:
         result.spill_stores, result.spill_loads = stats["spill_stores"], stats["spill_loads"]
         if not stats["same_cubin"]:
             result.note = "ptxas rerun differs from Triton's cubin"
+        num_warps = options["num_warps"]
+        result.props = analyze_ptx(kernel.asm["ptx"])
+        result.props["ex2_share"] = expected_exp_count(kernel.asm["ttgir"], num_warps)
+        result.props["regs"] = result.regs
+        result.props.update(occupancy(arch, result.regs, num_warps, result.shared))
     except Exception as exc:  # noqa: BLE001 - a compile error is a result to report, not a crash
         text = f"{type(exc).__name__}: {exc}".strip()
         result.error = "\n".join(text.splitlines()[:12])[:1500]
@@ -515,17 +782,18 @@ def compile_one(job: tuple) -> tuple[int, Result]:
     return index, result
 
 
-def verdict(result: Result, arch: int, num_warps: int) -> str:
-    """"" when clean, else why the variant fails."""
+def verdict(result: Result, arch: int, num_warps: int, expect: dict | None = None) -> str:
+    """"" when clean, else why the variant fails: compile error, spills, resources beyond the target, or a
+    required code property missing (see Variant.expect)."""
     if result.error:
         return "compile error"
-    problems = []
+    problems = property_problems(expect, result.props) if expect else []
     if result.spill_stores or result.spill_loads:
         problems.append(f"spills {result.spill_stores}/{result.spill_loads} B")
     if result.shared > MAX_SHARED[arch]:
         problems.append(f"shared {result.shared} B > {MAX_SHARED[arch]} B")
     if result.regs * num_warps * 32 > REGISTERS_PER_SM:
-        problems.append(f"{result.regs} regs x {num_warps * 32} threads > {REGISTERS_PER_SM}")
+        problems.append(f"registers: {result.regs} regs x {num_warps * 32} threads > {REGISTERS_PER_SM}")
     return "; ".join(problems)
 
 
@@ -546,6 +814,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: CPU count)")
     parser.add_argument("--verbose", action="store_true", help="list every compile, not only the failing ones")
     parser.add_argument("--dry-run", action="store_true", help="count the distinct compiles per kernel and target only")
+    parser.add_argument("--suggest-budgets", action="store_true",
+                        help="print ATTENTION_REGISTER_BUDGETS for the compiled attention variants (after an intended "
+                             "change of the kernel or its tiles) and exit 0")
+    parser.add_argument("--json", metavar="FILE", help="also write one JSON row per compiled configuration: kernel, "
+                        "arch, dtype, shape, config, regs, spills, occupancy, max_global_load/store_bytes, load and "
+                        "store widths, cp_async (in the loop too), ex2 (and the tile's share), mma, status")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"{TAG} %(message)s")
 
@@ -581,7 +855,12 @@ def main(argv: list[str] | None = None) -> int:
         spec = specialize(variant)
         key = _dedupe_key(variant, spec)
         if key in unique:
-            unique[key][0].users.extend(variant.users)
+            kept = unique[key][0]
+            kept.users.extend(variant.users)
+            # One compile, one code: it must meet every requirement of every launch that maps to it.
+            for name, value in variant.expect.items():
+                pick = min if name.startswith("max_") else max  # the stricter of two requirements
+                kept.expect[name] = pick(kept.expect.get(name, value), value)
         else:
             unique[key] = (variant, spec)
     todo = list(unique.values())
@@ -611,29 +890,51 @@ def main(argv: list[str] | None = None) -> int:
     # Summary: one row per launch configuration (group), worst numbers over its compiles.
     rows: dict[tuple, dict] = {}
     failed = []
+    records = []
     for i, (variant, _spec) in enumerate(todo):
         result = results[i]
-        problem = verdict(result, variant.arch, variant.kwargs["num_warps"])
+        problem = verdict(result, variant.arch, variant.kwargs["num_warps"], variant.expect)
         if problem:
             failed.append((variant, result, problem))
+        records.append(json_row(variant, result, problem))
+        props = result.props
         row = rows.setdefault((variant.kernel, variant.arch, variant.group),
-                              dict(compiles=0, regs=0, spills=0, smem=0, failed=0))
+                              dict(compiles=0, regs=0, spills=0, smem=0, failed=0, warps=None, ld=None, st=None,
+                                   cp=None, ex2=0, mma=None))
         row["compiles"] += 1
         row["regs"] = max(row["regs"], result.regs)
         row["spills"] = max(row["spills"], result.spill_stores + result.spill_loads)
         row["smem"] = max(row["smem"], result.shared)
         row["failed"] += bool(problem)
-    print(f"{'kernel':<9} {'arch':<5} {'launch config':<52} {'compiles':>8} {'regs':>4} {'spill st+ld':>11} "
-          f"{'smem B':>7}  status")
+        if props:
+            # Worst over the group's compiles: fewest warps, narrowest widest-access, fewest loop copies.
+            for name, value in (("warps", props["warps_per_sm"]), ("ld", props["max_global_load_bytes"]),
+                                ("st", props["max_global_store_bytes"]), ("cp", props["cp_async_in_loop"]),
+                                ("mma", props["mma"])):
+                row[name] = value if row[name] is None else min(row[name], value)
+            row["ex2"] = max(row["ex2"], props["ex2"])
+    print(f"{'kernel':<9} {'arch':<5} {'launch config':<52} {'compiles':>8} {'regs':>4} {'warps/SM':>8} "
+          f"{'spill st+ld':>11} {'smem B':>7} {'ld B':>4} {'st B':>4} {'cp.async@loop':>13} {'ex2':>4} {'mma':>4}  status")
     for (kernel, arch, group), row in rows.items():
         status = f"FAIL ({row['failed']} of {row['compiles']})" if row["failed"] else "ok"
-        print(f"{kernel:<9} sm_{arch:<2} {group:<52} {row['compiles']:>8} {row['regs']:>4} {row['spills']:>11} "
-              f"{row['smem']:>7}  {status}")
+        dash = lambda v: "-" if v is None else v  # noqa: E731
+        print(f"{kernel:<9} sm_{arch:<2} {group:<52} {row['compiles']:>8} {row['regs']:>4} {dash(row['warps']):>8} "
+              f"{row['spills']:>11} {row['smem']:>7} {dash(row['ld']):>4} {dash(row['st']):>4} {dash(row['cp']):>13} "
+              f"{row['ex2']:>4} {dash(row['mma']):>4}  {status}")
 
-    # Detail: every failing compile (every compile with --verbose), with the shapes that launch it.
-    detail = [(v, r, p) for v, r, p in failed]
+    # Detail: the failing compiles, at most 3 per launch configuration (every compile with --verbose), with
+    # the shapes that launch them.
+    shown: dict[tuple, int] = {}
+    detail = []
+    for v, r, p in failed:
+        key = (v.kernel, v.arch, v.group)
+        shown[key] = shown.get(key, 0) + 1
+        if shown[key] <= 3:
+            detail.append((v, r, p))
+    hidden = sum(max(0, n - 3) for n in shown.values())
     if args.verbose:
-        detail = [(v, results[i], verdict(results[i], v.arch, v.kwargs["num_warps"])) for i, (v, _) in enumerate(todo)]
+        detail = [(v, results[i], verdict(results[i], v.arch, v.kwargs["num_warps"], v.expect))
+                  for i, (v, _) in enumerate(todo)]
     if detail:
         print(f"\n{'kernel':<9} {'arch':<5} {'launch config / variant':<80} {'regs':>4} {'spill st/ld':>11} "
               f"{'smem':>6}  status")
@@ -650,15 +951,65 @@ def main(argv: list[str] | None = None) -> int:
         if result.error:
             print("    " + result.error.replace("\n", "\n    "))
 
+    if hidden and not args.verbose:
+        print(f"({hidden} more failing compiles of the same launch configurations: --verbose lists them, --json has "
+              "every row)")
+
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=1) + "\n")
+        log.info("wrote %d rows to %s", len(records), args.json)
+
+    if args.suggest_budgets:
+        import torch
+
+        measured: dict[tuple, int] = {}
+        for i, (variant, _spec) in enumerate(todo):
+            dtype = next((a.dtype for a in variant.args if hasattr(a, "dtype")), None)
+            if variant.kernel == "attention" and not results[i].error and dtype != torch.float32:
+                key = attention_budget_class(variant.kwargs, dtype, variant.arch)
+                measured[key] = max(measured.get(key, 0), results[i].regs)
+        print("ATTENTION_REGISTER_BUDGETS = {  # measured maximum -> budget")
+        for key, regs in sorted(measured.items()):
+            print(f"    {key!r}: {register_budget(regs, key[-1])},  # {regs}")
+        print("}")
+        del torch
+        return 0
+
     elapsed = time.perf_counter() - start
     where = ", ".join(f"sm_{a}" for a in archs)
     if failed:
-        print(f"{TAG} FAIL: {len(failed)} of {len(todo)} compiles ({where}) have a compile error, register spills or "
-              f"too many resources; see the rows above ({elapsed:.0f} s)")
+        kinds: dict[str, int] = {}
+        for variant, _result, problem in failed:
+            for part in problem.split("; "):
+                kind = f"{variant.kernel}: " + re.split(r" [\d(]", part)[0].strip()
+                kinds[kind] = kinds.get(kind, 0) + 1
+        print(f"{TAG} FAIL: {len(failed)} of {len(todo)} compiles ({where}) have a compile error, register spills, "
+              f"too many resources or a missing code property; see the rows above ({elapsed:.0f} s). By kind: "
+              + "; ".join(f"{kind} x{count}" for kind, count in sorted(kinds.items())))
         return 1
-    print(f"{TAG} ok: {len(todo)} compiles ({len(variants)} launches; {where}): no errors, no spills "
-          f"({elapsed:.0f} s)")
+    print(f"{TAG} ok: {len(todo)} compiles ({len(variants)} launches; {where}): no errors, no spills, every required "
+          f"code property present ({elapsed:.0f} s)")
     return 0
+
+
+def json_row(variant: Variant, result: Result, problem: str) -> dict:
+    """One --json row per compiled configuration."""
+    kwargs = variant.kwargs
+    dtype = next((a.dtype for a in variant.args if hasattr(a, "dtype")), None)
+    name = DTYPE_NAMES.get(str(dtype).removeprefix("torch."), str(dtype))
+    config = {k: v for k, v in kwargs.items()}
+    row = dict(kernel=variant.kernel, arch=f"sm_{variant.arch}", dtype=name, shape=list(dict.fromkeys(variant.users)),
+               config=config, group=variant.group, label=variant.label, regs=result.regs,
+               spills=result.spill_stores + result.spill_loads, spill_stores=result.spill_stores,
+               spill_loads=result.spill_loads, stack=result.stack, shared=result.shared)
+    props = dict(result.props)
+    props.pop("regs", None)
+    for key in ("max_global_load_bytes", "max_global_store_bytes", "cp_async", "mma"):
+        row[key] = props.pop(key, None)
+    row.update(props)
+    row.update(expect=variant.expect, status="FAIL" if problem else "ok", problems=problem, error=result.error,
+               compile_seconds=round(result.seconds, 3))
+    return row
 
 
 if __name__ == "__main__":

@@ -4,16 +4,27 @@ errors, opcheck."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 from conftest import DTYPES, TOLERANCES, assert_fully_written, assert_rel_close, misaligned, poison, requires_cuda
 from ddim_fast import attention as fa
 from ddim_fast import reference
+from ddim_fast._library import interpreting
 from ddim_fast.reference import relative_error
+from ddim_fast.triton import attention as triton_attention
 from ddim_fast.triton.attention import attention_triton
 
 ops = torch.ops.ddim_fast
+
+# Where the Triton kernel runs in this session: on CUDA tensors when there is a device (tests/conftest.py then
+# leaves TRITON_INTERPRET unset, so Triton compiles for it), else on CPU tensors under the interpreter.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+requires_triton = pytest.mark.skipif(
+    TRITON_DEVICE == "cpu" and not interpreting(),
+    reason="no CUDA device and TRITON_INTERPRET is not 1: Triton runs CPU tensors only under its interpreter")
 
 
 def rand(shape, dtype, device="cpu", seed=0):
@@ -201,7 +212,7 @@ def test_attention_cpu_empty_and_errors():
 
 
 # ------------------------------------------------------------------------------------------------
-# attention: Triton (interpreter on CPU here, compiled on CUDA)
+# attention: Triton (TRITON_DEVICE: compiled on CUDA, interpreter on CPU without one)
 # ------------------------------------------------------------------------------------------------
 
 TRITON_CASES = [
@@ -211,45 +222,179 @@ TRITON_CASES = [
     ((1, 2), 17, 113, 80, torch.bfloat16),
     ((1, 1), 9, 150, 160, torch.float32),  # online-softmax loop (3 key tiles)
     ((1, 1), 70, 130, 64, torch.float16),  # loop, two query blocks
+    ((2, 1), 5, 77, 17, torch.float32),  # odd head dim: padded columns, no 16-byte vectors (17 * 4 B rows)
 ]
 
 
+@requires_triton
 @pytest.mark.parametrize("batch,lq,lk,d,dtype", TRITON_CASES)
 def test_attention_triton(batch, lq, lk, d, dtype):
-    q, k, v = rand(batch + (lq, d), dtype, seed=1), rand(batch + (lk, d), dtype, seed=2), rand(batch + (lk, d), dtype, seed=3)
-    mask = key_padding_mask(batch[:1] + (1,) * (len(batch) - 1), lk).reshape(batch[:1] + (1,) * (len(batch) - 1) + (1, lk))
+    dev = TRITON_DEVICE
+    q, k, v = rand(batch + (lq, d), dtype, dev, seed=1), rand(batch + (lk, d), dtype, dev, seed=2), \
+        rand(batch + (lk, d), dtype, dev, seed=3)
+    mask = key_padding_mask(batch[:1] + (1,) * (len(batch) - 1), lk, dev).reshape(
+        batch[:1] + (1,) * (len(batch) - 1) + (1, lk))
     scale = d ** -0.5
     for m in (None, mask):
         out = attention_triton(q, k, v, scale, m)
+        assert out.device.type == dev
         assert_fully_written(out)
         check_flash_rule(out, q, k, v, scale, m, dtype)
 
 
+@requires_triton
 def test_attention_triton_strided_float_mask_and_minus_inf():
+    dev = TRITON_DEVICE
     b, h, lq, lk, d = 1, 2, 16, 140, 40
-    q = rand((b, lq, h * d), torch.float32, seed=1).view(b, lq, h, d).transpose(1, 2)
-    k = rand((b, lk, h * d), torch.float32, seed=2).view(b, lk, h, d).transpose(1, 2)
-    v = misaligned(rand((b, h, lk, d), torch.float32, seed=3))
-    mask = torch.randn(b, h, lq, lk)
+    q = rand((b, lq, h * d), torch.float32, dev, seed=1).view(b, lq, h, d).transpose(1, 2)
+    k = rand((b, lk, h * d), torch.float32, dev, seed=2).view(b, lk, h, d).transpose(1, 2)
+    v = misaligned(rand((b, h, lk, d), torch.float32, dev, seed=3))
+    mask = torch.randn(b, h, lq, lk).to(dev)
     mask[..., :64] = float("-inf")  # a whole first key tile of -inf: the online softmax must not NaN
     out = attention_triton(q, k, v, 0.3, mask)
     assert_rel_close(out, reference.attention(q, k, v, 0.3, mask), torch.float32)
 
 
+@requires_triton
 def test_attention_triton_sd_size():
     # SD1.5's top-level cross-attention (Lq 4096, Lk 77, d 40), one head: the interpreter is slow.
-    q, k, v = rand((1, 1, 4096, 40), torch.float16, seed=1), rand((1, 1, 77, 40), torch.float16, seed=2), \
-        rand((1, 1, 77, 40), torch.float16, seed=3)
+    dev = TRITON_DEVICE
+    q, k, v = rand((1, 1, 4096, 40), torch.float16, dev, seed=1), rand((1, 1, 77, 40), torch.float16, dev, seed=2), \
+        rand((1, 1, 77, 40), torch.float16, dev, seed=3)
     out = attention_triton(q, k, v, 40 ** -0.5, None)
     check_flash_rule(out, q, k, v, 40 ** -0.5, None, torch.float16)
+
+
+def _layouts(dtype, device, d=40, lq=19, lk=77, b=2, h=3):
+    """(name, q, k, v, expected ALIGN): the layouts the 16-byte path is for, and the ones it must refuse."""
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+
+    def contiguous(n, seed):
+        return rand((b, h, n, d), dtype, device, seed=seed)
+
+    def diffusers(n, seed):  # [b, n, h*d] viewed [b, h, n, d]
+        return rand((b, n, h * d), dtype, device, seed=seed).view(b, n, h, d).transpose(1, 2)
+
+    def ldm(n, seed):  # 3-D [b*h, n, d]
+        return rand((b * h, n, d), dtype, device, seed=seed)
+
+    def wide_rows(n, seed):  # rows of d + 1 elements: no row stride is a multiple of the vector
+        return rand((b, h, n, d + 1), dtype, device, seed=seed)[..., :d]
+
+    def head_dim_strided(n, seed):  # head dim not unit-stride
+        return rand((b, h, d, n), dtype, device, seed=seed).transpose(-1, -2)
+
+    return [
+        ("contiguous", contiguous(lq, 1), contiguous(lk, 2), contiguous(lk, 3), vec),
+        ("diffusers", diffusers(lq, 1), diffusers(lk, 2), diffusers(lk, 3), vec),
+        ("ldm 3-D", ldm(lq, 1), ldm(lk, 2), ldm(lk, 3), vec),
+        ("misaligned q", misaligned(contiguous(lq, 1)), contiguous(lk, 2), contiguous(lk, 3), 1),
+        ("wide rows", contiguous(lq, 1), wide_rows(lk, 2), contiguous(lk, 3), 1),
+        ("strided head dim", contiguous(lq, 1), contiguous(lk, 2), head_dim_strided(lk, 3), 1),
+    ]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vector_align_decision(dtype):
+    # The host check behind the kernel's 16-byte accesses: SD's layouts get ALIGN = elements per 16 bytes,
+    # a misaligned base, an odd row stride or a strided head dim get 1. Size-1 dims never count.
+    for name, q, k, v, expected in _layouts(dtype, "cpu"):
+        out = torch.empty(q.shape, dtype=dtype)
+        assert triton_attention._vector_align([q, k, v, out]) == expected, name
+    one_query = torch.empty(2, 3, 40, 1, dtype=dtype).transpose(-1, -2)  # [2, 3, 1, 40] with stride 1 on Lq
+    assert triton_attention._vector_align([one_query] * 4) == 16 // one_query.element_size()
+    # Rows of 20 elements: 80 B in fp32 (a multiple of 16 B), 40 B in fp16/bf16 (not one).
+    rows20 = torch.empty(2, 3, 5, 20, dtype=dtype)
+    assert triton_attention._vector_align([rows20] * 4) == (4 if dtype == torch.float32 else 1)
+
+
+@requires_triton
+def test_alignment_flag_is_load_bearing():
+    # The kernel rebuilds its strides as (s // ALIGN) * ALIGN, so a wrong ALIGN reads wrong elements (here
+    # the rows of a [.., 41]-wide buffer as if 40 apart): the host check above is what keeps results right.
+    q = rand((1, 1, 8, 40), torch.float32, TRITON_DEVICE, seed=1)
+    k = rand((1, 1, 16, 41), torch.float32, TRITON_DEVICE, seed=2)[..., :40]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    cfg = triton_attention.launch_config(1, 8, 16, 40, q.dtype, q.device)
+    grid, args, kwargs = triton_attention.kernel_arguments(q, k, k, out, None, 0.3, cfg)
+    assert kwargs["ALIGN"] == 1
+    with torch.cuda.device(q.device) if q.is_cuda else triton_attention._nullcontext():
+        triton_attention._attention_kernel[grid](*args, **dict(kwargs, ALIGN=4))
+    assert relative_error(out, reference.attention(q, k, k, 0.3)) > 1e-2
+
+
+def test_mask_row_broadcast_flag():
+    # Key-padding masks (one row for every query: ldm's [B*H, 1, Lk], diffusers' [B, H, 1, Lk], and a
+    # [B, H, Lq, Lk] mask expanded from one) take the kernel's row-broadcast load; full masks do not.
+    q, k = torch.empty(2, 3, 19, 40), torch.empty(2, 3, 77, 40)
+    cfg = triton_attention.launch_config(6, 19, 77, 40, q.dtype, q.device)
+
+    def flag(q, k, mask):
+        return triton_attention.kernel_arguments(q, k, k, torch.empty(q.shape), mask, 1.0, cfg)[2]["MASK_ROW_BCAST"]
+
+    assert flag(q, k, None) is False
+    assert flag(q, k, torch.ones(2, 1, 1, 77, dtype=torch.bool))
+    assert flag(q, k, torch.ones(1, 3, 1, 77).expand(2, 3, 19, 77))
+    assert flag(q.flatten(0, 1), k.flatten(0, 1), torch.ones(6, 1, 77, dtype=torch.bool))
+    assert not flag(q, k, torch.ones(2, 3, 19, 77))
+    assert not flag(q.flatten(0, 1), k.flatten(0, 1), torch.ones(6, 19, 77, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("major", [8, 9])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_launch_config_gives_every_warp_its_own_work(monkeypatch, major, dtype):
+    # The tile rules of launch_config for every SD shape and mask on sm_80- and sm_90-like devices (the
+    # compiled ex2 counts are checked by scripts/triton_aot_check.py): on sm_90 a tile of 64+ rows has 16 rows
+    # per warp; where the warps sit on the keys (sm_80 at BLOCK_M < BLOCK_D, and 32-row tiles) each gets 8+
+    # keys and head columns; shrinking halves warps with rows and stops at 4 warps.
+    cuda = torch.device("cuda", 0)
+    for sms in (108, 132):
+        monkeypatch.setattr(triton_attention, "_device_traits", lambda index, sms=sms: (sms, major))
+        for d, lq, self_attn, bh, masked in itertools.product((40, 64, 80, 160), (4096, 1024, 256, 64),
+                                                             (False, True), (16, 64), (False, True)):
+            lk = lq if self_attn else 77
+            cfg = triton_attention.launch_config(bh, lq, lk, d, dtype, cuda, masked=masked)
+            bm, bn, bd, warps = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"], cfg["num_warps"]
+            what = f"sm_{major}x d{d} {lq}x{lk} bh{bh} masked={masked}: {cfg}"
+            assert bd >= d and bn >= 16, what
+            if dtype == torch.float32:
+                assert not cfg["SINGLE_TILE"] and (bm, warps) == (16, 4), what
+                continue
+            assert cfg["SINGLE_TILE"] == (lk <= 128), what
+            on_rows = bm >= 64 if major >= 9 else bm >= bd
+            if on_rows:
+                assert bm == 16 * warps, what
+            else:
+                assert bn >= 8 * warps and bd >= 8 * warps, what
+            assert warps >= 4, what
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_attention_triton_layouts(dtype):
+    # Every layout of _layouts through the op, aligned (16-byte path) or not: the single tile with no mask
+    # and with a key-padding mask (one mask row for all queries), the key loop with a full additive mask.
+    for lk, masks in ((77, ("none", "padding")), (130, ("full",))):
+        for name, q, k, v, _expected in _layouts(dtype, TRITON_DEVICE, lq=9, lk=lk, b=1, h=2):
+            for kind in masks:
+                mask = {"none": None,
+                        "full": (torch.randn(q.shape[:-1] + (lk,)) * 2).to(dtype).to(TRITON_DEVICE),
+                        "padding": key_padding_mask(q.shape[:1] + (1,) * (q.dim() - 3), lk, TRITON_DEVICE).reshape(
+                            q.shape[:1] + (1,) * (q.dim() - 3) + (1, lk))}[kind]
+                out = attention_triton(q, k, v, 0.2, mask)
+                assert_rel_close(out, reference.attention(q, k, v, 0.2, mask), dtype, f"{name} Lk {lk} mask {kind}")
 
 
 def test_fused_attention_front_door():
     q, k, v = rand((2, 2, 9, 40), torch.float32, seed=1), rand((2, 2, 77, 40), torch.float32, seed=2), \
         rand((2, 2, 77, 40), torch.float32, seed=3)
     ref = reference.attention(q, k, v, 40 ** -0.5)
-    for backend in ("auto", "native", "triton", "reference"):
+    for backend in ("auto", "native", "reference"):
         assert_rel_close(fa.fused_attention(q, k, v, backend=backend), ref, torch.float32, backend)
+    if TRITON_DEVICE != "cpu" or interpreting():
+        dev = [t.to(TRITON_DEVICE) for t in (q, k, v)]
+        assert_rel_close(fa.fused_attention(*dev, backend="triton"), ref, torch.float32, "triton")
+        assert_rel_close(fa.fused_attention(*dev, backend="auto"), ref, torch.float32, f"auto on {TRITON_DEVICE}")
     float64_mask = torch.zeros(2, 1, 1, 77, dtype=torch.float64)
     assert_rel_close(fa.fused_attention(q, k, v, mask=float64_mask), ref, torch.float32, "cast float mask")
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -260,8 +405,9 @@ def test_fused_attention_front_door():
         fa.fused_attention(q[0, 0], k[0, 0], v[0, 0])
     with pytest.raises(TypeError, match="mask must be bool"):
         fa.fused_attention(q, k, v, mask=torch.ones(2, 1, 1, 77, dtype=torch.int64))
-    with pytest.raises(ValueError, match="dim 3 must be 77"):
-        attention_triton(q, k, v, 1.0, torch.ones(2, 1, 1, 76, dtype=torch.bool))
+    with pytest.raises(ValueError, match="dim 3 must be 77"):  # the mask check runs before any device rule
+        attention_triton(q.to(TRITON_DEVICE), k.to(TRITON_DEVICE), v.to(TRITON_DEVICE), 1.0,
+                         torch.ones(2, 1, 1, 76, dtype=torch.bool, device=TRITON_DEVICE))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -277,12 +423,16 @@ def _opcheck_devices():
 def test_opcheck(device):
     scores = rand((2, 3, 4, 77), torch.float32, device)
     mask = key_padding_mask((2, 1), 77, device).reshape(2, 1, 1, 77)
-    torch.library.opcheck(ops.scaled_masked_softmax.default, (scores, mask, 0.5))
-    torch.library.opcheck(ops.scaled_masked_softmax_.default, (scores.clone(), None, 0.5))
+    # CUDA softmax kernels exist only in an extension built with CUDA (a CPU-only build has none).
+    if fa.has_native_kernel(device, "scaled_masked_softmax"):
+        torch.library.opcheck(ops.scaled_masked_softmax.default, (scores, mask, 0.5))
+        torch.library.opcheck(ops.scaled_masked_softmax_.default, (scores.clone(), None, 0.5))
     q, k, v = rand((1, 2, 5, 40), torch.float32, device), rand((1, 2, 7, 40), torch.float32, device), \
         rand((1, 2, 7, 40), torch.float32, device)
-    torch.library.opcheck(ops.attention.default, (q, k, v, 0.3, mask[:1, :, :, :7]))
-    torch.library.opcheck(ops.attention_triton.default, (q, k, v, 0.3, None))
+    torch.library.opcheck(ops.attention.default, (q, k, v, 0.3, mask[:1, :, :, :7]))  # CUDA: the Triton kernel
+    # The Triton op runs CPU tensors only under the interpreter (a CUDA machine compiles for its device).
+    if device == "cuda" or interpreting():
+        torch.library.opcheck(ops.attention_triton.default, (q, k, v, 0.3, None))
 
 
 # ------------------------------------------------------------------------------------------------
