@@ -202,8 +202,8 @@ def _step_option_rows(step, mode: str) -> list[dict]:
     rows = [dict(heavy, PREDICTION=p) for p in predictions]
     all_off = dict(PREDICTION=predictions[0], GUIDED=False, CLAMP=step._CLAMP_NONE, USE_CLIPPED=False,
                    NOISE=step._NOISE_NONE, WRITE_X0=False)
-    if mode == "heavy":
-        return rows[:1]
+    if mode == "heavy":  # the most expensive row, and its per-row Philox twin (padded groups on odd sizes)
+        return [rows[0], dict(rows[0], PER_ROW=True)]
     if mode == "quick":
         return [rows[0], all_off]
     if mode == "all":
@@ -212,6 +212,8 @@ def _step_option_rows(step, mode: str) -> list[dict]:
                             NOISE=[step._NOISE_NONE, step._NOISE_TENSOR], WRITE_X0=[False])
         for name, values in alternatives.items():
             rows += [dict(base, **{name: value}) for value in values]
+        # One Philox stream per sample (rng_state [B, 2]): the launcher's plan picks NOISE 3 or 4 from it.
+        rows.append(dict(base, PER_ROW=True))
         rows.append(all_off)
     return rows
 
@@ -223,6 +225,8 @@ def _options_label(step, row: dict) -> str:
     if row["CLAMP"] != step._CLAMP_NONE and row["USE_CLIPPED"]:
         clamp += "+eps"
     noise = {step._NOISE_NONE: "nonoise", step._NOISE_TENSOR: "noise", step._NOISE_PHILOX: "philox"}[row["NOISE"]]
+    if row.get("PER_ROW"):
+        noise += "-per-row"
     return ",".join([pred, "cfg" if row["GUIDED"] else "nocfg", clamp, noise, "x0" if row["WRITE_X0"] else "nox0"])
 
 
@@ -313,34 +317,33 @@ def step_variants(arch: int, quick: bool) -> list[Variant]:
                 continue
             x = tensors[0]
             numel = x.numel()
-            # The launcher's packing (ddim_step._run): contiguity over all six tensors, then collapse.
-            contiguous = all(t.is_contiguous() for t in tensors)
-            sizes, strides = step._collapse(x.shape, [t.stride() for t in tensors])
-            if not contiguous and len(sizes) > step._KERNEL_DIMS:
-                raise RuntimeError(f"{layout}: collapses to {len(sizes)} dims; the launcher copies it (pick another)")
-            if contiguous:
-                sizes = [1] * step._KERNEL_DIMS
-                strides = [[0] * step._KERNEL_DIMS for _ in tensors]
-            else:
-                pad = step._KERNEL_DIMS - len(sizes)
-                sizes = [1] * pad + sizes
-                strides = [[0] * pad + st for st in strides]
-            block_groups, num_warps = step._launch_config(numel, contiguous)
             pointers = [_Pointer(dtype, dtype.itemsize if misaligned and i in misaligned else 0)
                         for i in range(len(tensors))]
             fp32_ptr, i64_ptr = _Pointer(torch.float32, 0), _Pointer(torch.int64, 0)
-            args = [*pointers, fp32_ptr, i64_ptr, i64_ptr, fp32_ptr, numel, sample_numel, num_rows,
-                    sizes[1], sizes[2], sizes[3], *[s for st in strides for s in st], 7.5, 1.0, 1.0]
             rows = _step_option_rows(step, "quick" if quick else ("all" if tier == "sd" else "heavy"))
-            # The contiguous SD path (every tensor contiguous and 16-byte aligned, an element count that is a
-            # multiple of 16): a memory-bound kernel must move 16 bytes per access there, like the CUDA
-            # kernel's vector path (LDG.E.128 / STG.E.128, checked by scripts/nvcc_check.sh).
-            expect = dict(STEP_EXPECT)
-            if contiguous and not misaligned and tier == "sd":
-                expect.update(load_bytes=16, store_bytes=16)
             for row in rows:
-                kwargs = dict(row, CONTIGUOUS=contiguous, BLOCK_GROUPS=block_groups, num_warps=num_warps)
-                group = f"{dname} {'contig' if contiguous else 'strided'} BG={block_groups} w={num_warps}"
+                # The launcher's own plan (ddim_step._plan): memory order or strided, collapsed sizes and
+                # strides, the noise mode (per-row Philox: padded or not) and the launch configuration.
+                per_row = bool(row.get("PER_ROW"))
+                plan = step._plan(tuple(x.shape), tuple(t.stride() for t in tensors), dtype, row["NOISE"], per_row,
+                                  row["CLAMP"] == step._CLAMP_DYNAMIC)
+                if plan.copy_in:
+                    raise RuntimeError(f"{layout}: the launcher copies this layout (pick another)")
+                args = [*pointers, fp32_ptr, i64_ptr, i64_ptr, fp32_ptr, numel, sample_numel, num_rows,
+                        plan.sizes[1], plan.sizes[2], plan.sizes[3], *plan.strides, 7.5, 1.0, 1.0]
+                # The memory-order SD path (row-major or one shared dense layout such as channels_last, 16-byte
+                # aligned, an element count that is a multiple of 16): a memory-bound kernel must move 16 bytes
+                # per access there, like the CUDA kernel's vector path (LDG.E.128 / STG.E.128, checked by
+                # scripts/nvcc_check.sh). Per-row streams of a sample size not a multiple of 4 pad each row's
+                # last group and stay element-wide.
+                expect = dict(STEP_EXPECT)
+                if plan.contiguous and not misaligned and tier == "sd" and plan.noise != step._NOISE_PHILOX_ROWS_PADDED:
+                    expect.update(load_bytes=16, store_bytes=16)
+                kwargs = {k: v for k, v in row.items() if k != "PER_ROW"}
+                kwargs.update(NOISE=plan.noise, CONTIGUOUS=plan.contiguous, BLOCK_GROUPS=plan.block_groups,
+                              num_warps=plan.num_warps)
+                group = (f"{dname} {'memory-order' if plan.contiguous else 'strided'} BG={plan.block_groups} "
+                         f"w={plan.num_warps}")
                 label = f"{layout} {_options_label(step, row)}"
                 variants.append(Variant("ddim_step", arch, group, label, args, kwargs, [layout], dict(expect)))
     return variants
