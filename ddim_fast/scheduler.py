@@ -47,6 +47,9 @@ import torch
 
 from ddim_fast import _checks, ops, reference
 from ddim_fast import schedule as _schedule
+from ddim_fast._library import has_native_kernel
+
+_NATIVE_STEP = torch.ops.ddim_fast.ddim_step.default
 
 logger = logging.getLogger(__name__)
 
@@ -326,6 +329,13 @@ class _FusedDDIMBase:
         if prediction_type not in reference.PREDICTION_TYPES:
             raise ValueError(f"prediction_type given as {prediction_type} must be one of `epsilon`, `sample`, "
                              "or `v_prediction`")
+        dtype = sample.dtype
+        if (not thresholding and model_output.dtype == dtype and dtype in _checks.KERNEL_DTYPES
+                and (noise is None or noise.dtype == dtype) and has_native_kernel(sample.device.type)):
+            # The common case, straight to the C++ kernel: the scheduler has checked its scalars, the op checks
+            # every tensor; ops.ddim_step would only add promotion and a backend choice that are no-ops here.
+            return _NATIVE_STEP(sample, model_output, table, row, guidance_scale, prediction_type, clip_range, None,
+                                use_clipped_model_output, noise, None, 1.0, True)
         x0_threshold = None
         if thresholding:
             _, x0 = ops.ddim_step(sample, model_output, table, row, guidance_scale=guidance_scale,
@@ -482,7 +492,7 @@ class FastDDIMScheduler(_FusedDDIMBase, DDIMScheduler):
         _check_tensor("model_output", model_output)
         _check_tensor("sample", sample)
         eta = _check_eta("FastDDIMScheduler.step", eta)
-        if guidance_scale is not None:
+        if guidance_scale is not None and not (type(guidance_scale) is float and math.isfinite(guidance_scale)):
             guidance_scale = _checks.finite_float("FastDDIMScheduler.step", "guidance_scale", guidance_scale,
                                                   optional=True)
 
