@@ -121,8 +121,8 @@ def test_import_time(benchmark):
     from conftest import IN_CI, hardware_name, record_result
 
     repeats = 3 if IN_CI else 7
-    result = benchmark.pedantic(measure, kwargs={"repeats": repeats}, rounds=1, iterations=1, warmup_rounds=0)
     benchmark.group = "import time (fresh interpreter)"
+    result = benchmark.pedantic(measure, kwargs={"repeats": repeats}, rounds=1, iterations=1, warmup_rounds=0)
     hardware = hardware_name("cpu")
     benchmark.extra_info.update({"hardware": hardware, "import_time": result})
     for name, row in result["variants"].items():

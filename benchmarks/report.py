@@ -99,9 +99,61 @@ def pick_baseline(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
 def classify(data: Any) -> str | None:
     if isinstance(data, dict) and "benchmarks" in data and "machine_info" in data:
         return "pytest-benchmark"
-    if isinstance(data, dict) and data.get("kind") in ("bench", "profile"):
+    if isinstance(data, dict) and data.get("kind") in ("bench", "profile", "import_time", "gpu_micro"):
         return data["kind"]
     return None
+
+
+def import_time_section(name: str, data: dict[str, Any]) -> list[str]:
+    """``benchmarks/bench_import.py --json``: each import variant's time in fresh interpreters."""
+    lines = [f"#### `{name}` — `python benchmarks/bench_import.py`, {data.get('hardware', '?')}", "",
+             f"Medians of {data.get('repeats', '?')} fresh interpreters (goal: {data.get('goal', '-')}):", "",
+             "| import | total | on top of `import torch` | ratio | heavy modules pulled in |",
+             "|---|---:|---:|---:|---|"]
+    for variant, r in data.get("variants", {}).items():
+        heavy = [m for m, loaded in (r.get("modules") or {}).items() if loaded and m != "ddim_fast._C"]
+        lines.append(f"| `{variant}` | {_fmt_time(r['median_total_s'])} | {_fmt_time(r['median_extra_s'])} | "
+                     f"{r['ratio_to_import_torch']:.3f}x | {', '.join(heavy) or '-'} |")
+    return lines + [""]
+
+
+def gpu_micro_section(name: str, data: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    """``benchmarks/gpu_micro.py --json`` (the device check's micro-benchmark): step and attention tables."""
+    hw = data.get("hardware", "?")
+    lines = [f"#### `{name}` — `benchmarks/gpu_micro.py`, {hw}, {str(data.get('date', '?'))[:10]}"
+             + ("" if data.get("complete") else " (incomplete: the run was cut short)"), ""]
+    chart = []
+    step = data.get("step") or []
+    if step:
+        lines += ["| step group | implementation | time per call | GB/s | x the copy | vs unfused eager | "
+                  "vs torch.compile | rel. error |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for r in step:
+            groups.setdefault(r["group"], []).append(r)
+            err = r.get("rel_error")
+            lines.append(f"| {r['group']} | `{r['name']}` | {_fmt_time(r['seconds'])} | {r.get('gb_per_s', 0):.0f} | "
+                         f"{r.get('x_copy', float('nan')):.2f} | {speed_phrase(r.get('speedup_vs_unfused_eager', 0))} | "
+                         f"{speed_phrase(r.get('speedup_vs_compile', 0))} | {'-' if err is None else f'{err:.1e}'} |")
+        for group, rows in groups.items():
+            copy = next((r for r in rows if r.get("impl") == "copy"), None)
+            bars = [{"name": r["name"], "seconds": r["seconds"], "baseline": r["name"] == "unfused-eager"}
+                    for r in rows if r is not copy]
+            chart.append({"title": f"step {group}", "hardware": hw, "bars": bars,
+                          "floor": copy["seconds"] if copy else None, "floor_label": "copy of the same bytes",
+                          "unit": "per call"})
+        lines.append("")
+    attention = data.get("attention") or []
+    if attention:
+        lines += ["| attention | implementation | time per call | TFLOP/s | vs best SDPA | vs ldm einsum | rel. error |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for r in attention:
+            lines.append(f"| {r['group']} | `{r['impl']}` | {_fmt_time(r['seconds'])} | {r.get('tflop_per_s', 0):.2f} | "
+                         f"{speed_phrase(r.get('speedup_vs_best_sdpa', 0))} | {speed_phrase(r.get('speedup_vs_einsum', 0))} | "
+                         f"{r['rel_error']:.1e}{'' if r.get('correct', True) else ' WRONG'} |")
+        lines.append("")
+    for e in data.get("errors") or []:
+        lines.append(f"- error in {e.get('section')} {e.get('entry')}: {e.get('error')}")
+    return lines + [""], chart
 
 
 def _pytest_hardware(data: dict[str, Any]) -> str:
@@ -126,7 +178,12 @@ def pytest_benchmark_section(name: str, data: dict[str, Any]) -> tuple[list[str]
     lines = [f"#### `{name}` — pytest-benchmark, {hardware}, {date}"
              + (f", commit `{commit[:10]}`{dirty}" if commit else ""), ""]
     groups: dict[str, list[dict[str, Any]]] = {}
+    imports = []
     for b in data.get("benchmarks", []):
+        extra = b.get("extra_info") or {}
+        if isinstance(extra.get("import_time"), dict):  # one timed call of many fresh interpreters: its own table
+            imports.append(dict(extra["import_time"], hardware=extra.get("hardware", hardware)))
+            continue
         groups.setdefault(b.get("group") or "(no group)", []).append(b)
     chart = []
     lines += ["| group | benchmark | median per call | per step (or op) | rounds | vs baseline | vs copy floor |",
@@ -162,6 +219,8 @@ def pytest_benchmark_section(name: str, data: dict[str, Any]) -> tuple[list[str]
                  "diffusers/reference/unfused/eager/torch). The copy entry is not a competitor: it copies the bytes "
                  "the op must move, the floor a memory-bound kernel can approach.")
     lines.append("")
+    for result in imports:
+        lines += import_time_section(f"{name}: test_import_time", result)
     return lines, chart
 
 
@@ -235,6 +294,10 @@ def profile_section(name: str, data: dict[str, Any]) -> list[str]:
 
 
 def _on_gpu(kind: str, data: dict[str, Any]) -> bool:
+    if kind == "gpu_micro":
+        return "cuda" in str(data.get("device", ""))
+    if kind == "import_time":
+        return False
     if kind == "pytest-benchmark":
         return any("cuda" in str(b.get("group", "")).lower() or "gpu" in str(b.get("group", "")).lower()
                    for b in data.get("benchmarks", []))
@@ -266,8 +329,13 @@ def build_markdown(results_dir: str, note: str | None = None) -> tuple[str, list
             section, points = bench_section(name, data)
         elif kind == "profile":
             section, points = profile_section(name, data), []
+        elif kind == "import_time":
+            section, points = import_time_section(name, data), []
+        elif kind == "gpu_micro":
+            section, points = gpu_micro_section(name, data)
         else:
-            print(f"report: skipping {name}: not a pytest-benchmark, bench or profile JSON", file=sys.stderr)
+            print(f"report: skipping {name}: not a pytest-benchmark, bench, profile, import_time or gpu_micro JSON",
+                  file=sys.stderr)
             continue
         lines += section
         chart += points

@@ -339,6 +339,18 @@ def test_report_builds_the_table_and_writes_between_markers(tmp_path, capsys):
                                          "non_unet_fraction": 0.04, "speedup_vs_diffusers": 1.2,
                                          "rel_error_vs_diffusers": 3e-7}}}
     (results / "bench-cpu.json").write_text(json.dumps(bench_report))
+    (results / "import.json").write_text(json.dumps({
+        "kind": "import_time", "repeats": 3, "hardware": "Fake CPU 9000", "goal": "<= 1.1x",
+        "variants": {"import torch; import ddim_fast": {"median_total_s": 0.9, "median_extra_s": 0.009,
+                                                       "ratio_to_import_torch": 1.01, "modules": {"triton": False}}}}))
+    (results / "micro.json").write_text(json.dumps({
+        "kind": "gpu_micro", "device": "cuda:0", "hardware": "Fake H200", "date": "2027-01-01", "complete": True,
+        "step": [{"group": "2x4x64x64 fp16", "name": "unfused-eager", "impl": "unfused-eager", "seconds": 2e-5,
+                  "gb_per_s": 10, "x_copy": 5.0, "rel_error": 1e-4},
+                 {"group": "2x4x64x64 fp16", "name": "copy", "impl": "copy", "seconds": 4e-6, "gb_per_s": 50,
+                  "x_copy": 1.0, "rel_error": None}],
+        "attention": [{"group": "cross", "impl": "ours_triton", "seconds": 8e-6, "tflop_per_s": 10.0,
+                       "speedup_vs_best_sdpa": 1.2, "speedup_vs_einsum": 5.0, "rel_error": 1e-3, "correct": True}]}))
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n<!-- results:start -->\nold\n<!-- results:end -->\n\nafter\n")
     rc = report.main(["--results", str(results), "--readme", str(readme), "--chart", str(tmp_path / "chart.png")])
@@ -354,6 +366,8 @@ def test_report_builds_the_table_and_writes_between_markers(tmp_path, capsys):
     assert "10.000 ms" in table and "8.000 ms" in table  # per step: median / steps
     assert "cpu-2026-11-23.json" in table and "bench-cpu.json" in table
     assert "120.0" in table  # the bench JSON's it/s
+    assert "import torch; import ddim_fast" in table and "1.010x" in table  # import_time JSON
+    assert "benchmarks/gpu_micro.py`, Fake H200" in table and "1.20x faster" in table  # gpu_micro JSON
     if importlib.util.find_spec("matplotlib"):
         assert _png_size(str(tmp_path / "chart.png"))[0] > 500
     capsys.readouterr()
