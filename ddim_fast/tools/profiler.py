@@ -187,7 +187,10 @@ def write_plot(rows: list[dict[str, float]], path: str, title: str) -> bool:
     ax.set_xlabel("step")
     ax.set_ylabel("ms")
     ax.set_yscale("log")
-    ax.set_title(title, fontsize=9)
+    # Wrapped, and laid out with the axes: a long title (model, shape, backend, hardware) must not run off.
+    import textwrap
+
+    ax.set_title("\n".join(textwrap.wrap(title, 95)), fontsize=9, loc="left")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
