@@ -184,8 +184,9 @@ def test_demo_self_check_fails_on_wrong_samples(tmp_path, monkeypatch):
 
 def test_profile_json_and_plot_on_the_embedded_model(tmp_path, capsys):
     out_json, out_png = tmp_path / "p.json", tmp_path / "p.png"
-    rc = cli.main(["profile", "--steps", "5", "--batch", "2", "--repeats", "2", "--json", str(out_json),
-                   "--plot", str(out_png)])
+    # --device cpu: the CPU timer is what is checked (auto would pick a GPU's CUDA events where one exists).
+    rc = cli.main(["profile", "--device", "cpu", "--steps", "5", "--batch", "2", "--repeats", "2", "--json",
+                   str(out_json), "--plot", str(out_png)])
     out = capsys.readouterr().out
     assert rc == 0, out
     report = json.loads(out_json.read_text())

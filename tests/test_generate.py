@@ -20,7 +20,8 @@ from ddim_fast.tools import cli, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small and quick, but with step noise (eta > 0) so the per-sample noise streams are exercised too.
-JOB = ["--num-samples", "10", "--steps", "8", "--eta", "0.5", "--seed", "100"]
+# --device cpu everywhere: gloo processes on the CPU (a GPU machine has one GPU, not one per test process).
+JOB = ["--num-samples", "10", "--steps", "8", "--eta", "0.5", "--seed", "100", "--device", "cpu"]
 
 
 def _env():
@@ -38,7 +39,7 @@ def _free_port() -> int:
 
 def _torchrun(out: Path, *args: str, nproc: int = 1, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *extra,
-           "-m", "ddim_fast", "generate", "--out", str(out), *args]
+           "-m", "ddim_fast", "generate", "--out", str(out), "--device", "cpu", *args]
     if not extra:
         cmd[3:3] = ["--master-port", str(_free_port())]
     return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -58,7 +59,7 @@ def _contents(out: Path) -> tuple[dict[str, str], list[dict]]:
 
 
 def _generate_in_process(out: Path, *args: str) -> int:
-    return cli.main(["generate", "--out", str(out), *args])
+    return cli.main(["generate", "--out", str(out), "--device", "cpu", *args])
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,8 @@ def test_sigkill_half_way_then_resume_equals_an_uninterrupted_run(tmp_path):
     job = ["--num-samples", "24", "--steps", "40", "--eta", "0.5", "--seed", "7", "--batch-size", "1"]
     assert _generate_in_process(tmp_path / "whole", *job) == 0
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "ddim_fast", "generate", "--out", str(killed), *job], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "ddim_fast", "generate", "--out", str(killed), "--device", "cpu",
+                             *job], cwd=ROOT,
                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shard = killed / "manifest.rank0.jsonl"
     deadline = time.time() + 60

@@ -395,8 +395,15 @@ def init_distributed(device_arg: str) -> tuple[Dist, torch.device]:
     import torch.distributed as dist
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg not in ("auto", "cuda", "cpu"):
+        raise GenerateError(f"--device {device_arg}: under torchrun give auto, cuda (cuda:LOCAL_RANK) or cpu")
+    if device_arg == "cuda" and not torch.cuda.is_available():
+        raise GenerateError("--device cuda: no CUDA device is available")
     use_cuda = torch.cuda.is_available() and device_arg in ("auto", "cuda")
     if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise GenerateError(f"local rank {local_rank} has no GPU: {torch.cuda.device_count()} visible, start at "
+                                "most that many processes per node (--nproc-per-node) or use --device cpu")
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
