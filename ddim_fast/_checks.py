@@ -108,7 +108,11 @@ def real_number(op: str, name: str, value, *, optional: bool = False) -> float:
 def finite_float(op: str, name: str, value, *, minimum: float | None = None, exclusive: bool = False,
                  optional: bool = False) -> float:
     """``value`` as a float, refusing NaN, +-inf and (with ``minimum``) values below it (or equal to it with
-    ``exclusive``): a non-finite guidance scale or eta would silently turn every latent into NaN."""
+    ``exclusive``): a non-finite guidance scale or eta would silently turn every latent into NaN.
+    Called on every sampling step: a plain finite Python float within the bounds returns after a few checks."""
+    if type(value) is float and math.isfinite(value) and (
+            minimum is None or value > minimum or (value == minimum and not exclusive)):
+        return value
     v = real_number(op, name, value, optional=optional)
     if not math.isfinite(v):
         raise ValueError(f"{op}: {name} must be finite, got {v}")

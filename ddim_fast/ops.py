@@ -5,7 +5,6 @@ registrations are set up by ``import ddim_fast`` (``ddim_fast._library``); schem
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -71,14 +70,6 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _PREDICTIONS = _checks._PREDICTION_ALIASES
 
 
-def _scalar(name: str, value, *, optional: bool) -> float:
-    """A finite Python float (the common case costs two checks), else the full rules of _checks.finite_float
-    (ints, numpy and 0-dim tensor scalars, and the messages)."""
-    if type(value) is float and math.isfinite(value):
-        return value
-    return _checks.finite_float("ddim_step", name, value, optional=optional)
-
-
 def ddim_step(
     x: torch.Tensor,
     model_output: torch.Tensor,
@@ -137,7 +128,7 @@ def ddim_step(
     canonical = _PREDICTIONS.get(prediction_type) if type(prediction_type) is str else None
     prediction_type = canonical if canonical is not None else canonical_prediction_type(prediction_type)
     if guidance_scale is not None:
-        guidance_scale = _scalar("guidance_scale", guidance_scale, optional=True)
+        guidance_scale = _checks.finite_float("ddim_step", "guidance_scale", guidance_scale, optional=True)
     if clip_range is not None:
         # +inf is allowed: "clamp nothing, but re-derive eps" (diffusers' use_clipped_model_output).
         if type(clip_range) is not float:
@@ -146,7 +137,7 @@ def ddim_step(
             raise ValueError(f"ddim_step: clip_range must be > 0, got {clip_range:g} (inf clamps nothing)")
     if temperature is None:
         raise TypeError("ddim_step: temperature must be a float, got None")
-    temperature = _scalar("temperature", temperature, optional=False)
+    temperature = _checks.finite_float("ddim_step", "temperature", temperature)
     if noise is not None and (not isinstance(noise, torch.Tensor) or noise.dtype not in _FLOAT_DTYPES):
         _checks.require_float_tensor("ddim_step", "noise", noise, allow_float64=True)
     if rng_state is not None and not isinstance(rng_state, torch.Tensor):
@@ -191,8 +182,9 @@ def ddim_step(
     return (out, pred_x0_out) if want_pred_x0 else out
 
 
-# The op overloads themselves: calling .default skips the OpOverloadPacket's overload resolution.
-_NATIVE_STEP = torch.ops.ddim_fast.ddim_step.default
+# The op overloads themselves: calling .default skips the OpOverloadPacket's overload resolution. NATIVE_STEP is
+# also what FastDDIMScheduler.step calls directly in its common case.
+NATIVE_STEP = _NATIVE_STEP = torch.ops.ddim_fast.ddim_step.default
 _NATIVE_STEP_OUT = torch.ops.ddim_fast.ddim_step_out.default
 _TRITON_STEP = torch.ops.ddim_fast.ddim_step_triton.default
 _TRITON_STEP_OUT = torch.ops.ddim_fast.ddim_step_triton_out.default

@@ -49,8 +49,6 @@ from ddim_fast import _checks, ops, reference
 from ddim_fast import schedule as _schedule
 from ddim_fast._library import has_native_kernel
 
-_NATIVE_STEP = torch.ops.ddim_fast.ddim_step.default
-
 logger = logging.getLogger(__name__)
 
 try:
@@ -156,13 +154,6 @@ def _check_tensor(name: str, value) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     return value
-
-
-def _check_eta(op: str, eta) -> float:
-    """eta as a float: 0 (deterministic DDIM) fast, else finite and >= 0 (NaN would poison every latent)."""
-    if eta == 0 and not isinstance(eta, bool) and isinstance(eta, (int, float)):
-        return 0.0
-    return _checks.finite_float(op, "eta", eta, minimum=0.0)
 
 
 def _ddim_output(prev_sample: torch.Tensor, pred_original_sample: torch.Tensor):
@@ -334,8 +325,8 @@ class _FusedDDIMBase:
                 and (noise is None or noise.dtype == dtype) and has_native_kernel(sample.device.type)):
             # The common case, straight to the C++ kernel: the scheduler has checked its scalars, the op checks
             # every tensor; ops.ddim_step would only add promotion and a backend choice that are no-ops here.
-            return _NATIVE_STEP(sample, model_output, table, row, guidance_scale, prediction_type, clip_range, None,
-                                use_clipped_model_output, noise, None, 1.0, True)
+            return ops.NATIVE_STEP(sample, model_output, table, row, guidance_scale, prediction_type, clip_range, None,
+                                   use_clipped_model_output, noise, None, 1.0, True)
         x0_threshold = None
         if thresholding:
             _, x0 = ops.ddim_step(sample, model_output, table, row, guidance_scale=guidance_scale,
@@ -491,15 +482,13 @@ class FastDDIMScheduler(_FusedDDIMBase, DDIMScheduler):
             )
         _check_tensor("model_output", model_output)
         _check_tensor("sample", sample)
-        eta = _check_eta("FastDDIMScheduler.step", eta)
-        if guidance_scale is not None and not (type(guidance_scale) is float and math.isfinite(guidance_scale)):
+        eta = _checks.finite_float("FastDDIMScheduler.step", "eta", eta, minimum=0.0)
+        if guidance_scale is not None:
             guidance_scale = _checks.finite_float("FastDDIMScheduler.step", "guidance_scale", guidance_scale,
                                                   optional=True)
 
         device = sample.device
-        table = self._tables.get((eta, device))
-        if table is None:
-            table = self._table(eta, device)
+        table = self._table(eta, device)
         row = self._row_index(timestep, device)
 
         noise = None
@@ -568,7 +557,7 @@ class FastDDIMScheduler(_FusedDDIMBase, DDIMScheduler):
         _check_tensor("encoder_hidden_states", encoder_hidden_states)
         if self.config.thresholding:
             raise ValueError("graph_step: dynamic thresholding needs a data-dependent quantile per step; use step()")
-        eta = _check_eta("FastDDIMScheduler.graph_step", eta)
+        eta = _checks.finite_float("FastDDIMScheduler.graph_step", "eta", eta, minimum=0.0)
         if guidance_scale is not None:
             guidance_scale = _checks.finite_float("FastDDIMScheduler.graph_step", "guidance_scale", guidance_scale,
                                                   optional=True)
