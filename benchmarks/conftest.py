@@ -216,10 +216,9 @@ def run_benchmark(benchmark, timer: StepTimer, *, group: str, name: str, bytes_m
 
 def compare(r: Result, other: Result) -> str:
     """'2.00x faster than X' or '1.25x slower than X' (never 'faster' for a slow-down)."""
-    speedup = other.seconds_per_step / r.seconds_per_step
-    if speedup >= 1.0:
-        return f"{speedup:6.2f}x faster than {other.name}"
-    return f"{1.0 / speedup:6.2f}x slower than {other.name}"
+    from ddim_fast.tools.figures import ratio_phrase
+
+    return f"{ratio_phrase(other.seconds_per_step / r.seconds_per_step, width=6)} than {other.name}"
 
 
 def format_group(group: str, results: list[Result]) -> list[str]:

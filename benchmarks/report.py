@@ -27,18 +27,14 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from ddim_fast.tools.figures import ratio_phrase as speed_phrase  # noqa: E402  (one wording of every ratio)
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 # How a group's baseline is recognised when no benchmark sets extra_info["baseline"]: the first of
 # these words found in a benchmark's name (what everyone else is compared with).
 BASELINE_WORDS = ("baseline", "diffusers", "reference", "unfused", "eager", "torch", "sdpa")
-
-
-def speed_phrase(ratio: float) -> str:
-    """baseline time / entry time as '2.10x faster' or '1.25x slower' (never '0.8x faster')."""
-    if not ratio > 0:
-        return "-"
-    return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
 
 
 def is_copy_entry(bench: dict[str, Any]) -> bool:

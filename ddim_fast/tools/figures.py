@@ -25,11 +25,19 @@ _GREY = (95, 95, 95)
 
 
 def speed_phrase(baseline: float, candidate: float) -> str:
-    """'2.10x faster' or '1.25x slower': the time ratio said the right way round (never '0.8x faster')."""
+    """'2.10x faster' or '1.25x slower' for the candidate's time against the baseline's."""
     if not (baseline > 0 and candidate > 0):
         return "not comparable"
-    ratio = baseline / candidate
-    return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+    return ratio_phrase(baseline / candidate)
+
+
+def ratio_phrase(speedup: float, width: int = 0) -> str:
+    """A speed-up (baseline time / candidate time) said the right way round: '2.10x faster', '1.25x slower'
+    (never '0.80x faster'); '-' when there is none. The tools, the benchmarks and benchmarks/report.py all
+    word their ratios with this."""
+    if not speedup > 0:
+        return "-"
+    return f"{speedup:{width}.2f}x faster" if speedup >= 1 else f"{1 / speedup:{width}.2f}x slower"
 
 
 def require_pillow():
