@@ -122,10 +122,6 @@ def finite_float(op: str, name: str, value, *, minimum: float | None = None, exc
     return v
 
 
-def optional_finite_float(op: str, name: str, value, **bounds) -> float | None:
-    return None if value is None else finite_float(op, name, value, optional=True, **bounds)
-
-
 # --------------------------------------------------------------------------------------------------
 # Output allocation (mirrored by allocate_ddim_step_outputs in csrc/ddim_step_args.cpp)
 # --------------------------------------------------------------------------------------------------
