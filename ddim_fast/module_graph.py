@@ -19,7 +19,10 @@ Per call, in order:
    ``invalidations``) and the call recaptures: adding or removing adapters, changing processors, ``.to()``,
    or assigning new weight tensors never replays a stale graph. Weights changed *in place* (``fuse_lora``
    without safe merge, ``load_state_dict`` into the same tensors, ``param.data.copy_``) keep their
-   addresses: the graphs stay valid and the next replay reads the new values.
+   addresses: the graphs stay valid and the next replay reads the new values. The walk is host work on
+   every call (measured: 0.6 ms for SD1.5's 709 modules and 686 parameters on the 2-core build machine);
+   PyTorch has no cheaper signal for all of these changes (``.to()`` and ``param.data = ...`` notify
+   nothing), and in a pipeline's loop it overlaps with the previous replay still running on the GPU.
 4. The **key** (``graphs.tree_signature`` of the bound arguments: shapes, dtypes, strides, devices, the
    structure of nested dicts / lists / tuples, the values of Python scalars such as a LoRA ``scale`` in
    ``cross_attention_kwargs`` or ``return_dict``; plus the autocast state) selects a cache entry; a miss
