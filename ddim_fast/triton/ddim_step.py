@@ -64,8 +64,11 @@ _NOISE_NONE, _NOISE_TENSOR, _NOISE_PHILOX, _NOISE_PHILOX_ROWS, _NOISE_PHILOX_ROW
 
 # Elements per Philox call: the kernel works on [groups, 4] tiles so one call serves 4 elements.
 _GROUP = 4
-# What an out-of-range step writes (a module-level constexpr: jit code cannot call float()).
-_NAN = tl.constexpr(float("nan"))
+# What an out-of-range step writes is a quiet NaN built from its bit pattern inside the kernel (_quiet_nan).
+# Not a module-level tl.constexpr(float("nan")): Triton's JIT compares every global a kernel read with `!=` before
+# each GPU launch, and NaN != NaN, so such a kernel refuses to launch ("Global variable ... has changed since we
+# compiled this kernel"); the interpreter skips that check. tests/test_triton_globals.py guards every kernel.
+_QUIET_NAN_BITS = tl.constexpr(0x7FC00000)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -104,6 +107,12 @@ def _box_muller(r_radius, r_angle):
     radius = tl.sqrt_rn(-2.0 * tl.log(_philox_uniform(r_radius) + 5.9604644775390625e-08))
     angle = 6.28318530717958647692 * _philox_uniform(r_angle)
     return radius * tl.cos(angle), radius * tl.sin(angle)
+
+
+@triton.jit
+def _quiet_nan(like):
+    """A float32 tensor of like's shape filled with the quiet NaN 0x7FC00000."""
+    return tl.full(like.shape, _QUIET_NAN_BITS, tl.uint32).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -276,10 +285,10 @@ def _ddim_step_kernel(
                                            tl.where(l2 == 4 * h + 3, z3[:, None], z))))
         x_prev = x_prev + noise_coef * z
 
-    x_prev = tl.where(valid_step, x_prev, _NAN)
+    x_prev = tl.where(valid_step, x_prev, _quiet_nan(x_prev))
     tl.store(out_ptr + oo, x_prev.to(out_ptr.dtype.element_ty), mask=mask)
     if WRITE_X0:
-        x0 = tl.where(valid_step, x0, _NAN)
+        x0 = tl.where(valid_step, x0, _quiet_nan(x0))
         tl.store(x0_ptr + op, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
