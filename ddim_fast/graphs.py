@@ -16,11 +16,14 @@ The pattern (one denoising step = model call + guidance + fused DDIM step, repla
    side stream (one stream per device: the cuBLAS workspace made during warm-up is the one the
    capture uses, and captures that share a memory pool must share a stream).
    :meth:`CapturedStep.replay` relaunches the whole step with one call on the current stream.
-3. Keep captured steps in a :class:`GraphCache` (a small LRU) keyed by :func:`tree_signature` of
-   what the capture baked in (shapes, dtypes, devices, conditioning structure, Python scalars such
-   as the guidance scale). Its entries share one graph memory pool per device
-   (:meth:`GraphCache.pool`): they never replay concurrently and keep no pool tensor alive between
-   replays except their static outputs, so one pool sized for the largest step serves them all.
+3. Run it through a :class:`GraphRunner`: the one place that looks a step up by a key the caller
+   chooses (:func:`tree_signature` of the values — shapes, dtypes, devices, strides, conditioning
+   structure, Python scalars such as the guidance scale — plus whatever else ``fn`` bakes in), captures
+   it on a miss over static copies of the values, and refills the static buffers on a hit. Its entries
+   share one graph memory pool per device (:class:`GraphPools`, which several runners may share): they
+   never replay concurrently and keep no pool tensor alive between replays except their static
+   outputs, so one pool sized for the largest step serves them all. The ldm sampler, the diffusers
+   scheduler's ``graph_step`` and ``module_graph.GraphedForward`` (``optimize(pipe)``) all use it.
 
 Where CUDA graphs are not available (a CPU device, or ``torch.cuda`` missing), use
 :func:`make_step` which returns an :class:`EagerStep` with the same interface: ``replay`` just
@@ -39,19 +42,17 @@ replay re-casts a weight whose version counter or storage changed (``param.add_`
 
 Example (the shape of what ``ddim_fast.sampler`` does)::
 
-    static = make_static({"x": x, "step": step, "cond": cond})
-
     def one_step(s):
         t = timesteps.index_select(0, s["step"])
         model_output = model(s["x"], t, s["cond"])
         ops.ddim_step(s["x"], model_output, table, s["step"], out=s["x"])   # x <- x_prev, in place
         s["step"].add_(1)
 
-    runner = cache.get_or_create(tree_signature(static),
-                                 lambda: capture_step(one_step, static, pool=cache.pool(x.device)))
-    copy_into(runner.static_inputs, {"x": x, "step": step, "cond": cond})
+    values = {"x": x, "step": step, "cond": cond}
+    runner = GraphRunner(cache_size=4)
+    step_graph = runner.prepare(("my-loop", id(model), tree_signature(values)), values, one_step)
     for _ in range(num_steps):
-        runner.replay()
+        step_graph.replay()
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ import logging
 from typing import Any, Callable, Hashable
 
 import torch
+import torch.utils._pytree as pytree
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +71,9 @@ __all__ = [
     "AutocastWeightCasts",
     "CapturedStep",
     "EagerStep",
-    "GraphCache",
     "GraphCaptureError",
+    "GraphPools",
+    "GraphRunner",
     "capture_step",
     "capture_stream",
     "copy_into",
@@ -96,90 +99,65 @@ class GraphCaptureError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------------
-# pytrees of tensors
+# pytrees of tensors (torch.utils._pytree: dicts, lists, tuples, namedtuples, nested)
 # --------------------------------------------------------------------------------------------------
+
+
+def _leaf_signature(leaf: Any) -> Hashable:
+    if isinstance(leaf, torch.Tensor):
+        return ("T", tuple(leaf.shape), leaf.dtype, str(leaf.device), tuple(leaf.stride()))
+    if leaf is None or isinstance(leaf, (bool, int, float, str, torch.dtype, torch.device)):
+        return ("V", type(leaf).__name__, leaf)
+    raise TypeError(
+        f"tree_signature: expected tensors, dicts, lists, tuples or scalars, got {type(leaf).__name__}"
+    )
 
 
 def tree_signature(tree: Any) -> Hashable:
     """A hashable description of everything a capture bakes in.
 
-    Tensors contribute (shape, dtype, device, stride); dicts (keys in insertion order and sorted, so
-    two dicts with the same keys match), lists and tuples their structure; ``None``, bools, ints,
-    floats and strings their value and type (a guidance scale of 7.5 and one of 5.0 need different
-    graphs). Anything else raises ``TypeError`` — an unknown object could hide state the graph bakes.
-    """
-    if isinstance(tree, torch.Tensor):
-        return ("T", tuple(tree.shape), tree.dtype, str(tree.device), tuple(tree.stride()))
-    if isinstance(tree, dict):
-        return ("D", tuple((key, tree_signature(tree[key])) for key in sorted(tree, key=repr)))
-    if isinstance(tree, (list, tuple)):
-        return ("L" if isinstance(tree, list) else "U", tuple(tree_signature(v) for v in tree))
-    if tree is None or isinstance(tree, (bool, int, float, str, torch.dtype, torch.device)):
-        return ("V", type(tree).__name__, tree)
-    raise TypeError(
-        f"tree_signature: expected tensors, dicts, lists, tuples or scalars, got {type(tree).__name__}"
-    )
+    The pytree structure (container types, dict keys in their order, lengths) and, per leaf, a tensor's
+    (shape, dtype, device, stride), or the value and type of ``None``, a bool, int, float, string, dtype or
+    device (a guidance scale of 7.5 and one of 5.0 need different graphs). Any other leaf raises
+    ``TypeError``: an unknown object could hide state the graph bakes in."""
+    leaves, spec = pytree.tree_flatten(tree)
+    return (spec, tuple(_leaf_signature(leaf) for leaf in leaves))
 
 
 def tree_tensors(tree: Any) -> list[torch.Tensor]:
-    """The tensor leaves of a pytree, in a deterministic order (dict keys sorted like tree_signature)."""
-    out: list[torch.Tensor] = []
+    """The tensor leaves of a pytree, in pytree order."""
+    return [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, torch.Tensor)]
 
-    def visit(node):
-        if isinstance(node, torch.Tensor):
-            out.append(node)
-        elif isinstance(node, dict):
-            for key in sorted(node, key=repr):
-                visit(node[key])
-        elif isinstance(node, (list, tuple)):
-            for value in node:
-                visit(value)
 
-    visit(tree)
-    return out
+def _static_copy(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
 
 
 def make_static(tree: Any) -> Any:
     """A copy of `tree` whose tensors are fresh buffers holding the same values (same shape, dtype,
     device and strides, so the signature is unchanged); non-tensor leaves are kept as they are."""
-    if isinstance(tree, torch.Tensor):
-        buffer = torch.empty_strided(tree.shape, tree.stride(), dtype=tree.dtype, device=tree.device)
-        return buffer.copy_(tree)
-    if isinstance(tree, dict):
-        return {key: make_static(value) for key, value in tree.items()}
-    if isinstance(tree, list):
-        return [make_static(value) for value in tree]
-    if isinstance(tree, tuple):
-        return tuple(make_static(value) for value in tree)
-    return tree
+    return pytree.tree_map_only(torch.Tensor, _static_copy, tree)
 
 
 def copy_into(static: Any, values: Any) -> None:
     """Copy the tensors of `values` into the matching buffers of `static` (same structure required:
     compare :func:`tree_signature` first). A leaf that already *is* the static buffer is skipped."""
-    if isinstance(static, torch.Tensor):
-        if not isinstance(values, torch.Tensor):
-            raise TypeError(f"copy_into: expected a tensor for a static buffer, got {type(values).__name__}")
-        if values is not static:
-            if values.shape != static.shape:
-                raise ValueError(f"copy_into: shape {tuple(values.shape)} does not match the static "
-                                 f"buffer's {tuple(static.shape)}")
-            static.copy_(values)
-        return
-    if isinstance(static, dict):
-        if not isinstance(values, dict) or set(values) != set(static):
-            raise ValueError("copy_into: dict keys differ from the static inputs'")
-        for key in static:
-            copy_into(static[key], values[key])
-        return
-    if isinstance(static, (list, tuple)):
-        if not isinstance(values, (list, tuple)) or len(values) != len(static):
-            raise ValueError("copy_into: sequence length differs from the static inputs'")
-        for s, v in zip(static, values):
-            copy_into(s, v)
-        return
-    if static != values:
-        raise ValueError(f"copy_into: non-tensor leaf {values!r} differs from the captured {static!r}")
+    static_leaves, static_spec = pytree.tree_flatten(static)
+    value_leaves, value_spec = pytree.tree_flatten(values)
+    if value_spec != static_spec:
+        raise ValueError(f"copy_into: the values' structure differs from the static inputs' "
+                         f"({value_spec} vs {static_spec})")
+    for buffer, value in zip(static_leaves, value_leaves):
+        if isinstance(buffer, torch.Tensor):
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"copy_into: expected a tensor for a static buffer, got {type(value).__name__}")
+            if value is not buffer:
+                if value.shape != buffer.shape:
+                    raise ValueError(f"copy_into: shape {tuple(value.shape)} does not match the static "
+                                     f"buffer's {tuple(buffer.shape)}")
+                buffer.copy_(value)
+        elif buffer != value:
+            raise ValueError(f"copy_into: non-tensor leaf {value!r} differs from the captured {buffer!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -522,42 +500,72 @@ def capture_step(fn: Callable[[Any], Any], static_inputs: Any, *, use_graph: boo
 
 
 # --------------------------------------------------------------------------------------------------
-# The per-shape cache
+# Memory pools and the runner: the one way a step is looked up, captured and refilled
 # --------------------------------------------------------------------------------------------------
 
 
-class GraphCache:
-    """A small LRU of captured steps keyed by a hashable signature (see :func:`tree_signature`).
+class GraphPools:
+    """One CUDA-graph memory pool per device, for every capture made with this object.
 
-    Each entry holds a graph; capture them with ``pool=cache.pool(device)`` so that all entries on a
-    device share one graph memory pool (safe: the cache's steps replay one after another on one
-    stream, and a captured step keeps nothing in the pool alive between replays except its static
-    outputs, which the allocator never hands to another capture). ``maxsize`` bounds the number of
-    graphs (a few shapes / guidance scales). ``hits`` / ``misses`` / ``evictions`` count lookups.
-    """
+    Captures that share a pool must never replay concurrently and must keep nothing in the pool alive between
+    replays except their static outputs (which the allocator never hands to another capture): true for the
+    steps of one sampler, and for a pipeline's UNet and ControlNet, which replay one after another on one
+    stream. Share one ``GraphPools`` between runners to let them reuse each other's memory; off CUDA there is
+    no pool (``pool`` returns None)."""
 
-    def __init__(self, maxsize: int = 4):
-        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
-            raise ValueError(f"GraphCache: maxsize must be an int >= 1, got {maxsize!r}")
-        self.maxsize = maxsize
-        self._entries: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
-        self.hits = 0
-        self.misses = 0
-        self.evictions = 0
-        self._pools: dict[torch.device, Any] = {}
+    def __init__(self):
+        self._handles: dict[torch.device, Any] = {}
 
     def pool(self, device: torch.device | str):
-        """The graph memory pool shared by this cache's captures on `device` (None off CUDA)."""
+        """The pool of `device` (created on first use), or None off CUDA."""
         device = torch.device(device)
         if device.type != "cuda" or not torch.cuda.is_available():
             return None
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        handle = self._pools.get(device)
+        handle = self._handles.get(device)
         if handle is None:
             handle = torch.cuda.graph_pool_handle()
-            self._pools[device] = handle
+            self._handles[device] = handle
         return handle
+
+    def clear(self) -> None:
+        """Forget the pools (their memory is released with the last graph that uses them)."""
+        self._handles.clear()
+
+
+class GraphRunner:
+    """Captured steps of one caller, looked up by a key the caller chooses (an LRU of ``cache_size``),
+    captured on a miss over static copies of the values, refilled from the values on a hit.
+
+    :meth:`prepare` ``(key, values, fn)`` returns the step (a :class:`CapturedStep`, or an :class:`EagerStep` off
+    CUDA or when the capture fell back) whose ``static_inputs`` now hold ``values``; call ``replay()`` on it.
+    ``fn(static_inputs)`` is only used on a miss. The key must change whenever anything ``fn`` bakes in does
+    (:func:`tree_signature` of the values covers shapes, dtypes, strides and Python scalars; add the model, the
+    options, ...). ``pools``: a :class:`GraphPools` (shared between runners that replay one after another).
+    ``fallback``: on a failed capture, an eager step with a warning (True) or :class:`GraphCaptureError`
+    (False: the caller decides). ``autocast_weights``: see :class:`CapturedStep`.
+
+    The ldm sampler (one entry per shape and guidance scale), ``FastDDIMScheduler.graph_step`` and
+    ``module_graph.GraphedForward`` (one entry per call signature) all run their graphs through this class.
+    Counters: ``hits``, ``misses``, ``evictions``."""
+
+    def __init__(self, cache_size: int = 4, *, pools: GraphPools | None = None, use_graph: bool = True,
+                 warmup_iters: int = 2, fallback: bool = True, autocast_weights: str = "hoist"):
+        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
+            raise ValueError(f"GraphRunner: cache_size must be an int >= 1, got {cache_size!r}")
+        if autocast_weights not in AUTOCAST_WEIGHT_MODES:
+            raise ValueError(f"autocast_weights must be one of {AUTOCAST_WEIGHT_MODES}, got {autocast_weights!r}")
+        self.maxsize = cache_size
+        self.pools = pools if pools is not None else GraphPools()
+        self.use_graph = bool(use_graph)
+        self.warmup_iters = warmup_iters
+        self.fallback = fallback
+        self.autocast_weights = autocast_weights
+        self._entries: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -569,33 +577,38 @@ class GraphCache:
         """Keys from least to most recently used."""
         return list(self._entries)
 
-    def get(self, key: Hashable) -> Any | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        self._entries.move_to_end(key)
-        return entry
+    def get(self, key: Hashable) -> CapturedStep | EagerStep | None:
+        """The cached step of `key` (marked most recently used), or None; counts nothing."""
+        step = self._entries.get(key)
+        if step is not None:
+            self._entries.move_to_end(key)
+        return step
 
-    def put(self, key: Hashable, entry: Any) -> None:
-        self._entries[key] = entry
-        self._entries.move_to_end(key)
+    def prepare(self, key: Hashable, values: Any, fn: Callable[[Any], Any], *,
+                use_graph: bool | None = None) -> CapturedStep | EagerStep:
+        """The step of `key` with `values` copied into its static inputs; on a miss, static copies of `values`
+        are made and ``fn`` is captured over them (or wrapped eagerly: off CUDA, ``use_graph`` False, or a
+        failed capture with ``fallback``). Raises :class:`GraphCaptureError` when the capture failed and
+        ``fallback`` is False (nothing is cached then)."""
+        step = self.get(key)
+        if step is not None:
+            self.hits += 1
+            copy_into(step.static_inputs, values)
+            return step
+        self.misses += 1
+        static = make_static(values)
+        tensors = tree_tensors(static)
+        device = tensors[0].device if tensors else torch.device("cpu")
+        step = capture_step(fn, static, use_graph=self.use_graph if use_graph is None else use_graph,
+                            warmup_iters=self.warmup_iters, pool=self.pools.pool(device), fallback=self.fallback,
+                            autocast_weights=self.autocast_weights)
+        self._entries[key] = step
         while len(self._entries) > self.maxsize:
             old_key, _ = self._entries.popitem(last=False)
             self.evictions += 1
             logger.debug("ddim_fast.graphs: evicted captured step %r", old_key)
-
-    def get_or_create(self, key: Hashable, factory: Callable[[], Any]) -> Any:
-        """The entry for `key`, created by ``factory()`` (e.g. build + capture) on a miss."""
-        entry = self.get(key)
-        if entry is not None:
-            self.hits += 1
-            return entry
-        self.misses += 1
-        entry = factory()
-        self.put(key, entry)
-        return entry
+        return step
 
     def clear(self) -> None:
-        """Drop every captured step (the shared pool's memory is released with the last graph using it)."""
+        """Drop every captured step (the pools' memory is released with the last graph using it)."""
         self._entries.clear()
-        self._pools.clear()

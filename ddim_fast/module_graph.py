@@ -222,15 +222,17 @@ class GraphedForward:
     down_block_additional_residuals (tuple of [B, C_i, H_i, W_i]), mid_block_additional_residual, ...).
     cache_size: graphs kept (LRU; all share one memory pool per device). use_graph: False runs the static-
     buffer path eagerly everywhere (what the CPU always does). timestep_arg: the argument treated as data.
-    pool_source: a ``graphs.GraphCache`` whose pools to share (one pool for the UNet and the ControlNet).
+    pools: a ``graphs.GraphPools`` to share (one pool for a pipeline's UNet and ControlNet).
 
-    Counters: ``calls``, ``eager_calls`` (pass-through), ``cache.hits`` / ``cache.misses`` (graph
-    entries), ``invalidations`` (cache dropped on a fingerprint change); ``last_key`` is the key of the
-    last static-buffer call.
+    The graphs live in ``self.cache``, a ``graphs.GraphRunner`` (captures never fall back silently here: a
+    failed capture disables the wrapper with one warning; under autocast the weight casts are recorded in the
+    graph, ``autocast_weights="recast"``, see ``_build``). Counters: ``calls``, ``eager_calls``
+    (pass-through), ``cache.hits`` / ``cache.misses`` (graph entries), ``invalidations`` (cache dropped on a
+    fingerprint change); ``last_key`` is the key of the last static-buffer call.
     """
 
     def __init__(self, module: nn.Module, *, cache_size: int = 8, use_graph: bool = True,
-                 timestep_arg: str = "timestep", pool_source: graphs.GraphCache | None = None):
+                 timestep_arg: str = "timestep", pools: graphs.GraphPools | None = None):
         if not isinstance(module, nn.Module):
             raise TypeError(f"GraphedForward: module must be a torch.nn.Module, got {type(module).__name__}")
         if isinstance(getattr(module, "forward", None), _InstalledForward):
@@ -244,8 +246,11 @@ class GraphedForward:
         self._params = list(self.signature.parameters.values())
         self.timestep_arg = timestep_arg
         self.use_graph = bool(use_graph)
-        self.cache = graphs.GraphCache(maxsize=cache_size)
-        self._pool_source = pool_source if pool_source is not None else self.cache
+        # "recast": under torch.autocast with fp32 weights, the casts stay inside the graph. Hoisting them
+        # (graphs.py's default) would serve stale half copies after PEFT's fuse_lora / merge, which write
+        # through param.data without bumping a version counter; pipelines that want the speed load fp16
+        # weights (torch_dtype=torch.float16), which need no cast at all.
+        self.cache = graphs.GraphRunner(cache_size, pools=pools, fallback=False, autocast_weights="recast")
         self.enabled = True
         self.disabled_reason: str | None = None
         self._fingerprint: tuple | None = None
@@ -361,42 +366,23 @@ class GraphedForward:
         self._refresh_fingerprint()
         key = (signature, _autocast_state())
         self.last_key = key
-        runner = self.cache.get(key)
-        if runner is None:
-            self.cache.misses += 1
-            runner = self._build(values, anchor.device)
-            if runner is None:  # the capture failed: from now on every call passes through
-                self.eager_calls += 1
-                return self.original_forward(*args, **kwargs)
-            self.cache.put(key, runner)
-        else:
-            self.cache.hits += 1
-            graphs.copy_into(runner.static_inputs, values)
-        return _copy_out(runner.replay())
-
-    def _build(self, values: dict, device: torch.device):
-        tensors = graphs.tree_tensors(values)
-        one_cuda_device = device.type == "cuda" and all(t.device == device for t in tensors)
+        device = anchor.device
+        one_cuda_device = device.type == "cuda" and all(t.device == device for t in graphs.tree_tensors(values))
         use_graph = self.use_graph and one_cuda_device and graphs.cuda_graphs_available(device)
-
-        def forward_on_static(static):
-            return self._call_original(_fresh_containers(static))
-
         try:
-            # "recast": under torch.autocast with fp32 weights, the casts stay inside the graph. Hoisting them
-            # (graphs.py's default) would serve stale half copies after PEFT's fuse_lora / merge, which write
-            # through param.data without bumping a version counter; pipelines that want the speed load fp16
-            # weights (torch_dtype=torch.float16), which need no cast at all.
-            return graphs.capture_step(forward_on_static, graphs.make_static(values), use_graph=use_graph,
-                                       pool=self._pool_source.pool(device), fallback=False,
-                                       autocast_weights="recast")
-        except graphs.GraphCaptureError as exc:
+            runner = self.cache.prepare(key, values, self._forward_on_static, use_graph=use_graph)
+        except graphs.GraphCaptureError as exc:  # from now on every call passes through
             self.disabled_reason = f"capture failed: {exc}"
             logger.warning("ddim_fast: %s cannot be captured into a CUDA graph (%s); it runs eagerly from now on "
                            "(same results, no graph speed-up). Typical causes: a host sync (.item(), .cpu(), "
                            "printing a tensor) or data-dependent shapes in its forward.",
                            type(self.module).__name__, exc)
-            return None
+            self.eager_calls += 1
+            return self.original_forward(*args, **kwargs)
+        return _copy_out(runner.replay())
+
+    def _forward_on_static(self, static: dict) -> Any:
+        return self._call_original(_fresh_containers(static))
 
 
 class _InstalledForward:

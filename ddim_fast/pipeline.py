@@ -200,14 +200,14 @@ def _apply(pipe, models: dict, state: OptimizeState, *, scheduler, attention: bo
         _swap_schedulers(pipe, scheduler, state)
 
     if cuda_graph:
-        pools = graphs.GraphCache()  # one memory pool per device for every graphed model of this pipeline
+        pools = graphs.GraphPools()  # one memory pool per device for every graphed model of this pipeline
         for name, model in models.items():
             for target_name, target in _graph_targets(name, model).items():
                 if _is_graphed(target):
                     logger.info("ddim_fast.optimize: %s is graphed already (shared with another optimized "
                                 "pipeline); leaving it as it is", target_name)
                     continue
-                state.graphed[target_name] = GraphedForward(target, pool_source=pools).install()
+                state.graphed[target_name] = GraphedForward(target, pools=pools).install()
 
 
 def _is_graphed(module: nn.Module) -> bool:

@@ -179,7 +179,8 @@ class FastDDIMSampler:
         self.backend = backend
         self.cuda_graph = bool(cuda_graph)
         self.legacy_x0_as_eps = bool(legacy_x0_as_eps)
-        self.graph_cache = _graphs.GraphCache(graph_cache_size)
+        # Captured steps, one per (shapes, conditioning structure, guidance scale, options): see _graph_step.
+        self.graph_cache = _graphs.GraphRunner(graph_cache_size)
         self._table: torch.Tensor | None = None
         self._table_original: torch.Tensor | None = None
         self._has_noise = False
@@ -432,7 +433,7 @@ class FastDDIMSampler:
         cond_cfg = None
         if uncond is not None and any(s != 1.0 for s in scales):
             cond_cfg = _cfg_cat(cond, uncond)
-        runner = None
+        current_graph = None  # ((use_cfg, scale), step graph) of the last graphed step
         for i in tqdm(range(total), desc=desc, total=total):
             index = total - i - 1
             log_now = log_every_t is not None and (index % log_every_t == 0 or index == total - 1)
@@ -440,8 +441,9 @@ class FastDDIMSampler:
             scale = scales[i]
             use_cfg = uncond is not None and scale != 1.0
             if use_graph and not (eager_first_step and i == 0):
-                runner, img, pred_x0 = self._graph_step(runner, img, step, cond_cfg if use_cfg else cond, use_cfg,
-                                                        scale, config, mask, x0)
+                current_graph, img, pred_x0 = self._graph_step(current_graph, img, step,
+                                                               cond_cfg if use_cfg else cond, use_cfg, scale, config,
+                                                               mask, x0)
                 if want_pred:
                     pred_x0 = pred_x0.clone()
                     if log_now:
@@ -461,7 +463,7 @@ class FastDDIMSampler:
             if log_now and intermediates is not None:
                 intermediates["x_inter"].append(img_logged)
                 intermediates["pred_x0"].append(pred_x0)
-        if use_graph and runner is not None:
+        if current_graph is not None:  # img is the graph's static buffer: the next run would overwrite it
             img = img.clone()
         return img
 
@@ -539,34 +541,31 @@ class FastDDIMSampler:
     # CUDA graphs
     # ---------------------------------------------------------------------------------------------
 
-    def _graph_step(self, runner, img, step, cond_in, use_cfg, scale, config: _RunConfig, mask, x0):
-        """Run one step through a captured (or, on CPU, eager) static-buffer step. The runner's static
-        'x' holds the latents and 'step' the row; switching runners (ucg_schedule) moves them over."""
+    def _graph_step(self, current, img, step, cond_in, use_cfg, scale, config: _RunConfig, mask, x0):
+        """Run one step through a captured (or, on CPU, eager) static-buffer step. ``current`` is
+        ``((use_cfg, scale), step_graph)`` of the previous step, or None: the graph is looked up again only when
+        the guidance changes (ucg_schedule), and then x and the step row move over from the previous one.
+        Returns (current, x, pred_x0) where x and pred_x0 are the step graph's static buffers."""
         batch = img.shape[0]
-        if runner is None or runner.light_key != (use_cfg, scale):
+        if current is None or current[0] != (use_cfg, scale):
+            previous = None if current is None else current[1]
             has_noise_buffer = self.noise_mode == "torch" and config.has_noise
             # The noise buffer has randn's default dtype, as the eager draw: the op then casts it to the
-            # step dtype inside the graph exactly as it casts the eager z (fp16 latents included).
+            # step dtype inside the graph exactly as it casts the eager z (fp16 latents included). It and
+            # "pred" are outputs of the step: what a hit copies into them is overwritten before it is read.
             noise_buffer = torch.empty(img.shape, device=img.device) if has_noise_buffer else None
-            static_values = {
-                "x": img, "step": step, "table": config.table, "timesteps": config.timestep_rows,
-                "cond": cond_in, "noise": noise_buffer, "rng": config.rng_state, "pred": torch.empty_like(img),
+            values = {
+                "x": img, "step": step if previous is None else previous.static_inputs["step"],
+                "table": config.table, "timesteps": config.timestep_rows, "cond": cond_in, "noise": noise_buffer,
+                "rng": config.rng_state, "pred": torch.empty_like(img),
             }
-            key = ("ldm-step", id(self.model), _graphs.tree_signature(static_values), use_cfg,
+            key = ("ldm-step", id(self.model), _graphs.tree_signature(values), use_cfg,
                    scale if use_cfg else None, config.prediction_type, config.temperature, self.backend)
-            entry = self.graph_cache.get_or_create(key, lambda: self._capture(static_values, key, batch, use_cfg,
-                                                                              scale, config))
-            entry.light_key = (use_cfg, scale)
-            # Load this run's values; when switching runners (ucg_schedule) x and step come from the last one.
-            s = entry.static_inputs
-            s["x"].copy_(img)
-            s["step"].copy_(step if runner is None else runner.static_inputs["step"])
-            s["table"].copy_(config.table)
-            s["timesteps"].copy_(config.timestep_rows)
-            _graphs.copy_into(s["cond"], cond_in)
-            if s["rng"] is not None:
-                s["rng"].copy_(config.rng_state)
-            runner = entry
+            # Falls back to the eager static-buffer step (logged) when the model cannot be captured; the
+            # fallback is cached under the key too, so capture is not retried every sample() call.
+            step_graph = self.graph_cache.prepare(key, values, self._make_graph_fn(batch, use_cfg, scale, config))
+            current = ((use_cfg, scale), step_graph)
+        runner = current[1]
         s = runner.static_inputs
         if mask is not None:
             t = s["timesteps"].index_select(0, s["step"]).view(-1)[:batch]
@@ -574,16 +573,7 @@ class FastDDIMSampler:
         # torch mode: drawn even at eta = 0 (then into no buffer), like upstream
         self._draw_noise(s["x"], config, out=s["noise"])
         runner.replay()
-        return runner, s["x"], s["pred"]
-
-    def _capture(self, static_values, key, batch, use_cfg, scale, config):
-        static = _graphs.make_static(static_values)
-        fn = self._make_graph_fn(batch, use_cfg, scale, config)
-        # Falls back to the eager static-buffer step (logged) when the model cannot be captured; the
-        # fallback is cached under the key too, so capture is not retried every sample() call.
-        entry = _graphs.capture_step(fn, static, use_graph=True, pool=self.graph_cache.pool(static["x"].device))
-        entry.key = key
-        return entry
+        return current, s["x"], s["pred"]
 
     def _make_graph_fn(self, batch: int, use_cfg: bool, scale: float, config: _RunConfig) -> Callable:
         model = self.model

@@ -47,7 +47,6 @@ import torch
 
 from ddim_fast import _checks, ops, reference
 from ddim_fast import schedule as _schedule
-from ddim_fast._library import has_native_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -320,13 +319,6 @@ class _FusedDDIMBase:
         if prediction_type not in reference.PREDICTION_TYPES:
             raise ValueError(f"prediction_type given as {prediction_type} must be one of `epsilon`, `sample`, "
                              "or `v_prediction`")
-        dtype = sample.dtype
-        if (not thresholding and model_output.dtype == dtype and dtype in _checks.KERNEL_DTYPES
-                and (noise is None or noise.dtype == dtype) and has_native_kernel(sample.device.type)):
-            # The common case, straight to the C++ kernel: the scheduler has checked its scalars, the op checks
-            # every tensor; ops.ddim_step would only add promotion and a backend choice that are no-ops here.
-            return ops.NATIVE_STEP(sample, model_output, table, row, guidance_scale, prediction_type, clip_range, None,
-                                   use_clipped_model_output, noise, None, 1.0, True)
         x0_threshold = None
         if thresholding:
             _, x0 = ops.ddim_step(sample, model_output, table, row, guidance_scale=guidance_scale,
@@ -595,19 +587,12 @@ class FastDDIMScheduler(_FusedDDIMBase, DDIMScheduler):
                           prediction_type=prediction_type, clip_range=clip_range, noise=step_noise, out=x)
             step.add_(1)
 
-        if getattr(self, "_graph_cache", None) is None:
-            self._graph_cache = graphs.GraphCache(maxsize=2)
+        if getattr(self, "_graph_runner", None) is None:
+            self._graph_runner = graphs.GraphRunner(2)
         # Everything one_step bakes in: shapes/dtypes (signature), the unet, and the Python scalars.
         key = (graphs.tree_signature(values), id(unet), guidance_scale, eta, prediction_type, clip_range,
                bool(use_graph))
-
-        def build():
-            return graphs.capture_step(one_step, graphs.make_static(values), use_graph=use_graph,
-                                       pool=self._graph_cache.pool(device))
-
-        runner = self._graph_cache.get_or_create(key, build)
-        graphs.copy_into(runner.static_inputs, values)
-        return runner
+        return self._graph_runner.prepare(key, values, one_step, use_graph=use_graph)
 
 
 def graphed_denoise_loop(

@@ -116,8 +116,8 @@ def _graphed_vs_diffusers(unet, device, use_graph):
             got = graphed_denoise_loop(fast, unet, latents, cond, guidance_scale=7.5, eta=eta,
                                        generator=torch.Generator(device=device).manual_seed(3), use_graph=use_graph)
             assert_rel_close(got, expected, SAMPLER_RTOL, f"graphed loop {config} eta={eta}")
-        assert fast._graph_cache.hits == 1 and fast._graph_cache.misses == 1
-        runner = next(iter(fast._graph_cache._entries.values()))
+        assert fast._graph_runner.hits == 1 and fast._graph_runner.misses == 1
+        runner = fast._graph_runner.get(fast._graph_runner.keys()[0])
         assert runner.captured == (use_graph and device.type == "cuda")
         assert int(runner.static_inputs["step"]) == 4
 

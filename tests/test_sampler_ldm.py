@@ -496,7 +496,7 @@ def test_graph_helpers_signature_static_and_copy():
     assert torch.equal(static["c"][0], new["c"][0]) and torch.equal(static["x"], new["x"])
     with pytest.raises(ValueError, match="shape"):
         graphs.copy_into(static, {**new, "x": torch.randn(3, 3)})
-    with pytest.raises(ValueError, match="keys"):
+    with pytest.raises(ValueError, match="structure"):
         graphs.copy_into(static, {"x": new["x"]})
     with pytest.raises(ValueError, match="differs"):
         graphs.copy_into(static, {**new, "s": 1.0})
@@ -505,16 +505,33 @@ def test_graph_helpers_signature_static_and_copy():
     assert len(graphs.tree_tensors(static)) == 3
 
 
-def test_graph_cache_lru():
-    cache = graphs.GraphCache(maxsize=2)
+def test_graph_runner_lru_and_refill():
+    """GraphRunner: a miss captures (eagerly on CPU) over static copies, a hit refills them from the values,
+    the least recently used entry goes first, and fn is only used on a miss."""
+    runner = graphs.GraphRunner(2)
     made = []
+
+    def fn_for(key):
+        def fn(s):
+            made.append(key)
+            s["x"].add_(1.0)
+        return fn
+
+    steps = {}
     for key in ("a", "b", "a", "c", "b"):
-        cache.get_or_create(key, lambda k=key: made.append(k) or k)
-    assert made == ["a", "b", "c", "b"]
-    assert (cache.hits, cache.misses, cache.evictions) == (1, 4, 2)
-    assert cache.keys() == ["c", "b"]
+        values = {"x": torch.full((2,), float(ord(key)))}
+        steps.setdefault(key, []).append(runner.prepare(key, values, fn_for(key)))
+        assert torch.equal(steps[key][-1].static_inputs["x"], values["x"])  # loaded with this call's values
+        assert steps[key][-1].static_inputs["x"] is not values["x"]
+    assert steps["a"][0] is steps["a"][1] and steps["b"][0] is not steps["b"][1]  # b was evicted, then rebuilt
+    assert (runner.hits, runner.misses, runner.evictions) == (1, 4, 2)
+    assert runner.keys() == ["c", "b"] and runner.get("a") is None and len(runner) == 2
+    steps["b"][1].replay()
+    assert made == ["b"] and torch.equal(steps["b"][1].static_inputs["x"], torch.full((2,), ord("b") + 1.0))
     with pytest.raises(ValueError):
-        graphs.GraphCache(0)
+        graphs.GraphRunner(0)
+    runner.clear()
+    assert len(runner) == 0
 
 
 def test_make_step_falls_back_to_eager_on_cpu(caplog):
@@ -560,7 +577,7 @@ def test_capture_step_falls_back_to_eager_when_capture_fails(monkeypatch, caplog
     torch.testing.assert_close(static["x"], torch.ones(3))
     with pytest.raises(graphs.GraphCaptureError):
         graphs.capture_step(fn, static, fallback=False)
-    assert graphs.GraphCache(2).pool("cpu") is None
+    assert graphs.GraphPools().pool("cpu") is None
 
 
 def test_graph_path_on_cpu_matches_eager_and_reuses_cache(models, conds):

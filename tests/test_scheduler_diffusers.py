@@ -830,7 +830,7 @@ def _graphed_loop_checks(device: torch.device):
             assert_rel_close(got, expected, SAMPLER_RTOL, f"graphed loop S={steps} eta={eta} on {device}")
             assert got.data_ptr() != latents.data_ptr()
     # one capture per (eta, S): set_timesteps did not throw the graphs away (cache of 2: one eviction)
-    assert (fast._graph_cache.misses, fast._graph_cache.hits, fast._graph_cache.evictions) == (3, 3, 1)
+    assert (fast._graph_runner.misses, fast._graph_runner.hits, fast._graph_runner.evictions) == (3, 3, 1)
     return fast, unet, latents, cond
 
 
@@ -842,7 +842,7 @@ def test_graphed_loop_survives_set_timesteps_and_matches_diffusers():
 def test_graphed_loop_captured_on_cuda_without_host_sync():
     device = torch.device("cuda")
     fast, unet, latents, cond = _graphed_loop_checks(device)
-    runners = list(fast._graph_cache._entries.values())
+    runners = [fast._graph_runner.get(k) for k in fast._graph_runner.keys()]
     assert runners and all(r.captured for r in runners)
     # replays alone never sync the host; and the graph equals the eager fused steps on the same device
     fast.set_timesteps(5, device=device)
