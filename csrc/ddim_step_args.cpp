@@ -6,8 +6,10 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <cmath>
+#include <vector>
 
 namespace ddim_fast {
 namespace {
@@ -84,11 +86,11 @@ StepOptions make_step_options(std::optional<double> guidance_scale, c10::string_
 DdimStepParams make_ddim_step_params(const at::Tensor& x, const at::Tensor& model_output,
                                      const at::Tensor& table, const at::Tensor& step,
                                      const StepOptions& options, const at::Tensor& out,
-                                     const std::optional<at::Tensor>& pred_x0_out) {
+                                     const std::optional<at::Tensor>& pred_x0_out, bool float64_allowed) {
   DdimStepParams p;
   TORCH_CHECK_VALUE(x.dim() >= 1, "ddim_step: x must have a batch dimension, got a 0-dim tensor");
   TORCH_CHECK_VALUE(x.dim() <= kMaxDims, "ddim_step: x may have at most ", kMaxDims, " dims, got ", x.dim());
-  p.dtype = scalar_kind_of(x, "ddim_step", "x");
+  if (!(float64_allowed && x.scalar_type() == at::kDouble)) p.dtype = scalar_kind_of(x, "ddim_step", "x");
   p.ndim = static_cast<int>(x.dim());
   for (int d = 0; d < p.ndim; ++d) p.sizes[d] = x.size(d);
   p.numel = x.numel();
@@ -232,5 +234,40 @@ std::pair<at::Tensor, at::Tensor> allocate_ddim_step_outputs(const at::Tensor& x
   at::Tensor pred_x0 = return_pred_x0 ? at::empty_like(x) : at::empty({0}, x.options());
   return {out, pred_x0};
 }
+
+namespace {
+
+// ddim_fast::ddim_step_check: make_ddim_step_params for the backends that are not C++ (the Triton launcher, the
+// PyTorch reference path), so that one set of rules and messages serves every backend. Returns what the
+// launchers need to know: [prediction, clamp, noise (0 none, 1 tensor, 2 Philox), rng_per_row, flat]. Without
+// `out` the outputs are taken to be fresh empty_like(x) buffers (nothing to check for overlap; laid out like x
+// when x is dense, which is when the memory-order path can apply).
+std::vector<int64_t> ddim_step_check(const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& table,
+                                     const at::Tensor& step, std::optional<double> guidance_scale,
+                                     c10::string_view prediction_type, std::optional<double> clip_range,
+                                     const std::optional<at::Tensor>& x0_threshold, bool use_clipped_model_output,
+                                     const std::optional<at::Tensor>& noise,
+                                     const std::optional<at::Tensor>& rng_state, double temperature,
+                                     const std::optional<at::Tensor>& out,
+                                     const std::optional<at::Tensor>& pred_x0_out, bool float64_allowed) {
+  // The checks read data pointers (alignment, overlap): meta and fake tensors have none, and under torch.compile
+  // the step ops' own fake kernels run instead of any of this.
+  TORCH_CHECK_VALUE(!x.is_meta(), "ddim_step_check: needs tensors with data, got a meta tensor (the step ops' fake "
+                    "kernels handle meta and fake tensors)");
+  const StepOptions options = make_step_options(guidance_scale, prediction_type, clip_range, x0_threshold,
+                                                use_clipped_model_output, noise, rng_state, temperature);
+  // A fresh output overlaps nothing, so x itself stands in for it (x may be out: the in-place case); a
+  // fresh pred_x0 is only asked about through `out`'s absence.
+  const DdimStepParams p = make_ddim_step_params(x, model_output, table, step, options, out.has_value() ? *out : x,
+                                                 out.has_value() ? pred_x0_out : std::nullopt, float64_allowed);
+  const int64_t noise_kind = noise.has_value() ? 1 : (rng_state.has_value() ? 2 : 0);
+  return {static_cast<int64_t>(p.prediction), static_cast<int64_t>(p.clamp), noise_kind,
+          static_cast<int64_t>(p.rng_per_row), static_cast<int64_t>(p.flat)};
+}
+
+}  // namespace
+
+// Device-agnostic (no data is read): one kernel for every backend, meta tensors included.
+TORCH_LIBRARY_IMPL(ddim_fast, CompositeExplicitAutograd, m) { m.impl("ddim_step_check", &ddim_step_check); }
 
 }  // namespace ddim_fast

@@ -29,12 +29,15 @@ StepOptions make_step_options(std::optional<double> guidance_scale, c10::string_
                               bool use_clipped_model_output, const std::optional<at::Tensor>& noise,
                               const std::optional<at::Tensor>& rng_state, double temperature);
 
-// Validates every argument against x (device, dtype, shape, overlap) and returns the launch params.
-// `out` and `pred_x0_out` must already have x's shape and dtype (checked).
+// Validates every argument against x (device, dtype, shape, overlap) and returns the launch params: THE
+// rules of the step op, for every backend (the C++ CPU and CUDA kernels call this; the Triton launcher and
+// the reference path call it through the ddim_step_check op). `out` and `pred_x0_out` must already have x's
+// shape and dtype (checked). `float64_allowed`: accept float64 tensors (the reference path computes them in
+// PyTorch; params.dtype is then meaningless and no kernel may be launched with the result).
 DdimStepParams make_ddim_step_params(const at::Tensor& x, const at::Tensor& model_output,
                                      const at::Tensor& table, const at::Tensor& step,
                                      const StepOptions& options, const at::Tensor& out,
-                                     const std::optional<at::Tensor>& pred_x0_out);
+                                     const std::optional<at::Tensor>& pred_x0_out, bool float64_allowed = false);
 
 // Allocates the functional op's outputs like element-wise PyTorch: empty_like(x) (x's strides when x is
 // non-overlapping and dense, e.g. channels_last; else its suggested memory format), x's dtype; pred_x0 is

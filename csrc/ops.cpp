@@ -27,6 +27,15 @@ TORCH_LIBRARY(ddim_fast, m) {
       "str prediction_type, float? clip_range, Tensor? x0_threshold, bool use_clipped_model_output, "
       "Tensor? noise, Tensor? rng_state, float temperature, Tensor(a!) out, Tensor(b!)? pred_x0_out) -> ()");
 
+  // The step's argument rules (csrc/ddim_step_args.cpp) for the backends that are not C++ (the Triton launcher,
+  // the reference path): raises what ddim_step raises, else returns [prediction, clamp, noise kind,
+  // rng_per_row, flat]. No out: fresh outputs laid out like x.
+  m.def(
+      "ddim_step_check(Tensor x, Tensor model_output, Tensor table, Tensor step, float? guidance_scale, "
+      "str prediction_type, float? clip_range, Tensor? x0_threshold, bool use_clipped_model_output, "
+      "Tensor? noise, Tensor? rng_state, float temperature, Tensor? out, Tensor? pred_x0_out, "
+      "bool float64_allowed) -> int[]");
+
   // softmax(scores * scale + mask) over the last dim in one pass; mask is additive (float) or
   // boolean (True = keep), broadcast over the leading dims as documented in ddim_fast/attention.py.
   m.def("scaled_masked_softmax(Tensor scores, Tensor? mask, float scale) -> Tensor");

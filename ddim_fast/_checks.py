@@ -58,37 +58,6 @@ def require_float_tensor(op: str, name: str, value, *, allow_float64: bool = Fal
     return value
 
 
-# c10::ScalarType names, so messages of the Python checks read exactly like the C++ op's.
-_C10_DTYPE_NAMES = {
-    torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
-    torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
-    torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
-}
-
-
-def c10_dtype_name(dtype: torch.dtype) -> str:
-    return _C10_DTYPE_NAMES.get(dtype, str(dtype))
-
-
-def rng_state_per_row(rng_state: torch.Tensor, x: torch.Tensor) -> bool:
-    """Checks ``rng_state`` for a step on x (the rules and messages of csrc/ddim_step_args.cpp) and says which
-    form it has: False for [2] = (seed, offset), one Philox stream over the tensor; True for [B, 2], one
-    (seed, offset) per batch row (csrc/include/ddim_fast/philox.h has the mapping)."""
-    if rng_state.device != x.device:
-        raise ValueError(f"ddim_step: rng_state must be on x's device {x.device}, got {rng_state.device}")
-    if rng_state.dtype != torch.int64:
-        raise TypeError(f"ddim_step: rng_state must be int64 ([seed, offset] or [B, 2]), "
-                        f"got {c10_dtype_name(rng_state.dtype)}")
-    shape = rng_state.shape
-    one_stream = len(shape) == 1 and shape[0] == 2
-    per_row = len(shape) == 2 and shape[0] == x.shape[0] and shape[1] == 2
-    if not (one_stream or per_row) or not rng_state.is_contiguous():
-        raise ValueError(f"ddim_step: rng_state must be a contiguous int64 tensor [seed, offset] or [B, 2] = "
-                         f"[{x.shape[0]}, 2] (one seed and offset per batch row), got shape "
-                         f"[{', '.join(str(int(n)) for n in shape)}]")
-    return per_row
-
-
 # --------------------------------------------------------------------------------------------------
 # Python scalars
 # --------------------------------------------------------------------------------------------------

@@ -110,9 +110,9 @@ def ddim_step(
     reads the seed on the host, and an int ``step`` is copied to the device on every call.
     Returns x_prev [B, ...], or (x_prev, pred_x0) when ``return_pred_x0`` or ``pred_x0_out`` is given.
     """
-    # Every check below runs on every call; each is written so that the common case (tensors of a kernel
-    # dtype, Python floats, a tensor step) costs a type test, and anything else takes the full rule with its
-    # message. The kernels check the rest (shapes, devices, overlap) in C++ or in the Triton launcher.
+    # The checks here are about Python types only (what must hold before promotion and the op call); each costs
+    # a type test in the common case (tensors of a float dtype, Python floats, a tensor step). Every rule about
+    # values, shapes, devices and overlap is the op's (csrc/ddim_step_args.cpp, for every backend).
     if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES:
         _checks.require_float_tensor("ddim_step", "x", x, allow_float64=True)
     if not isinstance(model_output, torch.Tensor) or model_output.dtype not in _FLOAT_DTYPES:
@@ -127,17 +127,14 @@ def ddim_step(
         step = torch.tensor([step], dtype=torch.int64, device=x.device)
     canonical = _PREDICTIONS.get(prediction_type) if type(prediction_type) is str else None
     prediction_type = canonical if canonical is not None else canonical_prediction_type(prediction_type)
-    if guidance_scale is not None:
-        guidance_scale = _checks.finite_float("ddim_step", "guidance_scale", guidance_scale, optional=True)
-    if clip_range is not None:
-        # +inf is allowed: "clamp nothing, but re-derive eps" (diffusers' use_clipped_model_output).
-        if type(clip_range) is not float:
-            clip_range = _checks.real_number("ddim_step", "clip_range", clip_range, optional=True)
-        if not clip_range > 0:
-            raise ValueError(f"ddim_step: clip_range must be > 0, got {clip_range:g} (inf clamps nothing)")
-    if temperature is None:
-        raise TypeError("ddim_step: temperature must be a float, got None")
-    temperature = _checks.finite_float("ddim_step", "temperature", temperature)
+    # Scalars become Python floats here (0-dim tensors, numpy scalars, ints); their values (finite, clip_range > 0)
+    # are checked with every other rule by the op (csrc/ddim_step_args.cpp), whichever backend runs.
+    if guidance_scale is not None and type(guidance_scale) is not float:
+        guidance_scale = _checks.real_number("ddim_step", "guidance_scale", guidance_scale, optional=True)
+    if clip_range is not None and type(clip_range) is not float:
+        clip_range = _checks.real_number("ddim_step", "clip_range", clip_range, optional=True)
+    if type(temperature) is not float:
+        temperature = _checks.real_number("ddim_step", "temperature", temperature)
     if noise is not None and (not isinstance(noise, torch.Tensor) or noise.dtype not in _FLOAT_DTYPES):
         _checks.require_float_tensor("ddim_step", "noise", noise, allow_float64=True)
     if rng_state is not None and not isinstance(rng_state, torch.Tensor):
@@ -182,12 +179,12 @@ def ddim_step(
     return (out, pred_x0_out) if want_pred_x0 else out
 
 
-# The op overloads themselves: calling .default skips the OpOverloadPacket's overload resolution. NATIVE_STEP is
-# also what FastDDIMScheduler.step calls directly in its common case.
-NATIVE_STEP = _NATIVE_STEP = torch.ops.ddim_fast.ddim_step.default
+# The op overloads themselves: calling .default skips the OpOverloadPacket's overload resolution.
+_NATIVE_STEP = torch.ops.ddim_fast.ddim_step.default
 _NATIVE_STEP_OUT = torch.ops.ddim_fast.ddim_step_out.default
 _TRITON_STEP = torch.ops.ddim_fast.ddim_step_triton.default
 _TRITON_STEP_OUT = torch.ops.ddim_fast.ddim_step_triton_out.default
+_CHECK = torch.ops.ddim_fast.ddim_step_check.default  # the step's argument rules, for the reference path
 
 
 def _reference_step(x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
@@ -195,9 +192,13 @@ def _reference_step(x, model_output, table, step, guidance_scale, prediction_typ
     """backend='reference': the pure-PyTorch oracle (float64 latents, devices without kernels), with the
     kernels' seeded noise (drawn on the host) and their output layout."""
     dtype = x.dtype
+    # The kernels' argument rules and messages (csrc/ddim_step_args.cpp), float64 included. Not on meta tensors
+    # (they have no data to check; the reference computes shapes alike).
+    if x.device.type != "meta":
+        _CHECK(x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
+               bool(use_clipped_model_output), noise, rng_state, temperature, out, pred_x0_out, True)
     ref_noise = noise
     if rng_state is not None:
-        _checks.rng_state_per_row(rng_state, x)  # the kernels' rules and messages for [2] / [B, 2]
         ref_noise = reference.seeded_noise(rng_state, int(step.reshape(-1)[0]), x.shape).to(x.device)
     x_prev, pred_x0 = reference.ddim_step(
         x, model_output, table, step, guidance_scale=guidance_scale, prediction_type=prediction_type,

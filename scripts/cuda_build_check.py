@@ -35,8 +35,11 @@ from pathlib import Path
 TAG = "[cuda-build-check]"
 
 # Where each op's kernel must come from, per dispatch key: "cpu" / "cuda" = a C++ kernel of csrc/cpu or
-# csrc/cuda; "python" = registered from Python (ddim_fast/_library.py: the Triton kernels and every fake kernel).
+# csrc/cuda; "shared" = a device-agnostic C++ kernel of csrc/ itself (CompositeExplicitAutograd, e.g. the step's
+# argument checks); "python" = registered from Python (ddim_fast/_library.py: the Triton kernels and every fake
+# kernel).
 EXPECTED = {
+    "ddim_step_check": {"CPU": "shared", "CUDA": "shared"},
     "ddim_step": {"CPU": "cpu", "CUDA": "cuda", "Meta": "python"},
     "ddim_step_out": {"CPU": "cpu", "CUDA": "cuda", "Meta": "python"},
     "scaled_masked_softmax": {"CPU": "cpu", "CUDA": "cuda", "Meta": "python"},
@@ -47,7 +50,7 @@ EXPECTED = {
     "attention_triton": {"CPU": "python", "CUDA": "python", "Meta": "python"},
 }
 
-_REGISTERED = re.compile(r"^(\w+): registered at (\S+?)(?::\d+)? \[kernel\]", re.M)
+_REGISTERED = re.compile(r"^(\w+): registered at (\S+?)(?::\d+)? \[(?:default backend )?kernel\]", re.M)
 
 
 def registration_sites(op: str) -> dict[str, str]:
@@ -58,13 +61,16 @@ def registration_sites(op: str) -> dict[str, str]:
 
 
 def classify(path: str) -> str:
-    """'cpu' / 'cuda' for a C++ file of csrc/cpu or csrc/cuda, 'python' for a .py registration, else the path."""
+    """'cpu' / 'cuda' for a C++ file of csrc/cpu or csrc/cuda, 'shared' for one of csrc/ itself, 'python' for a
+    .py registration, else the path."""
     norm = path.replace("\\", "/")
     if norm.endswith(".py"):
         return "python"
     for kind in ("cpu", "cuda"):
         if f"/csrc/{kind}/" in norm and norm.endswith((".cpp", ".cu")):
             return kind
+    if re.search(r"/csrc/[^/]+\.cpp$", norm):
+        return "shared"
     return path
 
 

@@ -812,6 +812,63 @@ def test_opcheck_empty():
     torch.library.opcheck(torch.ops.ddim_fast.ddim_step.default, _op_args("guided_rng", shape=(0, 3, 4, 5)) + (True,))
 
 
+# --------------------------------------------------------------------------------------------------
+# ddim_step_check: the step's rules for the backends that are not C++ (Triton launcher, reference path)
+# --------------------------------------------------------------------------------------------------
+
+_CHECK = torch.ops.ddim_fast.ddim_step_check.default
+
+
+@pytest.mark.parametrize("option_set", ["plain", "guided_rng", "v_clip_noise", "sample_threshold", "strided"])
+def test_check_op_returns_the_launch_plan(option_set):
+    """[prediction, clamp, noise kind, rng per row, flat] for each option set, and its schema passes opcheck
+    (no fake kernel on purpose: it reads data pointers; the step ops' fake kernels serve torch.compile)."""
+    args = _op_args(option_set)
+    x, m, table, step, g, p, c, t, u, n, r, temp = args
+    plan = _CHECK(*args, None, None, False)
+    want_prediction = {"epsilon": 0, "v_prediction": 1, "sample": 2}[p]
+    want_clamp = 2 if t is not None else (1 if c is not None else 0)
+    want_noise = 1 if n is not None else (2 if r is not None else 0)
+    want_flat = option_set != "strided"
+    assert plan == [want_prediction, want_clamp, want_noise, 0, int(want_flat)]
+    torch.library.opcheck(_CHECK, args + (None, None, False), test_utils=("test_schema", "test_autograd_registration"))
+    with pytest.raises(ValueError, match="meta tensor"):
+        _CHECK(*(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args), None, None, False)
+
+
+@pytest.mark.parametrize("bad", ["guidance_nan", "temperature_inf", "clip_zero", "shape", "dtype", "out_overlap"])
+def test_check_op_raises_exactly_what_the_cpp_op_raises(bad):
+    """One set of rules: the check op and the C++ kernel raise the same exception type and message."""
+    x, m, table, step, g, p, c, t, u, n, r, temp = _op_args("v_clip_noise")
+    out = torch.empty_like(x)
+    if bad == "guidance_nan":
+        g = float("nan")
+    elif bad == "temperature_inf":
+        temp = float("inf")
+    elif bad == "clip_zero":
+        c = 0.0
+    elif bad == "shape":
+        m = m[:, :, :2]
+    elif bad == "dtype":
+        m = m.double()
+    else:
+        out = m[: x.shape[0]]
+    args = (x, m, table, step, g, p, c, t, u, n, r, temp)
+    with pytest.raises((ValueError, TypeError)) as from_kernel:
+        torch.ops.ddim_fast.ddim_step_out(*args, out, None)
+    with pytest.raises(type(from_kernel.value)) as from_check:
+        _CHECK(*args, out, None, False)
+    assert str(from_check.value).splitlines()[0] == str(from_kernel.value).splitlines()[0]
+
+
+def test_check_op_allows_float64_only_when_asked():
+    x, m, table, step, *rest = _op_args("plain")
+    args = (x.double(), m.double(), table, step, *rest)
+    assert _CHECK(*args, None, None, True)[4] == 1
+    with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16, got Double"):
+        _CHECK(*args, None, None, False)
+
+
 def _compile_over_schedule(step_fn, backend: str):
     """Compile step_fn(x, model_output, table, step, rng) with fullgraph=True and run it over every row
     of the 10-step table by bumping the step tensor in place; compare with eager each step."""

@@ -27,10 +27,11 @@ Semantics shared with the C++ kernels:
   still need more than 4 dims after collapsing fall back to contiguous copies of the inputs (and a
   contiguous temporary for each strided output, copied back): correct, one extra pass over memory.
 
-Host cost per call: the checks of csrc/ddim_step_args.cpp run every call (the functional op skips the
-overlap checks of the outputs it just allocated, which could not fail); everything that follows from
-shapes, strides, dtype and options (layout path, collapsed sizes/strides, noise mode, block size, grid)
-is a cached _Plan.
+Argument checks: the step's rules live in one place, csrc/ddim_step_args.cpp; the launcher calls them through
+the ``ddim_fast::ddim_step_check`` op (same messages as the C++ kernels, by construction), which also decides
+the memory-order path. The functional op skips the overlap checks of the outputs it just allocated (they
+could not fail). Everything that follows from shapes, strides, dtype and options (collapsed sizes/strides,
+noise mode, block size, grid) is a cached _Plan.
 
 On CPU tensors the kernel runs under the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is
 imported) with a fixed block size; on CUDA the block size and warp count are chosen by problem size.
@@ -40,24 +41,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 import ddim_fast  # noqa: F401  (registers torch.ops.ddim_fast.*)
-from ddim_fast import _checks
-from ddim_fast import schedule as _schedule
 from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
 
 __all__ = ["ddim_step_triton", "ddim_step_triton_out", "run_ddim_step"]
 
-_MAX_DIMS = 8  # csrc/include/ddim_fast/step_params.h kMaxDims
 _KERNEL_DIMS = 4  # logical dims the kernel indexes after collapsing
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_PREDICTIONS = {"epsilon": 0, "v_prediction": 1, "sample": 2}  # step_math.h Prediction
-_CLAMP_NONE, _CLAMP_STATIC, _CLAMP_DYNAMIC = 0, 1, 2  # step_math.h X0Clamp
 # NOISE constexpr: none, a noise tensor, Philox with one stream over the tensor (rng_state [2]), Philox with
 # one stream per batch row (rng_state [B, 2]) when sample_numel % 4 == 0, and when it is not (padded groups).
 _NOISE_NONE, _NOISE_TENSOR, _NOISE_PHILOX, _NOISE_PHILOX_ROWS, _NOISE_PHILOX_ROWS_PADDED = 0, 1, 2, 3, 4
@@ -298,179 +292,13 @@ _INTERPRETED = isinstance(_ddim_step_kernel, _InterpretedFunction)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Validation: the rules and messages of csrc/ddim_step_args.cpp
+# Validation: csrc/ddim_step_args.cpp, the one place the step's argument rules live
 # ----------------------------------------------------------------------------------------------------
 
-_OVERLAP_NO, _OVERLAP_FULL, _OVERLAP_PARTIAL, _OVERLAP_TOO_HARD = range(4)
-
-
-def _non_overlapping_and_dense(t: torch.Tensor) -> bool:
-    expected = 1
-    for size, stride in sorted(((s, st) for s, st in zip(t.shape, t.stride()) if s != 1), key=lambda p: p[1]):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _overlap_status(a: torch.Tensor, b: torch.Tensor) -> int:
-    """ATen's get_overlap_status, except that tensors on different storages never overlap even when one
-    of them is not dense (ATen answers TooHard there, which rejects a strided x; see the report)."""
-    if a is b:
-        return _OVERLAP_FULL
-    if a.numel() == 0 or b.numel() == 0:
-        return _OVERLAP_NO
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return _OVERLAP_NO
-    if not _non_overlapping_and_dense(a) or not _non_overlapping_and_dense(b):
-        return _OVERLAP_TOO_HARD
-    a_begin, b_begin = a.data_ptr(), b.data_ptr()
-    a_end = a_begin + a.numel() * a.element_size()
-    b_end = b_begin + b.numel() * b.element_size()
-    if a_begin == b_begin and a_end == b_end:
-        return _OVERLAP_FULL if a.stride() == b.stride() else _OVERLAP_PARTIAL
-    if a_begin < b_end and b_begin < a_end:
-        return _OVERLAP_PARTIAL
-    return _OVERLAP_NO
-
-
-def _shape_str(shape) -> str:
-    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
-
-
-_dtype_str = _checks.c10_dtype_name  # c10::ScalarType names, so messages read exactly like the C++ op's
-
-
-def _num_str(value: float) -> str:
-    """A double as C++ ostream prints it (6 significant digits)."""
-    return f"{value:g}"
-
-
-def _check_like_x(x: torch.Tensor, t: torch.Tensor, name: str) -> None:
-    if t.device != x.device:
-        raise ValueError(f"ddim_step: {name} must be on x's device {x.device}, got {t.device}")
-    if t.dtype != x.dtype:
-        raise TypeError(f"ddim_step: {name} must have x's dtype {_dtype_str(x.dtype)}, "
-                        f"got {_dtype_str(t.dtype)} (ddim_fast.ops.ddim_step casts for you)")
-    if t.shape != x.shape:
-        raise ValueError(f"ddim_step: {name} must have x's shape {_shape_str(x.shape)}, got "
-                         f"{_shape_str(t.shape)} (nothing is broadcast)")
-
-
-def _check_written(x, written, name, model_output, noise) -> None:
-    _check_like_x(x, written, name)
-    if torch._debug_has_internal_overlap(written) == 1:
-        raise ValueError(f"ddim_step: {name} has internal overlap (several elements share memory); "
-                         "pass a dense tensor")
-    with_x = _overlap_status(written, x)
-    if not (with_x == _OVERLAP_NO or (with_x == _OVERLAP_FULL and written.stride() == x.stride())):
-        raise ValueError(f"ddim_step: {name} partially overlaps x; it may be x itself or disjoint from it")
-    if _overlap_status(written, model_output) != _OVERLAP_NO:
-        raise ValueError(f"ddim_step: {name} overlaps model_output")
-    if noise is not None and _overlap_status(written, noise) != _OVERLAP_NO:
-        raise ValueError(f"ddim_step: {name} overlaps noise")
-
-
-def _validate(x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
-              noise, rng_state, temperature, out, pred_x0_out, fresh_outputs: bool = False):
-    """Checks every argument like make_ddim_step_params and returns the kernel's options:
-    (uncond, cond, prediction, clamp, noise_mode, rng_per_row). ``fresh_outputs``: out / pred_x0_out were just
-    allocated by the functional op (empty_like x), so they cannot overlap anything and their overlap checks
-    are skipped (they could not fail)."""
-    if x.dim() < 1:
-        raise ValueError("ddim_step: x must have a batch dimension, got a 0-dim tensor")
-    if x.dim() > _MAX_DIMS:
-        raise ValueError(f"ddim_step: x may have at most {_MAX_DIMS} dims, got {x.dim()}")
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"ddim_step: x must be float32, float16 or bfloat16, got {_dtype_str(x.dtype)}")
-    device = x.device
-    if device.type != "cuda" and not _INTERPRETED:
-        raise ValueError(f"ddim_step (Triton kernel): x must be a CUDA tensor, got {device} "
-                         "(CPU tensors run only under TRITON_INTERPRET=1)")
-    batch = x.shape[0]
-
-    if model_output.device != device:
-        raise ValueError(f"ddim_step: model_output must be on x's device {device}, got {model_output.device}")
-    if model_output.dtype != x.dtype:
-        raise TypeError(f"ddim_step: model_output must have x's dtype {_dtype_str(x.dtype)}, "
-                        f"got {_dtype_str(model_output.dtype)} (ddim_fast.ops.ddim_step casts for you)")
-    if model_output.dim() != x.dim() or model_output.shape[1:] != x.shape[1:]:
-        raise ValueError("ddim_step: model_output must be [B, ...] or [2B, ...] with x's trailing shape "
-                         f"{_shape_str(x.shape[1:])}, got {_shape_str(model_output.shape)}")
-    if guidance_scale is not None:
-        if model_output.shape[0] != 2 * batch:
-            raise ValueError("ddim_step: with guidance_scale, model_output must stack [uncond, cond] along "
-                             f"dim 0: expected batch {2 * batch}, got {model_output.shape[0]}")
-        if not math.isfinite(guidance_scale):
-            raise ValueError(f"ddim_step: guidance_scale must be finite, got {_num_str(guidance_scale)}")
-        uncond, cond = model_output[:batch], model_output[batch:]
-    else:
-        if model_output.shape[0] != batch:
-            raise ValueError(f"ddim_step: model_output batch must equal x's batch {batch} (or be {2 * batch} "
-                             f"with guidance_scale set), got {model_output.shape[0]}")
-        uncond, cond = model_output, None
-
-    if table.device != device:
-        raise ValueError(f"ddim_step: table must be on x's device {device}, got {table.device} "
-                         "(build it with ddim_fast.schedule ... .to(device))")
-    if table.dtype != torch.float32:
-        raise TypeError(f"ddim_step: table must be float32, got {_dtype_str(table.dtype)}")
-    if not (table.dim() == 2 and table.shape[1] == _schedule.TABLE_COLUMNS and table.is_contiguous()):
-        raise ValueError(f"ddim_step: table must be a contiguous [num_steps, {_schedule.TABLE_COLUMNS}] tensor, "
-                         f"got {_shape_str(table.shape)}")
-    if table.shape[0] == 0:
-        raise ValueError("ddim_step: table has no rows")
-    if step.device != device:
-        raise ValueError(f"ddim_step: step must be on x's device {device}, got {step.device}")
-    if step.dtype != torch.int64:
-        raise TypeError(f"ddim_step: step must be an int64 tensor, got {_dtype_str(step.dtype)}")
-    if step.numel() != 1:
-        raise ValueError(f"ddim_step: step must hold exactly one index, got {step.numel()} elements")
-
-    prediction = _PREDICTIONS.get(prediction_type)
-    if prediction is None:
-        raise ValueError("ddim_step: prediction_type must be 'epsilon', 'v_prediction' or 'sample', got "
-                         f"'{prediction_type}'")
-
-    if clip_range is not None and x0_threshold is not None:
-        raise ValueError("ddim_step: give clip_range or x0_threshold, not both")
-    clamp = _CLAMP_NONE
-    if clip_range is not None:
-        # `> 0` is false for NaN; +inf is allowed (clamps nothing, still re-derives eps when asked).
-        if not clip_range > 0:
-            raise ValueError(f"ddim_step: clip_range must be > 0, got {_num_str(clip_range)} (inf clamps nothing)")
-        clamp = _CLAMP_STATIC
-    if x0_threshold is not None:
-        if x0_threshold.device != device:
-            raise ValueError(f"ddim_step: x0_threshold must be on x's device {device}, got {x0_threshold.device}")
-        if x0_threshold.dtype != torch.float32:
-            raise TypeError(f"ddim_step: x0_threshold must be float32, got {_dtype_str(x0_threshold.dtype)}")
-        if not (x0_threshold.dim() == 1 and x0_threshold.shape[0] == batch and x0_threshold.is_contiguous()):
-            raise ValueError(f"ddim_step: x0_threshold must be a contiguous [B] = [{batch}] tensor, got "
-                             f"{_shape_str(x0_threshold.shape)}")
-        clamp = _CLAMP_DYNAMIC
-
-    if noise is not None and rng_state is not None:
-        raise ValueError("ddim_step: give noise or rng_state, not both")
-    noise_mode = _NOISE_NONE
-    per_row = False
-    if noise is not None:
-        _check_like_x(x, noise, "noise")
-        noise_mode = _NOISE_TENSOR
-    if rng_state is not None:
-        per_row = _checks.rng_state_per_row(rng_state, x)
-        noise_mode = _NOISE_PHILOX
-    if not math.isfinite(temperature):
-        raise ValueError(f"ddim_step: temperature must be finite, got {_num_str(temperature)}")
-
-    if fresh_outputs:
-        return uncond, cond, prediction, clamp, noise_mode, per_row
-    _check_written(x, out, "out", model_output, noise)
-    if pred_x0_out is not None:
-        _check_written(x, pred_x0_out, "pred_x0_out", model_output, noise)
-        if _overlap_status(pred_x0_out, out) != _OVERLAP_NO:
-            raise ValueError("ddim_step: pred_x0_out overlaps out")
-    return uncond, cond, prediction, clamp, noise_mode, per_row
+# Raises what the C++ step op raises for the same arguments (same messages), else returns
+# [prediction, clamp, noise kind (0 none, 1 tensor, 2 Philox), rng_per_row, flat].
+_CHECK = torch.ops.ddim_fast.ddim_step_check.default
+_NOISE_OF_KIND = (_NOISE_NONE, _NOISE_TENSOR, _NOISE_PHILOX)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -524,19 +352,8 @@ def _launch_config(numel: int, contiguous: bool) -> tuple[int, int]:
     return 256, 4
 
 
-def _same_strides(t_strides, x_strides, shape) -> bool:
-    """t holds every element at x's offset: equal strides on every dim of size > 1."""
-    return all(a == b for a, b, n in zip(t_strides, x_strides, shape) if n != 1)
 
 
-def _dense(shape, strides) -> bool:
-    """Non-overlapping and dense: the offsets are exactly 0 .. numel - 1."""
-    expected = 1
-    for size, stride in sorted(((n, st) for n, st in zip(shape, strides) if n != 1), key=lambda p: p[1]):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 class _Plan:
@@ -545,19 +362,13 @@ class _Plan:
 
     __slots__ = ("contiguous", "copy_in", "sizes", "strides", "block_groups", "num_warps", "grid", "noise")
 
-    def __init__(self, shape, arg_strides, noise_mode, per_row, dynamic):
+    def __init__(self, shape, arg_strides, noise_mode, per_row, flat):
         numel = math.prod(shape)
         sample_numel = numel // shape[0] if shape[0] else 0
         philox = noise_mode == _NOISE_PHILOX
-        x_strides = arg_strides[0]
-        row_major_strides = _row_major_strides(shape)
-        row_major = all(_same_strides(st, row_major_strides, shape) for st in arg_strides)
-        # Memory order: row-major, or one dense layout shared by every argument (channels_last), where the
-        # memory position means what the options need: Philox needs the logical index (only row-major
-        # gives it), dynamic thresholding the sample (memory position // sample_numel with batch outermost).
-        batch_outermost = shape[0] <= 1 or x_strides[0] == sample_numel
-        shared_dense = _dense(shape, x_strides) and all(_same_strides(st, x_strides, shape) for st in arg_strides)
-        self.contiguous = row_major or (shared_dense and not philox and (not dynamic or batch_outermost))
+        # Memory order (DdimStepParams::flat, decided by the C++ checks): row-major, or one dense layout shared
+        # by every argument (channels_last) where the memory position means what the options need.
+        self.contiguous = bool(flat)
         self.copy_in = False
         if self.contiguous:
             self.sizes = [1] * _KERNEL_DIMS
@@ -586,42 +397,47 @@ class _Plan:
         self.grid = (triton.cdiv(groups, self.block_groups),)
 
 
-def _row_major_strides(shape) -> tuple:
-    strides, acc = [], 1
-    for n in reversed(shape):
-        strides.append(acc)
-        acc *= max(int(n), 1)
-    return tuple(reversed(strides))
 
 
 _PLANS: dict = {}
 _PLANS_MAX = 512  # distinct (shape, layout, options) keys kept; a loop uses one or two
 
 
-def _plan(shape, arg_strides, dtype, noise_mode, per_row, dynamic) -> _Plan:
-    key = (shape, arg_strides, dtype, noise_mode, per_row, dynamic)
+def _plan(shape, arg_strides, dtype, noise_mode, per_row, flat) -> _Plan:
+    key = (shape, arg_strides, dtype, noise_mode, per_row, flat)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= _PLANS_MAX:
             _PLANS.clear()
-        plan = _PLANS[key] = _Plan(tuple(int(n) for n in shape), arg_strides, noise_mode, per_row, dynamic)
+        plan = _PLANS[key] = _Plan(tuple(int(n) for n in shape), arg_strides, noise_mode, per_row, flat)
     return plan
 
 
 def run_ddim_step(x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
                   use_clipped_model_output, noise, rng_state, temperature, out, pred_x0_out,
                   fresh_outputs: bool = False) -> None:
-    uncond, cond, prediction, clamp, noise_mode, per_row = _validate(
-        x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold, noise, rng_state,
-        temperature, out, pred_x0_out, fresh_outputs)
+    if x.device.type != "cuda" and not _INTERPRETED:
+        raise ValueError(f"ddim_step (Triton kernel): x must be a CUDA tensor, got {x.device} "
+                         "(CPU tensors run only under TRITON_INTERPRET=1)")
+    # Fresh outputs (the functional op's empty_like(x)) overlap nothing: the check skips them.
+    prediction, clamp, noise_kind, per_row, flat = _CHECK(
+        x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
+        use_clipped_model_output, noise, rng_state, temperature, None if fresh_outputs else out,
+        None if fresh_outputs else pred_x0_out, False)
     numel = x.numel()
     if numel == 0:
         return
+    batch = x.shape[0]
+    if guidance_scale is not None:
+        uncond, cond = model_output[:batch], model_output[batch:]
+    else:
+        uncond, cond = model_output, None
+    noise_mode = _NOISE_OF_KIND[noise_kind]
     # Kernel arguments in the order x, uncond, cond, noise, out, pred_x0; absent ones stand in as x
     # (their pointers are never dereferenced: the constexpr options remove those loads/stores).
     args = [x, uncond, x if cond is None else cond, x if noise is None else noise, out,
             out if pred_x0_out is None else pred_x0_out]
-    plan = _plan(x.shape, tuple(a.stride() for a in args), x.dtype, noise_mode, per_row, clamp == _CLAMP_DYNAMIC)
+    plan = _plan(x.shape, tuple(a.stride() for a in args), x.dtype, noise_mode, bool(per_row), flat)
     write_back = []
     if plan.copy_in:
         args[:4] = [a.contiguous() for a in args[:4]]
