@@ -134,6 +134,21 @@ def check_qkv(op: str, q, k, v) -> None:
         raise ValueError(f"{op}: k and v must have the same number of keys, got {k.shape[-2]} and {v.shape[-2]}")
 
 
+# Largest finite float32: the kernels multiply the scores by float32(scale), so a larger double overflows to inf.
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_softmax_scale(op: str, scale) -> float:
+    """The softmax scale of the attention ops as a float: a real number (not bool) whose float32 value is
+    finite. NaN or +-inf (or a double beyond float32's range) would make every output NaN without a word."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{op}: scale must be a float, got {type(scale).__name__}")
+    value = float(scale)
+    if not (math.isfinite(value) and abs(value) <= _FLOAT32_MAX):
+        raise ValueError(f"{op}: scale must be finite (in float32's range), got {value}")
+    return value
+
+
 def check_mask(op: str, mask: torch.Tensor, score_shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
     """mask.dim() == len(score_shape) ([..., Lq, Lk]), last dim Lk, every other dim equal or 1 (broadcast
     without a copy); bool (True = keep) or additive in the scores' dtype; on the scores' device."""

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from ddim_fast._checks import allocate_step_outputs
+from ddim_fast._checks import allocate_step_outputs, check_softmax_scale
 
 try:
     from ddim_fast import _C  # noqa: F401  (loading the library registers the schemas and C++ kernels)
@@ -97,14 +97,18 @@ def _ddim_step_out_fake(x, model_output, table, step, guidance_scale, prediction
 
 
 def _softmax_fake(scores, mask, scale):
+    check_softmax_scale("scaled_masked_softmax", scale)
     return torch.empty(scores.shape, dtype=scores.dtype, device=scores.device)
 
 
 def _softmax_inplace_fake(scores, mask, scale):
+    check_softmax_scale("scaled_masked_softmax_", scale)
     return None
 
 
 def _attention_fake(q, k, v, scale, mask):
+    # As the kernels do: a non-finite scale is an error, not NaN outputs (also under torch.compile).
+    check_softmax_scale("attention", scale)
     if q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():
         raise ValueError(f"attention: q, k, v must be 3-D or 4-D alike, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")

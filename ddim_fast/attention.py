@@ -42,7 +42,7 @@ from typing import Optional
 import torch
 
 from ddim_fast import reference
-from ddim_fast._checks import check_mask, check_qkv, require_float_tensor
+from ddim_fast._checks import check_mask, check_qkv, check_softmax_scale, require_float_tensor
 from ddim_fast._library import has_native_kernel, triton_found
 
 __all__ = ["fused_attention", "scaled_masked_softmax", "ATTENTION_BACKENDS", "check_mask", "check_qkv"]
@@ -90,17 +90,14 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Op
     """softmax(q k^T * scale (+ mask)) v in one fused kernel, fp32 math.
 
     q [B, H, Lq, D] and k, v [B, H, Lk, D] (any strides), or [B*H, Lq, D] and [B*H, Lk, D].
-    ``scale`` defaults to 1/sqrt(D). ``mask``: see the module docstring (bool keeps True; float is
+    ``scale`` defaults to 1/sqrt(D); it must be finite (NaN or inf raise ValueError). ``mask``: see the module docstring (bool keeps True; float is
     additive and is cast to q's dtype). ``backend``: 'auto' (Triton on CUDA, C++ on CPU), 'native'
     (torch.ops.ddim_fast.attention), 'triton' (torch.ops.ddim_fast.attention_triton) or 'reference'
     (PyTorch, fp32 math). Returns [..., Lq, D] in q's dtype (contiguous).
     """
     op = "fused_attention"
     check_qkv(op, q, k, v)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"{op}: scale must be a float or None, got {type(scale).__name__}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else check_softmax_scale(op, scale)
     mask = _check_mask(op, mask, tuple(q.shape[:-1]) + (k.shape[-2],), q.dtype, q.device)
 
     backend = _resolve_attention_backend(backend, q.device)
@@ -115,7 +112,7 @@ def scaled_masked_softmax(scores: torch.Tensor, mask: Optional[torch.Tensor] = N
                           inplace: bool = False, backend: str = "auto") -> torch.Tensor:
     """softmax(scores * scale (+ mask)) over the last dim in one pass, fp32 math.
 
-    scores [..., Lq, Lk] (2 to 4 dims, any strides); mask per the module docstring. ``inplace`` writes
+    scores [..., Lq, Lk] (2 to 4 dims, any strides); mask per the module docstring; ``scale`` finite. ``inplace`` writes
     the result into ``scores`` (the C++ ``scaled_masked_softmax_``). ``backend``: 'auto'/'native' (the
     C++ CPU / CUDA kernels) or 'reference'. Returns a tensor of scores' shape and dtype.
     """
@@ -123,8 +120,7 @@ def scaled_masked_softmax(scores: torch.Tensor, mask: Optional[torch.Tensor] = N
     require_float_tensor(op, "scores", scores)
     if not 2 <= scores.dim() <= 4:
         raise ValueError(f"{op}: scores must have 2 to 4 dims [..., Lq, Lk], got shape {tuple(scores.shape)}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"{op}: scale must be a float, got {type(scale).__name__}")
+    scale = check_softmax_scale(op, scale)
     mask = _check_mask(op, mask, tuple(scores.shape), scores.dtype, scores.device)
     if backend not in ("auto", "native", "reference"):
         raise ValueError(f"{op}: backend must be 'auto', 'native' or 'reference', got {backend!r}")

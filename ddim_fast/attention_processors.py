@@ -275,6 +275,10 @@ def unservable_reason(module: nn.Module, processor=None) -> Optional[str]:
             for part, reason in _UNSERVED_FAMILIES:
                 if part in cls_name:
                     return f"{cls_name}: {reason}"
+            base = next((name for cls, name in served.items() if isinstance(processor, cls)), None)
+            if base is not None:
+                # A user's wrapper (call counting, attention-map capture, ...): replacing it would skip its code.
+                return f"{cls_name}: a subclass of {base} whose own code would be skipped"
             return f"{cls_name}: a processor the fused kernels do not reproduce"
     if getattr(module, "added_kv_proj_dim", None) is not None:
         return f"{cls_name}: added key/value projections"

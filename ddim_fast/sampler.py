@@ -99,6 +99,92 @@ def _cfg_cat(cond, uncond):
     return torch.cat([uncond, cond])
 
 
+def _fits_latents(shape: tuple, latent_shape: tuple) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``latent_shape`` without changing it (right-aligned dims
+    equal or 1, no extra dims)."""
+    return len(shape) <= len(latent_shape) and all(
+        s in (1, target) for s, target in zip(reversed(shape), reversed(latent_shape)))
+
+
+def _check_uncond_pairs(op: str, cond, uncond, path: str = "") -> None:
+    """unconditional_conditioning mirrors conditioning: same structure, and each tensor the shape of its
+    conditional counterpart (the guided batch is cat([uc, c]) and the model output is split in halves)."""
+    c_name, u_name = f"conditioning{path}", f"unconditional_conditioning{path}"
+    if isinstance(cond, dict):
+        if not isinstance(uncond, dict):
+            raise TypeError(f"{op}: {u_name} must be a dict when {c_name} is a dict, got {type(uncond).__name__}")
+        for key, value in cond.items():
+            if key not in uncond:
+                raise ValueError(f"{op}: {u_name} lacks the key {key!r} that {c_name} has")
+            _check_uncond_pairs(op, value, uncond[key], f"{path}[{key!r}]")
+        return
+    if isinstance(cond, list):
+        if not isinstance(uncond, list):
+            raise TypeError(f"{op}: {u_name} must be a list when {c_name} is a list, got {type(uncond).__name__}")
+        if len(uncond) != len(cond):
+            raise ValueError(f"{op}: {u_name} must be a list of {len(cond)} like {c_name}, got {len(uncond)}")
+        for i, (c, u) in enumerate(zip(cond, uncond)):
+            _check_uncond_pairs(op, c, u, f"{path}[{i}]")
+        return
+    if not isinstance(cond, torch.Tensor):
+        raise TypeError(f"{op}: {c_name} must be a tensor, a list or a dict of them, got {type(cond).__name__}")
+    if not isinstance(uncond, torch.Tensor):
+        raise TypeError(f"{op}: {u_name} must be a tensor like {c_name}, got {type(uncond).__name__}")
+    if uncond.shape != cond.shape:
+        raise ValueError(f"{op}: {u_name} must have the shape of {c_name} {tuple(cond.shape)} (one unconditional "
+                         f"row per conditional row: the guided batch is cat([uc, c])), got {tuple(uncond.shape)}")
+
+
+def _check_sampling_inputs(op: str, latent_shape, *, cond=None, uncond=None, guided: bool = False, mask=None,
+                           x0=None) -> None:
+    """The shapes a sampling run combines, checked before any work: no model call, no RNG draw (a rejected
+    call leaves the global generator as it was), no schedule change. Upstream would fail deep inside on
+    any of these with a bare broadcasting or cat error, or after the first steps.
+
+    latent_shape: the latents' shape [B, C, H, W] (x_T's, or (batch_size, *shape)). With ``guided``
+    (unconditional_conditioning given and a guidance scale != 1): ``uncond`` mirrors ``cond`` (tensor, list,
+    or dict of tensors / lists; extra dict keys are ignored as upstream does) tensor for tensor, with equal
+    shapes. ``mask`` (1 = keep x0): a real tensor that broadcasts to the latents' shape ([B, 1, H, W] is
+    ldm's), needing ``x0`` of the latents' rank that broadcasts to it too (usually exactly [B, C, H, W])."""
+    latent_shape = tuple(latent_shape)
+    if guided:
+        if cond is None:
+            raise ValueError(f"{op}: unconditional_conditioning needs conditioning (guidance combines both)")
+        _check_uncond_pairs(op, cond, uncond)
+    if mask is None:
+        return
+    if x0 is None:
+        raise ValueError(f"{op}: mask needs x0 (the latents to keep where mask == 1)")
+    for name, value in (("mask", mask), ("x0", x0)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if mask.dtype == torch.bool or mask.is_complex():
+        raise TypeError(f"{op}: mask must be a real tensor (1 = keep x0, 0 = sample; upstream computes 1 - mask), "
+                        f"got {mask.dtype}; pass mask.float()")
+    if not _fits_latents(tuple(mask.shape), latent_shape):
+        hint = ""
+        if mask.dim() >= 2 and len(latent_shape) >= 2 and tuple(mask.shape[-2:]) != latent_shape[-2:] \
+                and mask.shape[-1] > latent_shape[-1]:
+            hint = f" (a mask at image resolution must be resized to the latent resolution {latent_shape[-2:]})"
+        raise ValueError(f"{op}: mask must broadcast to the latents' shape {latent_shape} without changing it "
+                         f"(each dim equal or 1, e.g. [B, 1, H, W]), got {tuple(mask.shape)}{hint}")
+    if x0.dim() != len(latent_shape) or not _fits_latents(tuple(x0.shape), latent_shape):
+        raise ValueError(f"{op}: x0 (the latents kept where mask == 1) must have the latents' shape {latent_shape} "
+                         f"(or size 1 in a dim), got {tuple(x0.shape)}")
+
+
+def _is_guided(uncond, scale, ucg_schedule=None) -> bool:
+    """Whether a run combines unconditional_conditioning with the conditioning (upstream's test: uc given and
+    a scale != 1; any non-number scale counts, the scalar checks reject it)."""
+    if uncond is None:
+        return False
+    scales = list(ucg_schedule) if ucg_schedule is not None else [scale]
+    try:
+        return any(bool(s != 1.0) for s in scales)
+    except (TypeError, RuntimeError, ValueError):
+        return True
+
+
 def _check_generator(generator, batch: int):
     """None, one torch.Generator, or a list of ``batch`` generators (one per sample, as diffusers takes)."""
     if generator is None or isinstance(generator, torch.Generator):
@@ -313,9 +399,13 @@ class FastDDIMSampler:
             elif conditioning.shape[0] != batch_size:
                 logger.warning("Got %d conditionings but batch-size is %d", conditioning.shape[0], batch_size)
 
-        self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose)
         C, H, W = shape
         size = (batch_size, C, H, W)
+        _check_sampling_inputs("FastDDIMSampler.sample", size if x_T is None else x_T.shape, cond=conditioning,
+                               uncond=unconditional_conditioning,
+                               guided=_is_guided(unconditional_conditioning, unconditional_guidance_scale, ucg_schedule),
+                               mask=mask, x0=x0)
+        self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose)
         logger.info("Data shape for DDIM sampling is %s, eta %s", size, eta)
         return self.ddim_sampling(conditioning, size, callback=callback, img_callback=img_callback,
                                   quantize_denoised=quantize_x0, mask=mask, x0=x0, ddim_use_original_steps=False,
@@ -335,6 +425,10 @@ class FastDDIMSampler:
         """ldm's ``ddim_sampling``: the loop. ``timesteps`` (int) runs only the first part of the grid as
         upstream does. Returns (img, intermediates)."""
         self._require_schedule()
+        _check_sampling_inputs("FastDDIMSampler.ddim_sampling", shape if x_T is None else x_T.shape, cond=cond,
+                               uncond=unconditional_conditioning,
+                               guided=_is_guided(unconditional_conditioning, unconditional_guidance_scale, ucg_schedule),
+                               mask=mask, x0=x0)
         device = self.model.betas.device
         b = shape[0]
         generator = _check_generator(generator, b)
@@ -350,8 +444,6 @@ class FastDDIMSampler:
         total = max(0, min(total, table.shape[0]))
         if ucg_schedule is not None and len(ucg_schedule) != total:
             raise ValueError(f"ucg_schedule must have one guidance scale per step ({total}), got {len(ucg_schedule)}")
-        if mask is not None and x0 is None:
-            raise ValueError("mask needs x0 (the latents to keep where mask == 1)")
         intermediates = {"x_inter": [img], "pred_x0": [img]}
         logger.info("Running DDIM Sampling with %d timesteps", total)
 
@@ -609,6 +701,8 @@ class FastDDIMSampler:
         """ldm's single step at grid position ``index`` (model timestep ``t``, int64 [B]).
         Returns (x_prev, pred_x0), both [B, C, H, W]."""
         self._require_schedule()
+        _check_sampling_inputs("FastDDIMSampler.p_sample_ddim", x.shape, cond=c, uncond=unconditional_conditioning,
+                               guided=_is_guided(unconditional_conditioning, unconditional_guidance_scale))
         table, row = self._row_of_index(index, use_original_steps)
         config = self._run_config(table, x.shape[0], table.shape[0] - row, temperature=temperature,
                                   noise_dropout=noise_dropout, quantize=quantize_denoised,
@@ -629,6 +723,8 @@ class FastDDIMSampler:
                use_original_steps=False, callback=None):
         """Denoise ``x_latent`` from grid position ``t_start`` down to 0 (img2img). Returns x [B, C, H, W]."""
         self._require_schedule()
+        _check_sampling_inputs("FastDDIMSampler.decode", x_latent.shape, cond=cond, uncond=unconditional_conditioning,
+                               guided=_is_guided(unconditional_conditioning, unconditional_guidance_scale))
         table = self._original_table() if use_original_steps else self._table
         total = max(0, min(int(t_start), table.shape[0]))
         logger.info("Running DDIM Sampling with %d timesteps", total)
@@ -673,6 +769,8 @@ class FastDDIMSampler:
             use_cfg = unconditional_guidance_scale != 1.0
             if use_cfg and unconditional_conditioning is None:
                 raise ValueError("encode: unconditional_guidance_scale != 1 needs unconditional_conditioning")
+            _check_sampling_inputs("FastDDIMSampler.encode", x0.shape, cond=c, uncond=unconditional_conditioning,
+                                   guided=use_cfg)
             cond_cfg = _cfg_cat(c, unconditional_conditioning) if use_cfg else None
             every = max(1, num_steps // return_intermediates) if return_intermediates else None
             for i in tqdm(range(num_steps), desc="Encoding image", total=num_steps):

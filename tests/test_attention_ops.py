@@ -410,6 +410,54 @@ def test_fused_attention_front_door():
                          torch.ones(2, 1, 1, 76, dtype=torch.bool, device=TRITON_DEVICE))
 
 
+NON_FINITE_SCALES = [(float("nan"), "nan"), (float("inf"), "inf"), (-float("inf"), "-inf"), (1e39, r"1e\+39")]
+
+
+@pytest.mark.parametrize("scale, shown", NON_FINITE_SCALES)
+def test_non_finite_scale_rejected_everywhere(scale, shown):
+    """softmax(q k^T * nan) is NaN everywhere: every door refuses a scale that is not finite in float32 (1e39 is
+    finite as a double, inf once the kernels take float(scale)), naming the op and the value; the output is not
+    written (scaled_masked_softmax_ leaves the scores as they were)."""
+    q, k, v = rand((1, 2, 5, 8), torch.float32, seed=1), rand((1, 2, 7, 8), torch.float32, seed=2), \
+        rand((1, 2, 7, 8), torch.float32, seed=3)
+    scores = rand((1, 2, 5, 7), torch.float32, seed=4)
+    kept = scores.clone()
+    message = rf"scale must be finite \(in float32's range\), got {shown}"
+    calls = {
+        "fused_attention": lambda: fa.fused_attention(q, k, v, scale=scale),
+        "fused_attention(reference)": lambda: fa.fused_attention(q, k, v, scale=scale, backend="reference"),
+        "attention (C++ CPU)": lambda: ops.attention(q, k, v, scale, None),
+        "attention (fake)": lambda: ops.attention(q.to("meta"), k.to("meta"), v.to("meta"), scale, None),
+        "scaled_masked_softmax": lambda: fa.scaled_masked_softmax(scores, None, scale),
+        "scaled_masked_softmax (C++ CPU)": lambda: ops.scaled_masked_softmax(scores, None, scale),
+        "scaled_masked_softmax_ (C++ CPU)": lambda: ops.scaled_masked_softmax_(scores, None, scale),
+        "scaled_masked_softmax (fake)": lambda: ops.scaled_masked_softmax(scores.to("meta"), None, scale),
+        "scaled_masked_softmax_ (fake)": lambda: ops.scaled_masked_softmax_(scores.to("meta"), None, scale),
+    }
+    if TRITON_DEVICE != "cpu" or interpreting():
+        dev = [t.to(TRITON_DEVICE) for t in (q, k, v)]
+        calls["attention_triton"] = lambda: attention_triton(*dev, scale, None)
+        calls["fused_attention(triton)"] = lambda: fa.fused_attention(*dev, scale=scale, backend="triton")
+    if torch.cuda.is_available():
+        cuda = [t.cuda() for t in (q, k, v)]
+        calls["attention (CUDA)"] = lambda: ops.attention(*cuda, scale, None)
+        if fa.has_native_kernel("cuda", "scaled_masked_softmax"):
+            calls["scaled_masked_softmax (CUDA)"] = lambda: ops.scaled_masked_softmax(scores.cuda(), None, scale)
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=message):
+            call()
+            pytest.fail(f"{name}: accepted scale {scale}")
+    assert torch.equal(scores, kept), "scaled_masked_softmax_ wrote the scores before refusing the scale"
+    # The rule's boundary: the largest finite float32 is accepted (by Python and C++ alike); zero and negative
+    # scales are ordinary finite logits.
+    fa.fused_attention(q, k, v, scale=3.4028234663852886e38)
+    ops.scaled_masked_softmax(scores, None, -3.4028234663852886e38)
+    for ok in (-0.5, 0):
+        assert torch.isfinite(ops.attention(q, k, v, ok, None)).all(), ok
+    with pytest.raises(TypeError, match="scale must be a float"):
+        fa.scaled_masked_softmax(scores, None, True)
+
+
 # ------------------------------------------------------------------------------------------------
 # opcheck: every op on every device here
 # ------------------------------------------------------------------------------------------------

@@ -356,18 +356,51 @@ class _CustomProcessor(AttnProcessor2_0):
     """A user's processor: a subclass, so not one the fused kernels may assume they reproduce."""
 
 
-def test_nothing_fusable_is_an_error_unless_attention_is_off():
+class _PipelineOwnProcessor:
+    """A pipeline's own processor class (pix2pix-zero's cross-attention processor is one): not diffusers'."""
+
+    def __init__(self):
+        self.inner = AttnProcessor()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask)
+
+
+def _warnings(caplog, logger="ddim_fast.pipeline"):
+    return [r for r in caplog.records if r.name == logger and r.levelno == logging.WARNING]
+
+
+@pytest.mark.parametrize("processor, reason", [
+    (_CustomProcessor, "_CustomProcessor: a subclass of AttnProcessor2_0 whose own code would be skipped"),
+    (_PipelineOwnProcessor, "_PipelineOwnProcessor: a processor the fused kernels do not reproduce"),
+])
+def test_nothing_fusable_still_optimizes_the_rest(caplog, processor, reason):
+    """Every processor the pipeline's own or a user's subclass: attention=True keeps them (the fused kernels would
+    skip their code), says so in one warning line naming the modules and why, and still swaps the scheduler and
+    graphs the UNet."""
     pipe = tp.sd()
-    pipe.unet.set_attn_processor(_CustomProcessor())
-    with pytest.raises(ValueError, match=r"no attention module of StableDiffusionPipeline can run the fused kernels "
-                                         r"\(unet: _CustomProcessor: a processor the fused kernels do not reproduce"):
+    pipe.unet.set_attn_processor(processor())
+    processors = dict(pipe.unet.attn_processors)
+    base = _call_sd(pipe, _gen())
+    with caplog.at_level(logging.INFO, logger="ddim_fast.pipeline"):
         ddim_fast.optimize(pipe)
-    # Nothing was changed by the failed call.
-    assert optimized_state(pipe) is None and type(pipe.scheduler) is diffusers.DDIMScheduler
-    assert "forward" not in pipe.unet.__dict__
-    ddim_fast.optimize(pipe, attention=False)
-    assert type(pipe.scheduler) is FastDDIMScheduler and "unet" in optimized_state(pipe).graphed
+    state = optimized_state(pipe)
+    assert type(pipe.scheduler) is FastDDIMScheduler and "unet" in state.graphed
+    assert state.fused_attention_count == 0
+    assert all(pipe.unet.attn_processors[name] is processors[name] for name in processors)
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    message = warnings[0].getMessage()
+    assert message == f"ddim_fast.optimize(StableDiffusionPipeline): {state.summary}"
+    assert (f"unet attention: 0 of {len(processors)} modules fused, {len(processors)} keep their processors "
+            f"({reason}: {len(processors)} modules (down_blocks.1.attentions.0.transformer_blocks.0.attn1, ...))"
+            in state.summary)
+    assert "scheduler: DDIMScheduler -> FastDDIMScheduler" in state.summary
+    with torch.no_grad():
+        out = _call_sd(pipe, _gen())
+    assert torch.equal(out, base), "scheduler swap and graphs alone must keep the output bit for bit"
     ddim_fast.restore(pipe)
+    assert type(pipe.scheduler) is diffusers.DDIMScheduler and "forward" not in pipe.unet.__dict__
 
 
 def test_unserved_modules_are_listed_in_one_warning(caplog):
@@ -378,11 +411,12 @@ def test_unserved_modules_are_listed_in_one_warning(caplog):
     pipe.unet.set_attn_processor(dict(custom))  # diffusers pops the entries of the dict it is given
     with caplog.at_level(logging.WARNING, logger="ddim_fast.pipeline"):
         ddim_fast.optimize(pipe, cuda_graph=False)
-    warnings = [r for r in caplog.records if r.name == "ddim_fast.pipeline" and r.levelno == logging.WARNING]
+    warnings = _warnings(caplog)
     assert len(warnings) == 1
     message = warnings[0].getMessage()
-    assert f"{len(names) // 2} attention module(s) keep their processors" in message
-    assert "_CustomProcessor: a processor the fused kernels do not reproduce" in message
+    assert (f"unet attention: {len(names) - len(names) // 2} of {len(names)} modules fused, {len(names) // 2} keep "
+            "their processors" in message)
+    assert "_CustomProcessor: a subclass of AttnProcessor2_0 whose own code would be skipped" in message
     state = optimized_state(pipe)
     assert state.fused_attention_count == len(names) - len(names) // 2
     kept = pipe.unet.attn_processors
@@ -454,6 +488,246 @@ def test_fused_schedulers_expose_what_pipelines_read():
     assert torch.equal(fast.initial_alpha_cumprod, upstream.initial_alpha_cumprod)
     assert (fast.init_noise_sigma, fast.order, fast.num_inference_steps) == (
         upstream.init_noise_sigma, upstream.order, upstream.num_inference_steps)
+
+
+def test_optimize_raises_no_warning():
+    """Issue 21: reading every config key as a pipeline attribute made diffusers warn (FutureWarning: Accessing
+    config attribute 'requires_safety_checker' directly ...). Any warning is an error here; a complete optimize
+    (SD: every module fused) is quiet, and so is restore."""
+    import warnings
+
+    pipe = tp.sd()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ddim_fast.optimize(pipe)
+        ddim_fast.restore(pipe)
+        ddim_fast.optimize(pipe, scheduler=False, attention=False, cuda_graph=False)
+        ddim_fast.restore(pipe)
+
+
+def test_summary_is_returned_and_shown_when_something_is_left_out(caplog):
+    """The one-line summary is on the state; it is a warning (seen with no logging setup) when something the
+    user asked for was left out or with verbose=True, and INFO otherwise."""
+    pipe = tp.sd()
+    with caplog.at_level(logging.INFO, logger="ddim_fast.pipeline"):
+        ddim_fast.optimize(pipe, cuda_graph=False)
+    state = optimized_state(pipe)
+    n = len(pipe.unet.attn_processors)
+    assert state.summary == (f"scheduler: DDIMScheduler -> FastDDIMScheduler; unet attention: {n} of {n} modules "
+                             "fused")
+    assert not state.left_out and not _warnings(caplog)
+    assert [r.getMessage() for r in caplog.records if r.name == "ddim_fast.pipeline"] == [
+        f"ddim_fast.optimize(StableDiffusionPipeline): {state.summary}"]
+    ddim_fast.restore(pipe)
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ddim_fast.pipeline"):
+        ddim_fast.optimize(pipe, verbose=True)
+    assert [r.getMessage() for r in _warnings(caplog)] == [
+        f"ddim_fast.optimize(StableDiffusionPipeline): {optimized_state(pipe).summary}"]
+    assert "CUDA graphs (eager static buffers off CUDA): unet" in optimized_state(pipe).summary
+    ddim_fast.restore(pipe)
+
+    # An Euler scheduler is kept: the user must learn that the step they wanted fused is not.
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ddim_fast.pipeline"):
+        ddim_fast.optimize(pipe, attention=False, cuda_graph=False)
+    assert optimized_state(pipe).left_out
+    assert [r.getMessage() for r in _warnings(caplog)] == [
+        "ddim_fast.optimize(StableDiffusionPipeline): scheduler kept (EulerDiscreteScheduler is not a DDIM scheduler "
+        "(scheduler='ddim' switches it to FastDDIMScheduler from its config))"]
+    ddim_fast.restore(pipe)
+    with pytest.raises(TypeError, match="verbose must be True or False"):
+        ddim_fast.optimize(pipe, verbose="yes")
+
+
+def test_summary_warning_reaches_stderr_without_logging_setup():
+    """What a user running a script sees: nothing configured, the left-out summary on stderr (Python's last-resort
+    handler), a complete optimize silent."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, logging; sys.path.insert(0, 'tests'); import tiny_pipelines as tp, ddim_fast, diffusers\n"
+        "pipe = tp.sd()\n"
+        "ddim_fast.optimize(pipe, cuda_graph=False); ddim_fast.restore(pipe)\n"
+        "print('--- complete ---', file=sys.stderr)\n"
+        "pipe.unet.set_attn_processor(diffusers.models.attention_processor.AttnProcessor2_0())\n"
+        "pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)\n"
+        "ddim_fast.optimize(pipe, cuda_graph=False)\n")
+    root = __file__.rsplit("/tests/", 1)[0]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    ours = [line for line in done.stderr.splitlines() if "ddim_fast" in line or "---" in line]
+    assert ours[0] == "--- complete ---", ours
+    assert len(ours) == 2 and ours[1].startswith("ddim_fast.optimize(StableDiffusionPipeline): scheduler kept "
+                                                 "(EulerDiscreteScheduler is not a DDIM scheduler"), ours
+
+
+# --------------------------------------------------------------------------------------------------
+# Scheduler state: what a pipeline set on its scheduler before optimize() survives the swap (and restore)
+# --------------------------------------------------------------------------------------------------
+
+
+def _step_all(scheduler, seed: int = 0, eta: float = 0.0):
+    """Steps a fixed latent through scheduler.timesteps with fixed model outputs (and variance noise)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, 8, 8, generator=gen)
+    outs = []
+    for t in scheduler.timesteps:
+        eps = torch.randn(1, 4, 8, 8, generator=gen)
+        noise = torch.randn(1, 4, 8, 8, generator=gen)
+        step = scheduler.step if eta == 0 else functools.partial(scheduler.step, eta=eta, variance_noise=noise)
+        x = step(eps, t, x).prev_sample
+        outs.append(x)
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_swap_carries_the_schedule_over(inverse):
+    """set_timesteps on the original, then optimize, then steps (the essential sequence of LEDITS++'s invert then
+    edit): the fused scheduler takes the schedule, and steps as the original does, bit for bit."""
+    pipe = tp.sd_diffedit()
+    name = "inverse_scheduler" if inverse else "scheduler"
+    original = getattr(pipe, name)
+    original.set_timesteps(34)
+    reference = diffusers.DDIMInverseScheduler.from_config(original.config) if inverse else \
+        diffusers.DDIMScheduler.from_config(original.config)
+    reference.set_timesteps(34)
+    ddim_fast.optimize(pipe, attention=False, cuda_graph=False)
+    fused = getattr(pipe, name)
+    assert type(fused) is (FastDDIMInverseScheduler if inverse else FastDDIMScheduler)
+    assert fused.num_inference_steps == 34
+    assert torch.equal(fused.timesteps, original.timesteps) and fused.timesteps is not original.timesteps
+    assert torch.equal(_step_all(fused), _step_all(reference))
+    if not inverse:
+        assert torch.equal(_step_all(fused, eta=1.0), _step_all(reference, eta=1.0))
+    ddim_fast.restore(pipe)
+
+
+def test_swap_carries_config_overrides_timesteps_and_added_attributes():
+    pipe = tp.sd()
+    original = pipe.scheduler
+    # LEDITS++ style: a config value overridden by attribute (diffusers' FrozenDict takes it; the item stays).
+    original.config.timestep_spacing = "trailing"
+    original.set_timesteps(7)
+    original.timesteps = original.timesteps.flip(0)[1:].flip(0).clone()  # a hand-made schedule: 6 of the 7
+    original.my_tag = "kept"
+    ddim_fast.optimize(pipe, attention=False, cuda_graph=False)
+    fused = pipe.scheduler
+    assert fused.config.timestep_spacing == "trailing" and fused.config["timestep_spacing"] == "trailing"
+    assert fused.num_inference_steps == 7 and torch.equal(fused.timesteps, original.timesteps)
+    assert fused.my_tag == "kept"
+    reference = diffusers.DDIMScheduler(**dict(tp.SD_SCHEDULER_CONFIG, timestep_spacing="trailing"))
+    reference.set_timesteps(7)
+    reference.timesteps = original.timesteps.clone()
+    assert torch.equal(_step_all(fused), _step_all(reference))
+    ddim_fast.restore(pipe)
+
+
+def test_restore_gives_the_original_the_state_the_pipeline_left():
+    """Decision: restore puts the original object back with the fused one's newer state (the last schedule,
+    attributes added since, config overrides), so the pipeline goes on as if it had never been optimized."""
+    pipe = tp.sd()
+    original = pipe.scheduler
+    original.set_timesteps(5)
+    ddim_fast.optimize(pipe, attention=False, cuda_graph=False)
+    pipe.scheduler.config.timestep_spacing = "trailing"
+    pipe.scheduler.set_timesteps(12)
+    pipe.scheduler.added_later = 3
+    ddim_fast.restore(pipe)
+    assert pipe.scheduler is original
+    assert original.num_inference_steps == 12 and original.config.timestep_spacing == "trailing"
+    plain = diffusers.DDIMScheduler(**dict(tp.SD_SCHEDULER_CONFIG, timestep_spacing="trailing"))
+    plain.set_timesteps(12)
+    assert torch.equal(original.timesteps, plain.timesteps) and original.added_later == 3
+    assert torch.equal(_step_all(original), _step_all(plain))
+
+
+def test_scheduler_with_edited_alphas_is_kept(caplog):
+    pipe = tp.sd()
+    original = pipe.scheduler
+    original.alphas_cumprod = original.alphas_cumprod * 0.999
+    with caplog.at_level(logging.WARNING, logger="ddim_fast.pipeline"):
+        ddim_fast.optimize(pipe, attention=False, cuda_graph=False)
+    assert pipe.scheduler is original
+    reason = optimized_state(pipe).kept_schedulers["scheduler"]
+    assert reason.startswith("DDIMScheduler: its alphas_cumprod differ from what its config gives")
+    assert len(_warnings(caplog)) == 1 and reason in _warnings(caplog)[0].getMessage()
+    ddim_fast.restore(pipe)
+
+
+# LEDITS++ (diffusers' LEditsPPPipelineStableDiffusion): invert() sets the schedule on the scheduler and leaves
+# the inversion in the pipeline; each edit call then runs set_timesteps(len(scheduler.timesteps)) and steps with
+# eta = 1 and the inverted noise maps. A fresh scheduler from the config has 1000 timesteps: edits after a swap
+# that lost the state ran a different schedule (issue 17: rel. 1.66).
+LEDITS_STEPS = 4
+
+
+def _long_timesteps(add_noise):
+    # diffusers 0.42's LEDITS++ invert() calls add_noise(x0, noise, torch.Tensor([t])) (a float index), which its
+    # own DDIMScheduler rejects; the same integer cast is applied to both schedulers compared here.
+    def patched(self, original_samples, noise, timesteps):
+        return add_noise(self, original_samples, noise, timesteps.long())
+    return patched
+
+
+@pytest.fixture()
+def ledits(monkeypatch):
+    if not hasattr(diffusers, "LEditsPPPipelineStableDiffusion"):
+        pytest.skip("this diffusers has no LEditsPPPipelineStableDiffusion")
+    monkeypatch.setattr(diffusers.DDIMScheduler, "add_noise", _long_timesteps(diffusers.DDIMScheduler.add_noise))
+    monkeypatch.setattr(FastDDIMScheduler, "add_noise", _long_timesteps(FastDDIMScheduler.add_noise))
+    return tp.ledits_pp()
+
+
+def _ledits_invert(pipe, steps: int = LEDITS_STEPS):
+    pipe.invert(image=tp.pil_image(), num_inversion_steps=steps, skip=0.15, generator=_gen(0))
+
+
+def _ledits_edit(pipe):
+    return pipe(editing_prompt_embeds=tp.prompt_embeds()["prompt_embeds"], edit_guidance_scale=5.0,
+                use_intersect_mask=False, output_type="latent", generator=_gen(1)).images
+
+
+@torch.no_grad()
+def test_ledits_pp_edit_after_invert_then_optimize(ledits):
+    pipe = ledits
+    _ledits_invert(pipe)
+    steps, timesteps = pipe.scheduler.num_inference_steps, pipe.scheduler.timesteps.clone()
+    base = _ledits_edit(pipe)
+    assert torch.isfinite(base).all()
+
+    _ledits_invert(pipe)
+    ddim_fast.optimize(pipe, attention=False, cuda_graph=False)
+    assert pipe.scheduler.num_inference_steps == steps and torch.equal(pipe.scheduler.timesteps, timesteps)
+    assert torch.equal(_ledits_edit(pipe), base), "the swap changed LEDITS++'s edit"
+    ddim_fast.restore(pipe)
+
+    # Fully optimized (invert() put diffusers' AttnProcessor on every module: it is fused like any other).
+    _ledits_invert(pipe)
+    ddim_fast.optimize(pipe)
+    assert optimized_state(pipe).fused_attention_count > 0
+    assert_rel_close(_ledits_edit(pipe), base, SAMPLER_RTOL, "LEDITS++ edit, optimize() after invert()")
+    ddim_fast.restore(pipe)
+
+
+@torch.no_grad()
+def test_ledits_pp_invert_while_optimized_then_restore(ledits):
+    """restore hands the original scheduler the schedule invert() set on the fused one: edits after restore
+    equal plain diffusers' (invert, edit), not edits on the schedule of an invert() before optimize."""
+    pipe = ledits
+    _ledits_invert(pipe)
+    base = _ledits_edit(pipe)
+    _ledits_invert(pipe, steps=LEDITS_STEPS + 3)
+    ddim_fast.optimize(pipe, attention=False, cuda_graph=False)
+    _ledits_invert(pipe)
+    optimized = _ledits_edit(pipe)
+    ddim_fast.restore(pipe)
+    assert type(pipe.scheduler) is diffusers.DDIMScheduler
+    assert torch.equal(optimized, base)
+    assert torch.equal(_ledits_edit(pipe), base), "the edit after restore lost the schedule invert() set"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -883,6 +883,116 @@ def test_non_finite_or_out_of_range_scalars_rejected(models, conds, kwargs, matc
                            unconditional_guidance_scale=float("nan"), unconditional_conditioning=uc)
 
 
+def _bad_shape_cases(c, uc):
+    """(sample() keywords, exception, message) for shapes upstream fails on deep inside (or runs wrongly)."""
+    b, (C, H, W) = BATCH, SHAPE
+    gen = torch.Generator().manual_seed(12)
+    x0 = torch.randn(b, C, H, W, generator=gen)
+    mask = torch.ones(b, 1, H, W)
+    concat = torch.randn(b, C, H, W, generator=gen)
+    latents = rf"\({b}, {C}, {H}, {W}\)"
+    return [
+        # inpainting: a pixel-space mask, a mask of the guided batch, a bool mask, x0 of another size / rank
+        (dict(mask=torch.ones(b, 1, 8 * H, 8 * W), x0=x0), ValueError,
+         rf"sample: mask must broadcast to the latents' shape {latents} .*got \({b}, 1, {8 * H}, {8 * W}\) "
+         rf"\(a mask at image resolution must be resized to the latent resolution \({H}, {W}\)\)"),
+        (dict(mask=torch.ones(2 * b, 1, H, W), x0=x0), ValueError, "mask must broadcast to the latents' shape"),
+        (dict(mask=torch.ones(1, b, 1, H, W), x0=x0), ValueError, "mask must broadcast to the latents' shape"),
+        (dict(mask=mask.bool(), x0=x0), TypeError, r"mask must be a real tensor .*got torch.bool; pass mask.float\(\)"),
+        (dict(mask=mask, x0=x0[..., :-1]), ValueError,
+         rf"x0 \(the latents kept where mask == 1\) must have the latents' shape {latents}.*got \({b}, {C}, {H}, {W - 1}\)"),
+        (dict(mask=mask, x0=x0[0]), ValueError, "x0 .* must have the latents' shape"),
+        (dict(mask=mask, x0=[x0]), TypeError, "x0 must be a torch.Tensor"),
+        (dict(mask=mask), ValueError, r"sample: mask needs x0 \(the latents to keep where mask == 1\)"),
+        # guidance: an unconditional batch of another size (cat would even succeed for a tensor), per structure
+        (dict(unconditional_conditioning=uc[:1]), ValueError,
+         rf"sample: unconditional_conditioning must have the shape of conditioning \({b}, 5, 8\) .*got \(1, 5, 8\)"),
+        (dict(conditioning={"c_crossattn": c}, unconditional_conditioning={"c_crossattn": uc[:1]}), ValueError,
+         r"unconditional_conditioning\['c_crossattn'\] must have the shape of conditioning\['c_crossattn'\]"),
+        (dict(conditioning={"c_crossattn": [c], "c_concat": [concat]},
+              unconditional_conditioning={"c_crossattn": [uc], "c_concat": [concat[:1]]}), ValueError,
+         r"unconditional_conditioning\['c_concat'\]\[0\] must have the shape of conditioning\['c_concat'\]\[0\] "
+         rf"\({b}, {C}, {H}, {W}\)"),
+        (dict(conditioning={"c_crossattn": [c], "c_concat": [concat]},
+              unconditional_conditioning={"c_crossattn": [uc]}), ValueError,
+         r"unconditional_conditioning lacks the key 'c_concat' that conditioning has"),
+        (dict(conditioning=[c, c], unconditional_conditioning=[uc, uc[:1]]), ValueError,
+         r"unconditional_conditioning\[1\] must have the shape of conditioning\[1\]"),
+        (dict(conditioning=[c, c], unconditional_conditioning=[uc]), ValueError,
+         "unconditional_conditioning must be a list of 2 like conditioning, got 1"),
+        (dict(conditioning={"c_crossattn": c}, unconditional_conditioning=uc), TypeError,
+         "unconditional_conditioning must be a dict when conditioning is a dict"),
+        (dict(conditioning=None), ValueError, "unconditional_conditioning needs conditioning"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(16))
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_bad_shapes_rejected_before_any_work(models, conds, index, cuda_graph):
+    """Each call raises a clear error naming the argument and the expected shape, with no model call, no
+    draw from the global generator (a rejected call leaves the RNG as it was), and the schedule untouched."""
+    c, uc = conds
+    cases = _bad_shape_cases(c, uc)
+    assert len(cases) == 16
+    kwargs, exc, match = cases[index]
+    fast = FastDDIMSampler(models["eps"], cuda_graph=cuda_graph)
+    fast.make_schedule(4, verbose=False)
+    grid = fast.ddim_timesteps.copy()
+    calls = []
+    original = fast.model.apply_model
+    fast.model.apply_model = lambda *a, **k: calls.append(1) or original(*a, **k)
+    kw = dict(conditioning=c, unconditional_conditioning=uc, unconditional_guidance_scale=3.0, eta=0.5,
+              verbose=False)
+    kw.update(kwargs)
+    try:
+        torch.manual_seed(3)
+        rng = torch.get_rng_state()
+        with pytest.raises(exc, match=match):
+            fast.sample(7, BATCH, SHAPE, **kw)
+        assert torch.equal(torch.get_rng_state(), rng), "the rejected call drew from the global generator"
+        assert np.array_equal(fast.ddim_timesteps, grid), "the rejected call changed the schedule"
+        # ddim_sampling (the loop entry, called directly by some scripts) checks the same before drawing x_T.
+        loop_kw = {("cond" if k == "conditioning" else k): v for k, v in kw.items() if k not in ("eta", "verbose")}
+        loop_kw.setdefault("cond", c)
+        with pytest.raises(exc, match=match.replace("sample:", "ddim_sampling:")):
+            fast.ddim_sampling(loop_kw.pop("cond"), (BATCH, *SHAPE), **loop_kw)
+        assert torch.equal(torch.get_rng_state(), rng)
+    finally:
+        fast.model.apply_model = original
+    assert not calls, "the model ran before the bad argument was rejected"
+
+
+def test_bad_unconditional_shapes_rejected_in_decode_encode_and_p_sample(models, conds):
+    c, uc = conds
+    fast = FastDDIMSampler(models["eps"])
+    fast.make_schedule(4, verbose=False)
+    z = torch.randn(BATCH, *SHAPE)
+    match = r"unconditional_conditioning must have the shape of conditioning \(2, 5, 8\)"
+    with pytest.raises(ValueError, match="decode: " + match):
+        fast.decode(z, c, 3, unconditional_guidance_scale=3.0, unconditional_conditioning=uc[:1])
+    with pytest.raises(ValueError, match="encode: " + match):
+        fast.encode(z, c, 3, unconditional_guidance_scale=3.0, unconditional_conditioning=uc[:1])
+    with pytest.raises(ValueError, match="p_sample_ddim: " + match):
+        fast.p_sample_ddim(z, c, torch.full((BATCH,), 1), 0, unconditional_guidance_scale=3.0,
+                           unconditional_conditioning=uc[:1])
+    # Guidance off (scale 1): upstream never reads the unconditional batch, and neither is it checked.
+    fast.decode(z, c, 2, unconditional_guidance_scale=1.0, unconditional_conditioning=uc[:1])
+
+
+@pytest.mark.parametrize("mask_shape, x0_batch", [((1, 1) + SHAPE[1:], BATCH), (SHAPE[1:], BATCH),
+                                                  ((BATCH,) + SHAPE, 1)])
+def test_broadcast_masks_and_x0_run_as_upstream(models, conds, mask_shape, x0_batch):
+    """What upstream's `q_sample(x0, t) * mask + (1 - mask) * img` accepts without changing the latents' shape
+    stays accepted, with upstream's results: one mask for the whole batch, a 2-D [H, W] mask, one x0 for all."""
+    c, uc = conds
+    gen = torch.Generator().manual_seed(21)
+    mask = (torch.rand(mask_shape, generator=gen) > 0.5).float()
+    x0 = torch.randn(x0_batch, *SHAPE, generator=gen)
+    out, ref = _run_pair(models["eps"], seed=4, conditioning=c, unconditional_conditioning=uc,
+                         unconditional_guidance_scale=3.0, eta=0.5, mask=mask, x0=x0, S=4, log_every_t=2)
+    _assert_runs_equal(out, ref, f"mask {mask_shape}, x0 batch {x0_batch}")
+
+
 def test_list_conditioning_warning_does_not_crash(models, conds, caplog):
     c, _ = conds
     fast = FastDDIMSampler(models["eps"])

@@ -838,6 +838,33 @@ def test_graphed_loop_survives_set_timesteps_and_matches_diffusers():
     _graphed_loop_checks(torch.device("cpu"))
 
 
+@pytest.mark.parametrize("guidance_scale", [float("nan"), float("inf"), -float("inf")])
+def test_graphed_loop_rejects_non_finite_guidance_before_any_work(guidance_scale):
+    """Issue 21: pipe(guidance_scale=nan) silently turns guidance off in diffusers' pipelines (their `> 1` test);
+    the fused guidance paths see the scale and refuse it: no UNet call, no draw from the generator, the graph
+    cache untouched."""
+    from ddim_fast.scheduler import graphed_denoise_loop
+
+    calls = []
+    unet = _ToyUNet()
+    original = unet.forward
+    unet.forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+    gen = torch.Generator().manual_seed(4)
+    latents, cond = torch.randn(1, 4, 6, 5, generator=gen), torch.randn(2, 3, 6, generator=gen)
+    fast = FastDDIMScheduler(**GRAPH_CONFIG)
+    fast.set_timesteps(3)
+    generator = torch.Generator().manual_seed(9)
+    state = generator.get_state()
+    with pytest.raises(ValueError, match=f"FastDDIMScheduler.graph_step: guidance_scale must be finite, got "
+                                         f"{guidance_scale}"):
+        graphed_denoise_loop(fast, unet, latents, cond, guidance_scale=guidance_scale, eta=0.7, generator=generator)
+    with pytest.raises(ValueError, match="FastDDIMScheduler.step: guidance_scale must be finite"):
+        fast.step(torch.randn(2, 4, 6, 5), fast.timesteps[0], latents, eta=0.7, generator=generator,
+                  guidance_scale=guidance_scale)
+    assert not calls and torch.equal(generator.get_state(), state)
+    assert getattr(fast, "_graph_cache", None) is None
+
+
 @requires_cuda
 def test_graphed_loop_captured_on_cuda_without_host_sync():
     device = torch.device("cuda")

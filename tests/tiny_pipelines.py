@@ -151,3 +151,60 @@ def sdxl_img2img():
 
     return _quiet(StableDiffusionXLImg2ImgPipeline(**_sdxl_common(), add_watermarker=False,
                                                    requires_aesthetics_score=False))
+
+
+class TinyTokenizer:
+    """A stand-in for ``CLIPTokenizer`` (no vocabulary to download) for pipelines that tokenize even when given
+    embeddings (LEDITS++ tokenizes the empty negative prompt): one token per character, between start and end
+    tokens, padded with the end token to ``model_max_length``."""
+
+    model_max_length = TEXT_TOKENS
+    vocab_size = 64
+    bos_token_id, eos_token_id = 0, 1
+
+    def _ids(self, text: str) -> list[int]:
+        return [self.bos_token_id] + [2 + ord(ch) % (self.vocab_size - 2) for ch in text] + [self.eos_token_id]
+
+    def __call__(self, texts, padding="max_length", max_length=None, truncation=False, return_tensors="pt",
+                 return_length=False, **kwargs):
+        from transformers import BatchEncoding
+
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        rows = [self._ids(t) for t in texts]
+        if truncation and max_length is not None:
+            rows = [r[: max_length - 1] + [self.eos_token_id] if len(r) > max_length else r for r in rows]
+        width = max_length if padding == "max_length" and max_length is not None else max(map(len, rows))
+        lengths = [len(r) for r in rows]
+        ids = torch.tensor([r + [self.eos_token_id] * (width - len(r)) for r in rows], dtype=torch.int64)
+        mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths], dtype=torch.int64)
+        data = {"input_ids": ids, "attention_mask": mask}
+        if return_length:
+            data["length"] = torch.tensor(lengths, dtype=torch.int64)
+        return BatchEncoding(data)
+
+    added_tokens_encoder: dict = {}  # read by diffusers' textual-inversion prompt conversion
+
+    def tokenize(self, text: str) -> list[str]:
+        return list(text)
+
+    def batch_decode(self, ids, **kwargs):
+        return ["" for _ in ids]
+
+
+def tiny_text_encoder(seed: int = 5):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        config = CLIPTextConfig(vocab_size=TinyTokenizer.vocab_size, hidden_size=TEXT_DIM, intermediate_size=37,
+                                num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=TEXT_TOKENS,
+                                bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        return CLIPTextModel(config).eval()
+
+
+def ledits_pp():
+    """LEDITS++ (``invert`` then edit calls on the inverted latents) with a DDIM scheduler, which it keeps."""
+    from diffusers import LEditsPPPipelineStableDiffusion
+
+    parts = dict(_sd_common(tiny_unet(), ddim()), text_encoder=tiny_text_encoder(), tokenizer=TinyTokenizer())
+    return _quiet(LEditsPPPipelineStableDiffusion(**parts))

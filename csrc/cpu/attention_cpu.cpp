@@ -18,6 +18,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cfloat>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -41,6 +43,14 @@ void pad_to_4d(const at::Tensor& t, int64_t* sizes, int64_t* strides) {
 }
 
 }  // namespace
+
+// The kernels multiply every score by float(scale): NaN, +-inf or a double beyond float's range would make
+// every output NaN without a word. Same rule and message as ddim_fast._checks.check_softmax_scale.
+static float checked_softmax_scale(const char* op, double scale) {
+  TORCH_CHECK_VALUE(std::isfinite(scale) && std::abs(scale) <= static_cast<double>(FLT_MAX), op,
+                    ": scale must be finite (in float32's range), got ", scale);
+  return static_cast<float>(scale);
+}
 
 // Checks `mask` against scores of shape `score_sizes` (ndim dims, 2..4) and fills params.mask*.
 // Exported (not static): attention_cuda.cpp declares and reuses it.
@@ -81,6 +91,7 @@ SoftmaxParams make_softmax_params(const char* op, const at::Tensor& scores, cons
                                   double scale, const at::Tensor& out) {
   SoftmaxParams p;
   p.dtype = scalar_kind_of(scores, op, "scores");
+  p.scale = checked_softmax_scale(op, scale);
   TORCH_CHECK_VALUE(scores.dim() >= 2 && scores.dim() <= 4, op,
                     ": scores must have 2 to 4 dims [..., Lq, Lk], got shape ", scores.sizes());
   TORCH_CHECK_VALUE(out.sizes() == scores.sizes() && out.scalar_type() == scores.scalar_type(), op,
@@ -96,7 +107,6 @@ SoftmaxParams make_softmax_params(const char* op, const at::Tensor& scores, cons
                     p.rows);
   p.in = scores.data_ptr();
   p.out = out.data_ptr();
-  p.scale = static_cast<float>(scale);
   return p;
 }
 
@@ -660,12 +670,13 @@ namespace {
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                          const std::optional<at::Tensor>& mask) {
   check_attention_inputs(q, k, v);
+  const float checked_scale = checked_softmax_scale("attention", scale);
   TORCH_CHECK_VALUE(q.device().is_cpu(), "attention: q must be a CPU tensor here");
   std::vector<int64_t> score_sizes(q.sizes().begin(), q.sizes().end());
   score_sizes.back() = k.size(-2);  // [..., Lq, Lk]
   SoftmaxParams p;
   fill_softmax_mask("attention", mask, score_sizes, q.scalar_type(), q.device(), p);
-  p.scale = static_cast<float>(scale);
+  p.scale = checked_scale;
   p.dtype = scalar_kind_of(q, "attention", "q");
 
   AttentionDims dims;

@@ -45,7 +45,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 import ddim_fast  # noqa: F401  (registers torch.ops.ddim_fast.*)
-from ddim_fast._checks import check_mask, check_qkv
+from ddim_fast._checks import check_mask, check_qkv, check_softmax_scale
 from ddim_fast._library import interpreting as _interpreting
 
 __all__ = ["attention_triton", "attention_triton_impl", "kernel_arguments", "launch_config"]
@@ -353,9 +353,10 @@ def launch_config(batch_heads: int, lq: int, lk: int, head_dim: int, dtype: torc
                 num_stages=num_stages)
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale) -> None:
     op = "attention_triton"
     check_qkv(op, q, k, v)
+    check_softmax_scale(op, scale)
     head_dim = q.shape[-1]
     if head_dim > _MAX_HEAD_DIM:
         raise ValueError(f"{op}: head dim D must be at most {_MAX_HEAD_DIM}, got {head_dim}")
@@ -394,7 +395,7 @@ def attention_triton_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     """Launches the fused kernel (no custom-op wrapper: used by the op and by the CUDA kernel of
     ddim_fast::attention). q [B, H, Lq, D] or [B*H, Lq, D]; k, v [..., Lk, D]; mask per check_mask.
     Returns a new contiguous tensor shaped like q."""
-    _check_inputs(q, k, v, mask)
+    _check_inputs(q, k, v, mask, scale)
     lq, lk, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
     if lk == 0:
         return torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # softmax over no keys, empty v
