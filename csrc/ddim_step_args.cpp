@@ -23,9 +23,16 @@ void check_like_x(const at::Tensor& x, const at::Tensor& t, const char* name) {
                     ", got ", t.sizes(), " (nothing is broadcast)");
 }
 
+// A tensor's data pointer, or nullptr for a meta tensor (no data): the checks then run on shapes and strides
+// alone, which is what the ddim_step_check op needs for layouts it is asked about without data.
+template <typename T = void>
+const T* pointer_of(const at::Tensor& t) {
+  return t.is_meta() ? nullptr : static_cast<const T*>(t.data_ptr());
+}
+
 StridedArg strided_arg(const at::Tensor& t) {
   StridedArg a;
-  a.data = t.data_ptr();
+  a.data = pointer_of(t);
   for (int64_t d = 0; d < t.dim(); ++d) a.strides[d] = t.stride(d);
   return a;
 }
@@ -144,9 +151,9 @@ DdimStepParams make_ddim_step_params(const at::Tensor& x, const at::Tensor& mode
                    step.scalar_type());
   TORCH_CHECK_VALUE(step.numel() == 1, "ddim_step: step must hold exactly one index, got ", step.numel(),
                     " elements");
-  p.table = table.data_ptr<float>();
+  p.table = pointer_of<float>(table);
   p.num_rows = table.size(0);
-  p.step = step.data_ptr<int64_t>();
+  p.step = pointer_of<int64_t>(step);
 
   p.prediction = parse_prediction(options.prediction_type);
 
@@ -170,7 +177,7 @@ DdimStepParams make_ddim_step_params(const at::Tensor& x, const at::Tensor& mode
     TORCH_CHECK_VALUE(thr.dim() == 1 && thr.size(0) == batch && thr.is_contiguous(),
                       "ddim_step: x0_threshold must be a contiguous [B] = [", batch, "] tensor, got ", thr.sizes());
     p.clamp = X0Clamp::kDynamic;
-    p.x0_threshold = thr.data_ptr<float>();
+    p.x0_threshold = pointer_of<float>(thr);
   }
   p.use_clipped_model_output = options.use_clipped_model_output;
 
@@ -193,7 +200,7 @@ DdimStepParams make_ddim_step_params(const at::Tensor& x, const at::Tensor& mode
     TORCH_CHECK_VALUE((one_stream || per_row) && rng.is_contiguous(),
                       "ddim_step: rng_state must be a contiguous int64 tensor [seed, offset] or [B, 2] = [", batch,
                       ", 2] (one seed and offset per batch row), got shape ", rng.sizes());
-    p.rng = rng.data_ptr<int64_t>();
+    p.rng = pointer_of<int64_t>(rng);
     p.rng_per_row = per_row;
   }
   TORCH_CHECK_VALUE(std::isfinite(options.temperature), "ddim_step: temperature must be finite, got ",
@@ -216,7 +223,7 @@ DdimStepParams make_ddim_step_params(const at::Tensor& x, const at::Tensor& mode
                          (!has_noise || options.noise->is_contiguous()) && (!has_x0 || pred_x0_out->is_contiguous());
   p.flat = row_major;
   if (!row_major && x.is_non_overlapping_and_dense()) {
-    const bool philox = !has_noise && p.rng != nullptr;
+    const bool philox = !has_noise && options.rng_state.has_value();
     const bool batch_outermost = batch <= 1 || x.stride(0) == p.sample_numel;
     // Both CFG halves have model_output's strides (they are slices along dim 0).
     p.flat = !philox && (p.clamp != X0Clamp::kDynamic || batch_outermost) && same_strides_as_x(model_output, x) &&
@@ -250,10 +257,6 @@ std::vector<int64_t> ddim_step_check(const at::Tensor& x, const at::Tensor& mode
                                      const std::optional<at::Tensor>& rng_state, double temperature,
                                      const std::optional<at::Tensor>& out,
                                      const std::optional<at::Tensor>& pred_x0_out, bool float64_allowed) {
-  // The checks read data pointers (alignment, overlap): meta and fake tensors have none, and under torch.compile
-  // the step ops' own fake kernels run instead of any of this.
-  TORCH_CHECK_VALUE(!x.is_meta(), "ddim_step_check: needs tensors with data, got a meta tensor (the step ops' fake "
-                    "kernels handle meta and fake tensors)");
   const StepOptions options = make_step_options(guidance_scale, prediction_type, clip_range, x0_threshold,
                                                 use_clipped_model_output, noise, rng_state, temperature);
   // A fresh output overlaps nothing, so x itself stands in for it (x may be out: the in-place case); a
@@ -267,7 +270,8 @@ std::vector<int64_t> ddim_step_check(const at::Tensor& x, const at::Tensor& mode
 
 }  // namespace
 
-// Device-agnostic (no data is read): one kernel for every backend, meta tensors included.
+// Device-agnostic (no data is read): one kernel for every backend, meta tensors included (the checks then look at
+// shapes, strides and storages only).
 TORCH_LIBRARY_IMPL(ddim_fast, CompositeExplicitAutograd, m) { m.impl("ddim_step_check", &ddim_step_check); }
 
 }  // namespace ddim_fast

@@ -293,6 +293,24 @@ def _step_layouts(step, torch, dtype, backend):
     return layouts
 
 
+def _memory_order(torch, step, tensors, row, per_row) -> bool:
+    """Whether the launcher runs these (meta) tensors in memory order: the C++ rules' answer (ddim_step_check's
+    `flat`), asked the way run_ddim_step asks it. Both CFG halves share model_output's strides, so the
+    unconditional half stands in for model_output."""
+    x, uncond, _, noise, out, pred_x0 = tensors
+    meta = dict(device="meta")
+    rng = None
+    if row["NOISE"] == step._NOISE_PHILOX:
+        rng = torch.empty((x.shape[0], 2) if per_row else (2,), dtype=torch.int64, **meta)
+    thr = torch.empty(x.shape[0], dtype=torch.float32, **meta) if row["CLAMP"] == step._CLAMP_DYNAMIC else None
+    clip = 1.0 if row["CLAMP"] == step._CLAMP_STATIC else None
+    plan = torch.ops.ddim_fast.ddim_step_check(
+        x, uncond, torch.empty(50, 8, dtype=torch.float32, **meta), torch.empty(1, dtype=torch.int64, **meta), None,
+        "epsilon", clip, thr, False, noise if row["NOISE"] == step._NOISE_TENSOR else None, rng, 1.0, out,
+        pred_x0 if row["WRITE_X0"] else None, False)
+    return bool(plan[4])
+
+
 def step_variants(arch: int, quick: bool) -> list[Variant]:
     import torch
     from triton.backends.compiler import GPUTarget
@@ -326,7 +344,7 @@ def step_variants(arch: int, quick: bool) -> list[Variant]:
                 # strides, the noise mode (per-row Philox: padded or not) and the launch configuration.
                 per_row = bool(row.get("PER_ROW"))
                 plan = step._plan(tuple(x.shape), tuple(t.stride() for t in tensors), dtype, row["NOISE"], per_row,
-                                  row["CLAMP"] == step._CLAMP_DYNAMIC)
+                                  _memory_order(torch, step, tensors, row, per_row))
                 if plan.copy_in:
                     raise RuntimeError(f"{layout}: the launcher copies this layout (pick another)")
                 args = [*pointers, fp32_ptr, i64_ptr, i64_ptr, fp32_ptr, numel, sample_numel, num_rows,
@@ -446,7 +464,7 @@ def attention_variants(arch: int, quick: bool) -> list[Variant]:
                                                                 _ATTN_BATCHES):
             lk = lq if self_attn else _ATTN_TEXT_TOKENS
             q, k, v, out, mask = _attention_tensors(torch, layout, batch, lq, lk, head_dim, dtype, mask_kind)
-            attention._check_inputs(q, k, v, mask)  # the op's own rules: these are launches it accepts
+            attention._check_inputs(q, k, v, mask, head_dim ** -0.5)  # the op's own rules: launches it accepts
             batch_heads = batch * _ATTN_HEADS
             with _device_as(attention, arch, sms):
                 cfg = attention.launch_config(batch_heads, lq, lk, head_dim, dtype, device, masked=mask is not None)

@@ -822,7 +822,7 @@ _CHECK = torch.ops.ddim_fast.ddim_step_check.default
 @pytest.mark.parametrize("option_set", ["plain", "guided_rng", "v_clip_noise", "sample_threshold", "strided"])
 def test_check_op_returns_the_launch_plan(option_set):
     """[prediction, clamp, noise kind, rng per row, flat] for each option set, and its schema passes opcheck
-    (no fake kernel on purpose: it reads data pointers; the step ops' fake kernels serve torch.compile)."""
+    (it returns ints, not tensors: no fake kernel; the step ops' fake kernels serve torch.compile)."""
     args = _op_args(option_set)
     x, m, table, step, g, p, c, t, u, n, r, temp = args
     plan = _CHECK(*args, None, None, False)
@@ -832,8 +832,9 @@ def test_check_op_returns_the_launch_plan(option_set):
     want_flat = option_set != "strided"
     assert plan == [want_prediction, want_clamp, want_noise, 0, int(want_flat)]
     torch.library.opcheck(_CHECK, args + (None, None, False), test_utils=("test_schema", "test_autograd_registration"))
-    with pytest.raises(ValueError, match="meta tensor"):
-        _CHECK(*(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args), None, None, False)
+    # Meta tensors (no data): the same decision from shapes, strides and storages alone (the offline Triton
+    # compile check asks it about SD layouts this way).
+    assert _CHECK(*(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args), None, None, False) == plan
 
 
 @pytest.mark.parametrize("bad", ["guidance_nan", "temperature_inf", "clip_zero", "shape", "dtype", "out_overlap"])

@@ -509,8 +509,12 @@ def _plan_of(case, out=None, pred_x0=None):
     noise_mode = (triton_step._NOISE_TENSOR if case["noise"] is not None else
                   triton_step._NOISE_PHILOX if case["rng_state"] is not None else triton_step._NOISE_NONE)
     per_row = case["rng_state"] is not None and case["rng_state"].dim() == 2
-    return triton_step._plan(x.shape, tuple(a.stride() for a in args), x.dtype, noise_mode, per_row,
-                             case["x0_threshold"] is not None)
+    # The memory-order decision is the C++ rules' (ddim_step_check), as in run_ddim_step.
+    flat = torch.ops.ddim_fast.ddim_step_check(
+        x, mo, case["table"], case["step"], case["guidance_scale"], case["prediction_type"], case["clip_range"],
+        case["x0_threshold"], case["use_clipped_model_output"], case["noise"], case["rng_state"],
+        case["temperature"], out, pred_x0, False)[4]
+    return triton_step._plan(x.shape, tuple(a.stride() for a in args), x.dtype, noise_mode, per_row, flat)
 
 
 def test_launch_plan_runs_dense_shared_layouts_in_memory_order():

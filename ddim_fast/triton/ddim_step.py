@@ -52,6 +52,9 @@ from triton.runtime.interpreter import InterpretedFunction as _InterpretedFuncti
 __all__ = ["ddim_step_triton", "ddim_step_triton_out", "run_ddim_step"]
 
 _KERNEL_DIMS = 4  # logical dims the kernel indexes after collapsing
+# PREDICTION and CLAMP constexprs: the codes ddim_step_check returns (step_math.h Prediction, X0Clamp).
+_PREDICTIONS = {"epsilon": 0, "v_prediction": 1, "sample": 2}
+_CLAMP_NONE, _CLAMP_STATIC, _CLAMP_DYNAMIC = 0, 1, 2
 # NOISE constexpr: none, a noise tensor, Philox with one stream over the tensor (rng_state [2]), Philox with
 # one stream per batch row (rng_state [B, 2]) when sample_numel % 4 == 0, and when it is not (padded groups).
 _NOISE_NONE, _NOISE_TENSOR, _NOISE_PHILOX, _NOISE_PHILOX_ROWS, _NOISE_PHILOX_ROWS_PADDED = 0, 1, 2, 3, 4
