@@ -61,7 +61,8 @@ IMPORT_TIMEOUT = 180.0  # seconds a child may take to import torch and ddim_fast
 class Case:
     def __init__(self, device: str, op: str, what: str, expected: str | None, match: str, streams: str, call):
         self.name = f"{device}/{op}/{what}"
-        self.device, self.op, self.expected, self.match, self.streams, self.call = device, op, expected, match, streams, call
+        self.device, self.op, self.expected, self.match = device, op, expected, match
+        self.streams, self.call = streams, call
 
     def describe(self) -> dict:
         return {"name": self.name, "device": self.device, "op": self.op, "expected": self.expected,
@@ -104,7 +105,8 @@ def build_cases(torch, devices: list[str]) -> list[Case]:
             step(guidance_scale=float("inf")))
         add("ddim_step", "temperature=nan", "ValueError", "temperature must be finite", "float",
             step(temperature=float("nan")))
-        add("ddim_step", "clip_range=nan", "ValueError", "clip_range must be > 0", "float", step(clip_range=float("nan")))
+        add("ddim_step", "clip_range=nan", "ValueError", "clip_range must be > 0", "float",
+            step(clip_range=float("nan")))
         add("ddim_step", "clip_range=0", "ValueError", "clip_range must be > 0", "float", step(clip_range=0.0))
         add("ddim_step", "model_output shape", "ValueError", "model_output must be [B, ...]", "shape",
             step(model_output=torch.zeros(2, 4, 8, 9, device=d)))
@@ -128,14 +130,16 @@ def build_cases(torch, devices: list[str]) -> list[Case]:
             def call():
                 scores = torch.zeros(2, 3, 5, 8, device=d)
                 m = mask() if mask is not None else None
-                return ops.scaled_masked_softmax_(scores, m, 1.0) if inplace else ops.scaled_masked_softmax(scores, m, 1.0)
+                op = ops.scaled_masked_softmax_ if inplace else ops.scaled_masked_softmax
+                return op(scores, m, 1.0)
             return call
 
         def bool_mask(*shape, d=d):
             return lambda: torch.ones(*shape, dtype=torch.bool, device=d)
 
         add("scaled_masked_softmax", "valid call", None, "", "-", softmax(bool_mask(2, 1, 1, 8)))
-        add("scaled_masked_softmax", "mask dim 3", "ValueError", "dim 3 must be 8", "shape", softmax(bool_mask(2, 1, 1, 7)))
+        add("scaled_masked_softmax", "mask dim 3", "ValueError", "dim 3 must be 8", "shape",
+            softmax(bool_mask(2, 1, 1, 7)))
         add("scaled_masked_softmax", "mask dim 1", "ValueError", "dim 1 must be 3 or 1", "shape",
             softmax(bool_mask(2, 2, 1, 8)))
         add("scaled_masked_softmax", "mask rank", "ValueError", "must have 4 dims", "shape", softmax(bool_mask(1, 8)))
@@ -150,7 +154,8 @@ def build_cases(torch, devices: list[str]) -> list[Case]:
                                              torch.zeros(*v_shape), 1.0, None)
 
             add("attention", "valid call", None, "", "-", attention((2, 6, 40), (2, 6, 40)))
-            add("attention", "head dim", "ValueError", "must have one head dim", "int", attention((2, 6, 32), (2, 6, 40)))
+            add("attention", "head dim", "ValueError", "must have one head dim", "int",
+                attention((2, 6, 32), (2, 6, 40)))
             add("attention", "leading dims", "ValueError", "leading (batch/head) dims", "shape",
                 attention((1, 6, 40), (1, 6, 40)))
             add("attention", "dtype", "TypeError", "must share a dtype", "dtype",
@@ -188,14 +193,15 @@ def run_child(device: str, start: int) -> int:
     from ddim_fast import _C, _library
 
     devices = ["cpu"]
-    problems = []
+    problems, notes = [], []
     if device in ("cuda", "all"):
         if torch.cuda.is_available() and _library.has_native_kernel("cuda"):
             devices.append("cuda")
-        elif torch.cuda.is_available():
-            problems.append("a CUDA device is visible but the extension has no CUDA kernels (built without CUDA)")
         elif device == "cuda":
-            problems.append("--device cuda: no CUDA device is visible to torch")
+            problems.append("--device cuda: " + ("the extension has no CUDA kernels (built without CUDA)"
+                                                 if torch.cuda.is_available() else "no CUDA device is visible to torch"))
+        elif torch.cuda.is_available():  # a legitimate build (no nvcc, DDIM_FAST_NO_CUDA=1): nothing to check there
+            notes.append("CUDA cases skipped: a CUDA device is visible but the extension has no CUDA kernels")
     if device == "cuda":
         devices.remove("cpu")
     cases = build_cases(torch, devices)
@@ -203,7 +209,7 @@ def run_child(device: str, start: int) -> int:
         _emit("cases", [c.describe() for c in cases])
         _emit("facts", {"extension": _C.__file__, "ddim_fast": os.path.dirname(ddim_fast.__file__),
                         "loaded": loaded_libraries(), "torch": native_toolchain.torch_compiler(),
-                        "python": sys.version.split()[0], "devices": devices, "problems": problems,
+                        "python": sys.version.split()[0], "devices": devices, "problems": problems, "notes": notes,
                         "torch_threads": torch.get_num_threads()})
     inject = {}  # case name -> segv / hang / noraise (the test-only knob)
     for item in filter(None, os.environ.get("DDIM_FAST_SELFCHECK_INJECT", "").split(",")):
@@ -292,17 +298,21 @@ class Child:
         return "\n".join(self.stderr.read().strip().splitlines()[-lines:])
 
 
+_STD_PREFIXES = ("_ZNS", "_ZNKS", "_ZSt", "_ZTVS", "_ZTIS", "_ZTTS", "_ZNSt", "_ZNKSt")  # std:: (mangled)
+
+
 def std_bindings(env: dict) -> dict[str, list[str]]:
     """{library: [std:: symbols of ddim_fast._C the dynamic linker bound there]} for every library but libstdc++."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "bind")
-        subprocess.run([sys.executable, "-c", "import ddim_fast"], env=dict(env, LD_DEBUG="bindings", LD_DEBUG_OUTPUT=out),
-                       capture_output=True, timeout=IMPORT_TIMEOUT, cwd=os.getcwd())
+        subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); import ddim_fast"],
+                       env=dict(env, LD_DEBUG="bindings", LD_DEBUG_OUTPUT=out), capture_output=True,
+                       timeout=IMPORT_TIMEOUT, cwd=os.getcwd())
         text = "".join(Path(tmp, f).read_text(errors="replace") for f in os.listdir(tmp))
     found: dict[str, set[str]] = {}
     pattern = re.compile(r"binding file (\S*ddim_fast/_C[^ ]*) \[\d+\] to (\S+) \[\d+\]: normal symbol `([^']+)'")
     for src, lib, sym in pattern.findall(text):
-        if os.path.basename(lib) != os.path.basename(src) and sym.startswith(("_ZNS", "_ZNKS", "_ZSt", "_ZTVS", "_ZTIS", "_ZTTS", "_ZNSt", "_ZNKSt")) \
+        if os.path.basename(lib) != os.path.basename(src) and sym.startswith(_STD_PREFIXES) \
                 and "libstdc++" not in lib:
             found.setdefault(os.path.basename(lib), set()).add(sym)
     cxxfilt = shutil.which("c++filt")
@@ -417,6 +427,8 @@ def run_parent(args) -> int:
                f"in {seconds:.1f} s ({children} child process{'es' if children > 1 else ''})")
     for p in problems:
         print(f"FAIL  {p}")
+    for n in facts.get("notes", []):
+        print(f"note  {n}")
     print(f"native self-check: {'passed' if ok else 'FAILED'}: {summary}")
     if failed and any(r["outcome"] == "died" for r in failed):
         print("  an op's error killed its process: see docs/design.md, 'Build' (the toolchain) and --json's toolchain")
@@ -429,7 +441,7 @@ def run_parent(args) -> int:
             except (OSError, subprocess.SubprocessError) as exc:
                 toolchain["std_bindings_outside_libstdcxx"] = f"not collected: {exc}"
         report = {"ok": ok, "summary": summary, "device": args.device, "devices_checked": devices,
-                  "cases": rows, "problems": problems, "children": children, "seconds": round(seconds, 2),
+                  "cases": rows, "problems": problems, "notes": facts.get("notes", []), "children": children, "seconds": round(seconds, 2),
                   "toolchain": toolchain,
                   "versions": {"python": facts.get("python"), "torch": (facts.get("torch") or {}).get("version"),
                                "cuda": (facts.get("torch") or {}).get("cuda")}}

@@ -2,7 +2,8 @@
 """Which toolchain built ddim_fast._C, what the built library resolves at run time, and the build that refuses a
 toolchain whose extension cannot raise its errors (docs/design.md, "Build").
 
-    python3 scripts/native_toolchain.py build [--device all|cpu|cuda]    # what scripts/setup_env.sh runs
+    python3 scripts/native_toolchain.py build [--device all|cpu|cuda] [--selfcheck-json PATH]   # setup_env.sh runs it
+    python3 scripts/native_toolchain.py facts     # the built library's toolchain facts as JSON
 
 ``build`` compiles the extension in place (``setup.py build_ext --inplace``, ninja, incremental; log in
 build/build.log), records the compiler in build/toolchain.json, and runs scripts/native_selfcheck.py (every C++
@@ -199,7 +200,8 @@ def env_cxx(env: dict[str, str]) -> str:
 
 
 def c_compiler_for(cxx_path: str) -> str:
-    """The C driver beside a C++ driver (nvcc's -ccbin comes from $CC): g++-13 -> gcc-13, c++ -> cc, clang++ -> clang."""
+    """The C driver beside a C++ driver (nvcc's -ccbin comes from $CC): g++-13 -> gcc-13, c++ -> cc,
+    clang++ -> clang."""
     directory, name = os.path.split(cxx_path)
     for cxx, cc in (("clang++", "clang"), ("g++", "gcc"), ("c++", "cc")):
         if cxx in name:
@@ -207,6 +209,16 @@ def c_compiler_for(cxx_path: str) -> str:
             if os.path.exists(candidate):
                 return candidate
     return cxx_path
+
+
+def torch_version() -> str | None:
+    """The installed torch's version, without importing torch (that takes seconds)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def torch_compiler() -> dict:
@@ -219,7 +231,7 @@ def torch_compiler() -> dict:
     compiler = re.search(r"^\s*-\s*(GCC [\d.]+|clang [\d.]+)", config, re.M)
     cxx = re.search(r"CXX_COMPILER=([^,\s]+)", config)
     return {
-        "version": torch.__version__,
+        "version": torch_version() or torch.__version__,
         "cuda": torch.version.cuda,
         "compiler": compiler.group(1) if compiler else None,
         "gcc_major": int(match.group(1)) if match else None,
@@ -231,11 +243,11 @@ def torch_compiler() -> dict:
 def fallback_candidates(torch_info: dict) -> list[tuple[str, str]]:
     """(command, why) in order of preference."""
     out = []
-    major = torch_info.get("gcc_major")
+    major, version = torch_info.get("gcc_major"), torch_info.get("version")
     if major:
-        out.append((f"g++-{major}", f"a GCC {major}, the major version torch {torch_info.get('version')} was built with"))
+        out.append((f"g++-{major}", f"a GCC {major}, the major version torch {version} was built with"))
     if torch_info.get("cxx_compiler"):
-        out.append((torch_info["cxx_compiler"], f"the compiler torch {torch_info.get('version')} records it was built with"))
+        out.append((torch_info["cxx_compiler"], f"the compiler torch {version} records it was built with"))
     out.append(("/usr/bin/g++", "the system's g++"))
     out.append(("/usr/bin/c++", "the system's c++"))
     return out
@@ -335,19 +347,25 @@ def _rejected(record: dict, compiler: dict | None, torch_version: str) -> dict |
     return None
 
 
-def build_and_check(env: dict[str, str], *, build: Callable[[dict], BuildResult], selfcheck: Callable[[], SelfcheckResult],
-                    torch_info: dict, extension_sha: Callable[[], str | None], record_path: Path = RECORD,
-                    say: Callable[[str], None] = print, choose: Callable = choose_fallback) -> int:
-    """The build that refuses a toolchain whose extension cannot raise its errors. Returns the exit status."""
+def build_and_check(env: dict[str, str], *, build: Callable[[dict], BuildResult],
+                    selfcheck: Callable[[], SelfcheckResult], torch_info: dict | Callable[[], dict], extension_sha: Callable[[], str | None],
+                    record_path: Path = RECORD, say: Callable[[str], None] = print,
+                    choose: Callable = choose_fallback, report: str = "build/native_selfcheck.json") -> int:
+    """The build that refuses a toolchain whose extension cannot raise its errors. Returns the exit status.
+    torch_info: torch_compiler()'s dict, or a function that returns it (called only when a self-check runs, so an
+    up-to-date build does not import torch here); its 'version' must be known up front (torch_version())."""
     record = load_record(record_path)
     wanted = compiler_identity(env_cxx(env))
     build_env = env
     why = "CXX from the environment" if env.get("CXX") else "Python's configured C++ compiler (CXX unset)"
+    lazy = torch_info
+    torch_info = {"version": torch_version()} if callable(lazy) else lazy
     previous = _rejected(record, wanted, torch_info["version"])
     chosen = record.get("compiler") if previous else None
     if previous and chosen and compiler_identity(chosen["path"]) and not same_compiler(chosen, wanted):
         say(f"{TAG} building with {describe(chosen)}, not {describe(wanted)}: that one failed the self-check "
-            f"on {previous.get('date')} ({previous.get('failures', ['?'])[0]}); delete build/toolchain.json to retry it")
+            f"on {previous.get('date')} ({previous.get('failures', ['?'])[0]}); delete build/toolchain.json to "
+            f"retry it")
         build_env = compiler_env(env, chosen)
         why = record.get("why", "the fallback that passed the self-check before")
 
@@ -364,10 +382,12 @@ def build_and_check(env: dict[str, str], *, build: Callable[[dict], BuildResult]
     if not result.recompiled and record.get("extension_sha256") == sha and record.get("compiler"):
         compiler = record["compiler"]  # nothing recompiled: the record knows who built this library
 
+    if callable(lazy):
+        torch_info = lazy()
     check = selfcheck()
     new_record = {"extension_sha256": sha, "compiler": compiler, "cuda_host_compiler": result.ccbin,
                   "why": why, "torch": torch_info, "rejected": record.get("rejected", []), "date": now(),
-                  "selfcheck": {"ok": check.ok, "json": "build/native_selfcheck.json", "summary": check.summary}}
+                  "selfcheck": {"ok": check.ok, "json": report, "summary": check.summary}}
     if check.ok:
         save_record(new_record, record_path)
         say(f"{TAG} self-check passed: {check.summary}; built by {describe(compiler)}")
@@ -378,7 +398,7 @@ def build_and_check(env: dict[str, str], *, build: Callable[[dict], BuildResult]
     for line in failures[:8]:
         say(f"{TAG}   {line}")
     if len(failures) > 8:
-        say(f"{TAG}   ... and {len(failures) - 8} more (build/native_selfcheck.json)")
+        say(f"{TAG}   ... and {len(failures) - 8} more ({report})")
     rejected = [e for e in new_record["rejected"] if not (same_compiler(e.get("compiler"), compiler)
                                                            and e.get("torch") == torch_info["version"])]
     rejected.append({"compiler": compiler, "torch": torch_info["version"], "failures": failures[:20], "date": now()})
@@ -386,7 +406,7 @@ def build_and_check(env: dict[str, str], *, build: Callable[[dict], BuildResult]
     save_record(new_record, record_path)
 
     pick = choose(compiler, torch_info, [e["compiler"] for e in rejected])
-    hint = _hint(torch_info)
+    hint = _hint(torch_info, report)
     if pick is None:
         say(f"{TAG} FAILED: no other compiler to fall back to (looked for: "
             f"{', '.join(c for c, _ in fallback_candidates(torch_info))}). Errors raised inside ddim_fast._C would "
@@ -399,10 +419,11 @@ def build_and_check(env: dict[str, str], *, build: Callable[[dict], BuildResult]
         say(f"{TAG} FAILED: the rebuild with {describe(fallback)} did not build either. {hint}")
         return 1
     check = selfcheck()
-    new_record.update(extension_sha256=extension_sha(), compiler=result.compiler or fallback, cuda_host_compiler=result.ccbin,
+    new_record.update(extension_sha256=extension_sha(), compiler=result.compiler or fallback,
+                      cuda_host_compiler=result.ccbin,
                       why=f"fallback: {describe(compiler)} failed the self-check ({failures[0]}); "
                           f"{describe(fallback)} is {fallback_why}",
-                      date=now(), selfcheck={"ok": check.ok, "json": "build/native_selfcheck.json",
+                      date=now(), selfcheck={"ok": check.ok, "json": report,
                                              "summary": check.summary})
     if check.ok:
         save_record(new_record, record_path)
@@ -418,7 +439,7 @@ def build_and_check(env: dict[str, str], *, build: Callable[[dict], BuildResult]
     return 1
 
 
-def _hint(torch_info: dict) -> str:
+def _hint(torch_info: dict, report: str) -> str:
     major = torch_info.get("gcc_major")
     if major:
         try_this = f"CC=gcc-{major} CXX=g++-{major} bash scripts/setup_env.sh"
@@ -426,7 +447,7 @@ def _hint(torch_info: dict) -> str:
                 f"e.g. `{try_this}`"
     else:
         built = "try another compiler, e.g. `CC=gcc CXX=g++ bash scripts/setup_env.sh`"
-    return f"{built} (details: build/native_selfcheck.json, build/toolchain.json)."
+    return f"{built} (details: {report}, build/toolchain.json)."
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -462,12 +483,13 @@ def run_build(env: dict[str, str], root: Path = REPO, python: str = sys.executab
     return BuildResult(True, compiler, ccbin=found["ccbin"], recompiled=found["compiled"] > 0)
 
 
-def run_selfcheck(device: str, root: Path = REPO, python: str = sys.executable) -> SelfcheckResult:
+def run_selfcheck(device: str, json_path: Path = SELFCHECK_JSON, root: Path = REPO,
+                  python: str = sys.executable) -> SelfcheckResult:
+    json_path.unlink(missing_ok=True)
     proc = subprocess.run([python, str(root / "scripts" / "native_selfcheck.py"), "--device", device,
-                           "--json", str(root / "build" / "native_selfcheck.json")],
-                          cwd=root, capture_output=True, text=True)
+                           "--json", str(json_path)], cwd=root, capture_output=True, text=True)
     try:
-        report = json.loads((root / "build" / "native_selfcheck.json").read_text())
+        report = json.loads(json_path.read_text())
     except (OSError, ValueError):
         report = None
     if report is None:
@@ -484,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build in place, self-check, fall back to another compiler if needed")
     b.add_argument("--device", default="all", choices=["all", "cpu", "cuda"], help="devices the self-check covers")
+    b.add_argument("--selfcheck-json", default=str(SELFCHECK_JSON),
+                   help="where the self-check writes its report (default build/native_selfcheck.json)")
     sub.add_parser("facts", help="print the toolchain facts of the built extension as JSON")
     args = parser.parse_args(argv)
     if args.command == "facts":
@@ -492,8 +516,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"extension": str(so), "record": load_record(), "needed": facts.needed,
                           "comment": facts.comment, "torch": torch_compiler()}, indent=2))
         return 0
-    return build_and_check(dict(os.environ), build=run_build, selfcheck=lambda: run_selfcheck(args.device),
-                           torch_info=torch_compiler(), extension_sha=lambda: sha256(extension_path()))
+    report = Path(args.selfcheck_json).resolve()
+    shown = str(report.relative_to(REPO)) if report.is_relative_to(REPO) else str(report)
+    return build_and_check(dict(os.environ), build=run_build, selfcheck=lambda: run_selfcheck(args.device, report),
+                           torch_info=torch_compiler, extension_sha=lambda: sha256(extension_path()), report=shown)
 
 
 if __name__ == "__main__":

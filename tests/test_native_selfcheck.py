@@ -24,8 +24,8 @@ SELFCHECK = REPO / "scripts" / "native_selfcheck.py"
 TOOLCHAIN = REPO / "scripts" / "native_toolchain.py"
 
 # The cases the first H200 run died on (issue 17), by the names the self-check prints.
-GPU_RUN_CRASHES = ["cpu/ddim_step/guidance_scale=nan", "cpu/ddim_step/guidance_scale=inf", "cpu/ddim_step/temperature=nan",
-                   "cpu/ddim_step/clip_range=nan", "cpu/ddim_step/clip_range=0", "cpu/scaled_masked_softmax/mask dim 3",
+GPU_RUN_CRASHES = ["cpu/ddim_step/guidance_scale=nan", "cpu/ddim_step/guidance_scale=inf",
+                   "cpu/ddim_step/temperature=nan", "cpu/ddim_step/clip_range=nan", "cpu/ddim_step/clip_range=0", "cpu/scaled_masked_softmax/mask dim 3",
                    "cpu/scaled_masked_softmax/mask dim 1", "cpu/scaled_masked_softmax/mask rank",
                    "cpu/attention/head dim"]
 
@@ -78,7 +78,8 @@ def test_selfcheck_passes_on_this_build(tmp_path):
 
 
 def test_selfcheck_names_deaths_hangs_and_missing_exceptions_and_goes_on(tmp_path):
-    killed, hung, silent = "cpu/ddim_step/clip_range=0", "cpu/scaled_masked_softmax/mask dim 1", "cpu/attention/head dim"
+    killed, hung, silent = ("cpu/ddim_step/clip_range=0", "cpu/scaled_masked_softmax/mask dim 1",
+                            "cpu/attention/head dim")
     proc, report = _selfcheck(tmp_path, "--timeout", "3", inject=f"segv:{killed},hang:{hung},noraise:{silent}")
     assert proc.returncode == 1, proc.stdout[-4000:]
     by_name = {c["name"]: c for c in report["cases"]}
@@ -124,7 +125,8 @@ def test_the_extension_takes_std_from_libstdcxx_first():
 
 def fake_compiler(folder: Path, name: str, banner: str, version: str) -> str:
     path = folder / name
-    path.write_text(f"#!/bin/sh\ncase \"$1\" in\n  --version) echo '{banner}';;\n  -dumpfullversion) echo {version};;\nesac\n")
+    path.write_text(f"#!/bin/sh\ncase \"$1\" in\n  --version) echo '{banner}';;\n"
+                    f"  -dumpfullversion) echo {version};;\nesac\n")
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
     return str(path)
 
@@ -178,7 +180,8 @@ def test_passing_build_keeps_its_compiler_and_records_it(tmp_path, compilers):
     assert steps.run({"CXX": compilers["image"]}, record) == 0
     assert [b["CXX"] for b in steps.builds] == [compilers["image"]]
     saved = json.loads(record.read_text())
-    assert saved["compiler"]["version"] == "15.1.0" and saved["selfcheck"]["ok"] and saved["why"] == "CXX from the environment"
+    assert saved["compiler"]["version"] == "15.1.0" and saved["selfcheck"]["ok"]
+    assert saved["why"] == "CXX from the environment"
     assert saved["extension_sha256"] == "sha-1" and saved["rejected"] == []
 
 
@@ -252,7 +255,8 @@ def test_choose_fallback_skips_the_failed_and_missing_compilers(compilers, monke
 
 
 def test_real_fallback_candidates_prefer_torchs_gcc_major():
-    names = [c for c, _ in toolchain().fallback_candidates({"version": "2.11.0", "gcc_major": 13, "cxx_compiler": "/opt/rh/gcc-toolset-13/root/usr/bin/c++"})]
+    torch_info = {"version": "2.11.0", "gcc_major": 13, "cxx_compiler": "/opt/rh/gcc-toolset-13/root/usr/bin/c++"}
+    names = [c for c, _ in toolchain().fallback_candidates(torch_info)]
     assert names == ["g++-13", "/opt/rh/gcc-toolset-13/root/usr/bin/c++", "/usr/bin/g++", "/usr/bin/c++"]
 
 

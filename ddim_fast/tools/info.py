@@ -103,7 +103,8 @@ def _extension_build() -> dict[str, Any] | None:
         pass
     import re
 
-    named = sorted({m.decode(errors="replace") for m in re.findall(rb"(?:GCC: \([^)]*\) [0-9.]+|clang version [0-9.]+)", data)})
+    compilers = re.findall(rb"(?:GCC: \([^)]*\) [0-9.]+|clang version [0-9.]+)", data)  # the .comment section
+    named = sorted({m.decode(errors="replace") for m in compilers})
     return {"compiler": "; ".join(named) or "unknown", "why": None, "selfcheck": "not recorded (build with "
             "scripts/setup_env.sh)", "record": None}
 
