@@ -204,11 +204,15 @@ def run_child(device: str, start: int) -> int:
             notes.append("CUDA cases skipped: a CUDA device is visible but the extension has no CUDA kernels")
     if device == "cuda":
         devices.remove("cpu")
+    loaded = loaded_libraries()
+    openmp = [p for p in loaded if re.search(r"^lib(g|i|)omp[0-9]*(-[0-9a-f]+)?\.so", os.path.basename(p))]
+    if len(openmp) > 1:  # e.g. clang's -fopenmp: the extension's parallel regions ignore torch.set_num_threads
+        notes.append(f"{len(openmp)} OpenMP runtimes loaded: {', '.join(openmp)}")
     cases = build_cases(torch, devices)
     if start == 0:
         _emit("cases", [c.describe() for c in cases])
         _emit("facts", {"extension": _C.__file__, "ddim_fast": os.path.dirname(ddim_fast.__file__),
-                        "loaded": loaded_libraries(), "torch": native_toolchain.torch_compiler(),
+                        "loaded": loaded, "torch": native_toolchain.torch_compiler(),
                         "python": sys.version.split()[0], "devices": devices, "problems": problems, "notes": notes,
                         "torch_threads": torch.get_num_threads()})
     inject = {}  # case name -> segv / hang / noraise (the test-only knob)
@@ -363,6 +367,7 @@ def run_parent(args) -> int:
     facts: dict = {}
     results: dict[int, dict] = {}
     problems: list[str] = []
+    child_stderr: list[str] = []  # the stderr of a child that died before any case (an import error, ...)
     start, children = 0, 0
     while True:
         child = Child(args.device, start, env)
@@ -391,8 +396,10 @@ def run_parent(args) -> int:
                                                   f"the process)", "stderr_tail": tail}
                     start = current + 1
                 elif not finished:
+                    tail = child.stderr_tail(40)
                     problems.append(f"a child ended ({signal_name(returncode)}) before running a case: "
-                                    f"{child.stderr_tail(20)}")
+                                    f"{(tail.splitlines() or ['no output'])[-1]}")
+                    child_stderr.append(tail)
                     finished = True
                 break
             if "cases" in item:
@@ -441,7 +448,7 @@ def run_parent(args) -> int:
             except (OSError, subprocess.SubprocessError) as exc:
                 toolchain["std_bindings_outside_libstdcxx"] = f"not collected: {exc}"
         report = {"ok": ok, "summary": summary, "device": args.device, "devices_checked": devices,
-                  "cases": rows, "problems": problems, "notes": facts.get("notes", []), "children": children, "seconds": round(seconds, 2),
+                  "cases": rows, "problems": problems, "notes": facts.get("notes", []), "child_stderr": child_stderr, "children": children, "seconds": round(seconds, 2),
                   "toolchain": toolchain,
                   "versions": {"python": facts.get("python"), "torch": (facts.get("torch") or {}).get("version"),
                                "cuda": (facts.get("torch") or {}).get("cuda")}}
