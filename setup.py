@@ -44,21 +44,30 @@ def make_extension():
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
     # -fopenmp: at::parallel_for is an OpenMP pragma inside ATen's headers (torch's CPU builds use the
     # OpenMP backend); compiled without it, every parallel_for in our kernels silently runs on one thread.
+    # With GCC the library needs libgomp.so.1, which resolves to the copy torch already loaded (same soname).
     # No -std flag: torch's cpp_extension picks the standard its headers need (torch 2.14 needs C++20).
-    cxx_flags = ["-O3", "-fopenmp"]
+    # The C++ ABI torch was built with, explicitly: recent cpp_extension no longer passes it, and a compiler
+    # whose default differs would build a library that cannot link against torch.
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(getattr(torch._C, '_GLIBCXX_USE_CXX11_ABI', True))}"
+    cxx_flags = ["-O3", "-fopenmp", abi]
     link_flags = ["-fopenmp"]
+    # libstdc++ first among the libraries (torch's come after): torch's libraries export copies of libstdc++
+    # code (their GCC toolset links it statically), and a library listed before libstdc++ would lend the
+    # extension some std:: functions (std::ostringstream's constructor, for one) while libstdc++ serves the
+    # rest. Listed first, every std:: symbol resolves to the one C++ runtime (docs/design.md, "Build").
+    libraries = ["stdc++"]
     reason = cuda_skip_reason()
     if reason is not None:
         print(f"ddim_fast: building the C++ CPU kernels only; CUDA kernels skipped: {reason}")
-        return CppExtension("ddim_fast._C", cpu_sources, include_dirs=include_dirs,
+        return CppExtension("ddim_fast._C", cpu_sources, include_dirs=include_dirs, libraries=libraries,
                             extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
     cuda_sources = sources("csrc/cuda/*.cu") + sources("csrc/cuda/*.cpp")
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+    nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", abi]
     if not arch_list:
         nvcc_flags += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
     print(f"ddim_fast: building C++ CPU and CUDA kernels (CUDA {torch.version.cuda}, nvcc from {CUDA_HOME})")
-    return CUDAExtension("ddim_fast._C", cpu_sources + cuda_sources, include_dirs=include_dirs,
+    return CUDAExtension("ddim_fast._C", cpu_sources + cuda_sources, include_dirs=include_dirs, libraries=libraries,
                          define_macros=[("DDIM_FAST_WITH_CUDA", "1")],
                          extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=link_flags)
 

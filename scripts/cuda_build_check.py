@@ -368,6 +368,55 @@ def sass_main(args) -> int:
     return 1 if problems else 0
 
 
+# The C++ standard torch's cpp_extension passes on Linux: `cpp_flag_prefix + 'c++NN'` (its rule for C++ sources
+# that name none) and the '-std=c++NN' literals of its nvcc and JIT paths. torch 2.11 says c++17, 2.13+ c++20.
+_STD_RULE = re.compile(r"cpp_flag_prefix\s*\+\s*['\"](c\+\+\d+)['\"]")
+_STD_LITERAL = re.compile(r"['\"]-std=(c\+\+\d+)['\"]")
+
+
+def cpp_extension_source() -> Path | None:
+    """torch/utils/cpp_extension.py of the torch this Python imports (found without importing torch)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "utils" / "cpp_extension.py"
+    return path if path.exists() else None
+
+
+def torch_cpp_standards(source: str) -> set[str]:
+    """The standards ('c++17', 'c++20') torch's cpp_extension passes itself, read from its source."""
+    return set(_STD_RULE.findall(source)) | set(_STD_LITERAL.findall(source))
+
+
+def check_std_flags(build_log: str, allowed: set[str], torch_label: str = "torch") -> list[str]:
+    """Every -std=c++NN of the build must be one torch's cpp_extension chooses for this version: an extension
+    compiled for another standard than torch's headers were written for (C++20 since 2.13) fails or miscompiles."""
+    if not allowed:
+        return [f"could not tell which C++ standard {torch_label}'s cpp_extension chooses (no -std=c++NN in its source)"]
+    used = sorted(set(re.findall(r"-std=(c\+\+\d+)", build_log)))
+    return [f"the build passed -std={u}, but {torch_label}'s cpp_extension chooses -std={'/'.join(sorted(allowed))}: "
+            f"let torch choose (setup.py passes no -std)" for u in used if u not in allowed]
+
+
+def std_main(log_path: str) -> int:
+    source = cpp_extension_source()
+    if source is None:
+        print(f"{TAG} FAIL: torch/utils/cpp_extension.py not found for this Python ({sys.executable})")
+        return 1
+    import importlib.metadata
+
+    label = f"torch {importlib.metadata.version('torch')}"
+    allowed = torch_cpp_standards(source.read_text())
+    problems = check_std_flags(Path(log_path).read_text(errors="replace"), allowed, label)
+    for p in problems:
+        print(f"{TAG} FAIL: {p}")
+    if not problems:
+        print(f"{TAG} C++ standard: -std={'/'.join(sorted(allowed))}, as {label}'s cpp_extension chooses")
+    return 1 if problems else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="90", help="comma-separated compute capabilities the build targeted")
@@ -383,9 +432,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="with --sass: one line per kernel")
     parser.add_argument("--no-vector-kernels", action="store_true",
                         help="with --sass: the binary is not expected to hold a vector kernel (another .cu file)")
+    parser.add_argument("--check-std", metavar="BUILD_LOG", default=None,
+                        help="only check that every -std=c++NN in this build log is the one this Python's torch "
+                             "cpp_extension chooses, and exit (no torch import)")
     args = parser.parse_args(argv)
     if args.sass:
         return sass_main(args)
+    if args.check_std:
+        return std_main(args.check_std)
 
     import torch
 

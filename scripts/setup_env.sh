@@ -6,8 +6,9 @@
 #   - the package's dependencies for EXTRAS and an editable install (no compile: DDIM_FAST_SKIP_BUILD=1),
 #     skipped when build/setup-EXTRAS.stamp says this pyproject.toml was installed already;
 #   - the extension: `setup.py build_ext --inplace` with ninja, incremental (an up-to-date build costs a
-#     few seconds), progress on the terminal, the full log in build/build.log. Everything it writes stays
-#     in the checkout's build/ folder.
+#     few seconds), progress on the terminal, the full log in build/build.log, then the post-build self-check
+#     (with one fallback compiler if it fails; scripts/native_toolchain.py). Everything it writes stays in the
+#     checkout's build/ folder.
 # Usage: scripts/setup_env.sh [EXTRAS]   (EXTRAS: "demo" for the main job, "test" for the test suite)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,16 +41,8 @@ else
 fi
 
 echo "[setup] building ddim_fast._C in place (log: build/build.log)"
-t0=$(date +%s)
-if ! MAX_JOBS=${MAX_JOBS:-2} "$PY" setup.py build_ext --inplace >build/build.log 2>&1 < /dev/null; then
-  tail -n 40 build/build.log
-  echo "[setup] FAILED: the extension did not build (full log: build/build.log)"
-  exit 1
-fi
-# What was compiled (ninja's [i/n] lines), the CUDA decision, and the time it took.
-grep -hE "^ddim_fast: building" build/build.log | sort -u || true
-grep -oE "^\[[0-9]+/[0-9]+\] [^ ]+( .*-c [^ ]+)?" build/build.log | sed -E 's/^(\[[0-9]+\/[0-9]+\]) .* -c ([^ ]+)$/\1 compiled \2/' \
-  | sed 's/^/[setup]   /' || true
-grep -q "ninja: no work to do" build/build.log && echo "[setup]   up to date: nothing recompiled"
-echo "[setup] build done in $(( $(date +%s) - t0 )) s"
+# Build, then the self-check (scripts/native_selfcheck.py: every C++ op called with bad input in a child process
+# must raise the documented exception, not kill the process); if it fails, one rebuild with a fallback compiler,
+# and a clear stop if that fails too. The compiler that built the library is recorded in build/toolchain.json.
+MAX_JOBS=${MAX_JOBS:-2} "$PY" scripts/native_toolchain.py build </dev/null
 "$PY" -c "import torch, ddim_fast; print('[setup] ddim_fast ready with torch', torch.__version__)"

@@ -189,3 +189,45 @@ def test_shell_script_skips_without_a_toolkit(tmp_path):
     env["DDIM_FAST_SKIP_CUDA_BUILD_CHECK"] = "1"
     proc = subprocess.run(["bash", str(SHELL)], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "skipped: DDIM_FAST_SKIP_CUDA_BUILD_CHECK=1" in proc.stdout, proc.stdout
+
+
+# The C++ standard: whatever torch's cpp_extension of the installed version chooses, not a fixed rule (torch 2.11,
+# the first GPU image's, passes -std=c++17 itself; 2.13+ pass -std=c++20).
+CPP_EXTENSION_2_11 = """
+        def append_std17_if_no_std_present(cflags) -> None:
+            cpp_format_prefix = '/{}:' if self.compiler.compiler_type == 'msvc' else '-{}='
+            cpp_flag_prefix = cpp_format_prefix.format('std')
+            cpp_flag = cpp_flag_prefix + 'c++17'
+            if not any(flag.startswith(cpp_flag_prefix) for flag in cflags):
+                cflags.append(cpp_flag)
+"""
+LOG_2_11 = ("[1/2] /opt/gcc/bin/g++ -c ops.cpp -o ops.o -O3 -fopenmp -DTORCH_EXTENSION_NAME=_C -std=c++17\n"
+            "[2/2] /usr/local/cuda/bin/nvcc -c k.cu -o k.o -ccbin /opt/gcc/bin/gcc -std=c++17\n")
+
+
+def test_std_check_follows_the_torch_version():
+    check = _module()
+    assert check.torch_cpp_standards(CPP_EXTENSION_2_11) == {"c++17"}
+    assert check.torch_cpp_standards(CPP_EXTENSION_2_11.replace("c++17", "c++20")) == {"c++20"}
+    assert check.check_std_flags(LOG_2_11, {"c++17"}, "torch 2.11.0") == []  # the GPU image's build: fine
+    problems = check.check_std_flags(LOG_2_11, {"c++20"}, "torch 2.14.1")
+    assert problems == ["the build passed -std=c++17, but torch 2.14.1's cpp_extension chooses -std=c++20: let torch "
+                        "choose (setup.py passes no -std)"], problems
+    assert check.check_std_flags(LOG_2_11, set())[0].startswith("could not tell which C++ standard")
+
+
+def test_std_check_reads_the_installed_torch(tmp_path):
+    # This Python's torch (2.13+: C++20), through the CLI the shell script calls; no torch import needed.
+    check = _module()
+    source = check.cpp_extension_source()
+    assert source is not None and source.name == "cpp_extension.py"
+    standards = check.torch_cpp_standards(source.read_text())
+    assert len(standards) == 1, standards
+    (std,) = standards
+    good, bad = tmp_path / "good.log", tmp_path / "bad.log"
+    good.write_text(LOG_2_11.replace("c++17", std))
+    bad.write_text(LOG_2_11.replace("c++17", "c++14"))
+    ok = subprocess.run([sys.executable, str(SCRIPT), "--check-std", str(good)], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and f"-std={std}, as torch" in ok.stdout, ok.stdout + ok.stderr
+    fail = subprocess.run([sys.executable, str(SCRIPT), "--check-std", str(bad)], capture_output=True, text=True, timeout=60)
+    assert fail.returncode == 1 and "the build passed -std=c++14" in fail.stdout, fail.stdout + fail.stderr

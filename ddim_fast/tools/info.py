@@ -72,6 +72,43 @@ def _backend_status() -> dict[str, str]:
     return status
 
 
+def _extension_build() -> dict[str, Any] | None:
+    """Who compiled the loaded ddim_fast._C: the record scripts/native_toolchain.py leaves in the checkout's
+    build/toolchain.json (compiler, why, the post-build self-check) when it describes this very library, else the
+    compilers named in the library's .comment section."""
+    try:
+        from ddim_fast import _C
+    except ImportError:
+        return None
+    path = _C.__file__
+    try:
+        data = open(path, "rb").read()
+    except OSError:
+        return None
+    record_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "build", "toolchain.json")
+    try:
+        import hashlib
+        import json
+
+        with open(record_path, encoding="utf-8") as f:
+            record = json.load(f)
+        if record.get("extension_sha256") == hashlib.sha256(data).hexdigest() and record.get("compiler"):
+            c = record["compiler"]
+            name = {"gcc": "GCC", "clang": "clang"}.get(c.get("kind"), c.get("kind", ""))
+            check = record.get("selfcheck") or {}
+            return {"compiler": f"{c.get('path')} ({name} {c.get('version')})", "why": record.get("why"),
+                    "selfcheck": ("passed: " if check.get("ok") else "FAILED: ") + str(check.get("summary", "")),
+                    "record": record_path}
+    except (OSError, ValueError, AttributeError):
+        pass
+    import re
+
+    compilers = re.findall(rb"(?:GCC: \([^)]*\) [0-9.]+|clang version [0-9.]+)", data)  # the .comment section
+    named = sorted({m.decode(errors="replace") for m in compilers})
+    return {"compiler": "; ".join(named) or "unknown", "why": None, "selfcheck": "not recorded (build with "
+            "scripts/setup_env.sh)", "record": None}
+
+
 def collect() -> dict[str, Any]:
     """Everything ``info`` prints, as a JSON-able dict."""
     gpu = None
@@ -81,6 +118,7 @@ def collect() -> dict[str, Any]:
                "memory_gib": round(props.total_memory / 2**30, 1), "count": torch.cuda.device_count()}
     return {
         "backends": _backend_status(),
+        "extension_build": _extension_build(),
         "gpu": gpu,
         "cpu": {"model": cpu_model(), "cores": os.cpu_count()},
         "versions": {
@@ -114,6 +152,9 @@ def format_info(data: dict[str, Any]) -> str:
     width = max(len(k) for k in data["backends"])
     for name, state in data["backends"].items():
         lines.append(f"  {name:<{width}}  {state}")
+    build = data.get("extension_build")
+    if build:
+        lines.append(f"  {'built by':<{width}}  {build['compiler']}; self-check {build['selfcheck']}")
     lines.append("hardware:")
     if data["gpu"]:
         g = data["gpu"]
