@@ -169,6 +169,8 @@ class Result:
     is_peer: bool = False   # the competitor a user would pick instead (torch.compile of the unfused step)
     unit: str = "us/step"
     scale_only: bool = False  # an entry for scale (an allocation, a copy): no "faster than" ratios
+    relative_to: str | None = None  # another entry of the group: the summary prints this one's time over it
+    note: str = ""  # printed at the end of the entry's summary line (a spread, a measured condition)
 
 
 RESULTS: list[Result] = []
@@ -185,9 +187,10 @@ def record_result(group: str, name: str, seconds: float, *, hardware: str, bytes
 def run_benchmark(benchmark, timer: StepTimer, *, group: str, name: str, bytes_moved: int,
                   baseline: bool = False, is_copy: bool = False, is_peer: bool = False,
                   rounds: int | None = None, extra: dict | None = None, unit: str = "us/step",
-                  scale_only: bool = False) -> float:
+                  scale_only: bool = False, relative_to: str | None = None) -> float:
     """Times ``timer`` with pytest-benchmark (one timed call = ``timer.steps`` steps) and returns the
-    median seconds per step (CUDA-event timed on the GPU). Attaches the shared ``extra_info``."""
+    median seconds per step (CUDA-event timed on the GPU). Attaches the shared ``extra_info``.
+    ``relative_to`` names another entry of the group to print this one's time as a multiple of."""
     if rounds is None:
         rounds = 3 if IN_CI else 10
     benchmark.group = group
@@ -210,7 +213,7 @@ def run_benchmark(benchmark, timer: StepTimer, *, group: str, name: str, bytes_m
         **(extra or {}),
     })
     RESULTS.append(Result(group, name, per_step, int(bytes_moved), hardware, baseline, is_copy, is_peer, unit,
-                          scale_only or is_copy))
+                          scale_only or is_copy, relative_to))
     return per_step
 
 
@@ -223,7 +226,8 @@ def compare(r: Result, other: Result) -> str:
 
 def format_group(group: str, results: list[Result]) -> list[str]:
     """The summary lines of one group: each entry's time, GB/s (when it moves bytes), its ratio to the
-    group's baseline, to its peer (torch.compile) and to its copy."""
+    group's baseline, to its peer (torch.compile), to its copy and to the entry it names as
+    ``relative_to``, then its note."""
     base = next((r for r in results if r.baseline), None)
     copy = next((r for r in results if r.is_copy), None)
     peer = next((r for r in results if r.is_peer), None)
@@ -240,6 +244,13 @@ def format_group(group: str, results: list[Result]) -> list[str]:
             parts.append(compare(r, peer))
         if copy is not None and r is not copy:
             parts.append(f"{r.seconds_per_step / copy.seconds_per_step:5.2f}x the copy time")
+        other = next((o for o in results if r.relative_to is not None and o.name == r.relative_to), None)
+        if other is not None:  # as a ratio and as the time added (per step, in the group's unit)
+            added = (r.seconds_per_step - other.seconds_per_step) * (1e3 if r.unit.startswith("ms") else 1e6)
+            parts.append(f"{r.seconds_per_step / other.seconds_per_step:5.2f}x {other.name} ({added:+.1f} "
+                         f"{r.unit.split('/')[0]})")
+        if r.note:
+            parts.append(r.note)
         lines.append("  ".join(parts))
     return lines
 

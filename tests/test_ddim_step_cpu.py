@@ -314,6 +314,33 @@ def test_fp32_contiguous_large_matches_reference():
     _check(x, mo, TABLE, 2, torch.float32, guidance_scale=7.5, rng_state=torch.tensor([8, 9]))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("option_set,layout", [("noise_temperature", "contiguous"), ("rng", "contiguous"),
+                                               ("threshold_reuse", "contiguous"), ("rng", "transposed")])
+def test_same_bits_for_any_thread_count(dtype, option_set, layout):
+    """The kernel hands its elements out in chunks to however many threads run: 1, 2 and 3 threads (the
+    chunks then land on different threads in every run) give the same bits, pred_x0 included. 57k
+    elements: 4 chunks, the last one partial."""
+    shape = (3, 4, 67, 71)
+    x, mo = _inputs(shape, dtype, guided=True, seed=31)
+    if layout == "transposed":
+        x, _ = _layout(x, "transposed")
+    opts = _materialize({**OPTION_SETS[option_set], "guidance_scale": 7.5}, x, mo, TABLE, 4)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(ops.ddim_step(x, mo, TABLE, 4, return_pred_x0=True, backend="native", **opts))
+    finally:
+        torch.set_num_threads(threads)
+    for n, (out, pred_x0) in zip((2, 3), results[1:]):
+        assert torch.equal(out, results[0][0]), f"x_prev with {n} threads differs from 1 thread"
+        assert torch.equal(pred_x0, results[0][1]), f"pred_x0 with {n} threads differs from 1 thread"
+    ref_out, _ = _reference(x, mo, TABLE, 4, **opts)
+    assert_rel_close(results[0][0], ref_out, dtype, "x_prev")
+
+
 # --------------------------------------------------------------------------------------------------
 # Outputs: out=, in place, pred_x0 plumbing
 # --------------------------------------------------------------------------------------------------

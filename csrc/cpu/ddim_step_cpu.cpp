@@ -1,7 +1,8 @@
-// C++ CPU kernel of ddim_fast::ddim_step: one pass over memory, at::parallel_for over element ranges,
-// fp32 math for every storage dtype. Work is done in blocks of kBlock elements: a load stage gives
-// fp32 pointers (straight into the tensors for fp32 in memory order, else gathered/converted into stack
-// buffers), a branch-free compute loop the compiler vectorizes, and a store stage.
+// C++ CPU kernel of ddim_fast::ddim_step: one pass over memory, one at::parallel_for region whose threads
+// take fixed-size element chunks from a shared counter, fp32 math for every storage dtype. Work is done in
+// blocks of kBlock elements: a load stage gives fp32 pointers (straight into the tensors for fp32 in memory
+// order, else gathered/converted into stack buffers), a branch-free compute loop the compiler vectorizes,
+// and a store stage.
 // Memory order (DdimStepParams::flat) covers row-major contiguous tensors and dense tensors that share one
 // layout (channels_last latents): ranges are then ranges of memory, walked like a contiguous tensor.
 #include <ATen/Parallel.h>
@@ -11,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 
 #if defined(__x86_64__)
@@ -26,8 +28,12 @@ namespace ddim_fast {
 namespace {
 
 constexpr int64_t kBlock = 256;
-// Elements per parallel task: large enough that thread start-up is amortized (a 4x64x64 latent is one task).
+// Elements per thread of the parallel region: large enough that thread start-up is amortized (a 4x64x64
+// latent runs on the calling thread alone).
 constexpr int64_t kGrain = 1 << 15;
+// Elements per chunk handed out inside the region (a multiple of kBlock, so blocks start at the same
+// positions however the work is split: the results are bit-identical for any thread count).
+constexpr int64_t kChunk = 1 << 14;
 
 // Walks row-major logical indices and keeps each argument's element offset in step with them.
 struct OffsetWalker {
@@ -314,7 +320,7 @@ void run_ddim_step_cpu(const DdimStepParams& p) {
   const StepCoefs k = load_step_coefs(p.table + step * kTableColumns, p.temperature);
   // The Philox counter's high half is offset + step (philox_stream), so each step draws fresh noise.
   const ComputeFn compute = pick_compute(p);
-  at::parallel_for(0, p.numel, kGrain, [&](int64_t begin, int64_t end) {
+  const auto run = [&](int64_t begin, int64_t end) {
     switch (p.dtype) {
       case ScalarKind::kFloat16:
         run_range<c10::Half>(p, k, compute, static_cast<uint64_t>(step), begin, end);
@@ -324,6 +330,24 @@ void run_ddim_step_cpu(const DdimStepParams& p) {
         break;
       default:
         run_range<float>(p, k, compute, static_cast<uint64_t>(step), begin, end);
+    }
+  };
+  // One parallel region on torch's own OpenMP pool (the extension's GOMP symbols bind to the libgomp torch
+  // loaded), with as many threads as at::parallel_for(0, numel, kGrain) would use, the work handed out in
+  // kChunk pieces rather than one fixed range per thread. The region ends when its last thread does: with
+  // more runnable threads than cores (a busy neighbour process, libgomp's workers spinning between
+  // regions), one of them is often off the CPU for a scheduler tick while the other waits at the closing
+  // barrier. With fixed ranges the late thread still has its whole range to do when it returns; with
+  // chunks the running thread has taken what the late one had not started. That shortens such stalls; it
+  // cannot remove them (the barrier still waits for the late thread). Measured: docs/design.md, "CPU threads".
+  const int64_t chunks = (p.numel + kChunk - 1) / kChunk;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (p.numel + kGrain - 1) / kGrain);
+  std::atomic<int64_t> next_chunk{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    // Every thread (or the caller alone, when at::parallel_for runs inline) takes chunks until none is left.
+    for (int64_t c = next_chunk.fetch_add(1, std::memory_order_relaxed); c < chunks;
+         c = next_chunk.fetch_add(1, std::memory_order_relaxed)) {
+      run(c * kChunk, std::min(p.numel, (c + 1) * kChunk));
     }
   });
 }
