@@ -383,7 +383,8 @@ if want tests; then
   grep -E "^(FAILED|ERROR) " "$LOGS/tests.log" | head -n 30 | tee -a "$SUMMARY"
   # Counts, crashes (xdist's "crashed while running", isolated children killed by a signal), the slowest tests
   if [ -f "$OUT/tests.xml" ]; then
-    "$PY" benchmarks/pytest_gpu_check.py "$OUT/tests.xml" 2>&1 | tee -a "$SUMMARY"
+    selected=$(grep -oE "pytest_gpu_check: [0-9]+ tests selected" "$LOGS/tests.log" | head -n 1 | grep -oE "[0-9]+")
+    "$PY" benchmarks/pytest_gpu_check.py "$OUT/tests.xml" "$selected" 2>&1 | tee -a "$SUMMARY"
   fi
   note "tests: $(grep -c 'node down' "$LOGS/tests.log" 2>/dev/null) xdist workers went down; Triton cache: $(find "$TRITON_CACHE_DIR" -name '*.cubin' 2>/dev/null | wc -l) compiled kernels in $TRITON_CACHE_DIR"
 fi

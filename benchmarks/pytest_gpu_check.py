@@ -18,7 +18,8 @@
   inside one C call (a kernel that never returns) is interrupted when that call returns; the stage's own
   ``timeout --signal=INT`` covers the rest, and pytest still writes its JUnit XML then.
 
-Run as a script, it summarizes a JUnit file for summary.txt: ``python pytest_gpu_check.py tests.xml``.
+With ``--cuda-only`` it prints ``pytest_gpu_check: N tests selected``. Run as a script, it summarizes a JUnit
+file for summary.txt: ``python pytest_gpu_check.py tests.xml [N]`` (N: that count, to tell a complete file).
 """
 
 from __future__ import annotations
@@ -78,6 +79,30 @@ def is_cuda_test(item) -> bool:
 
 def _norm(path: str) -> str:
     return os.path.normcase(os.path.abspath(path))
+
+
+def _announce_selected(config, count: int) -> None:
+    """One terminal line with the number of tests selected (gpu_check.sh compares the JUnit file with it)."""
+    global _announced
+    if _announced or not config.getoption("--cuda-only"):
+        return
+    _announced = True
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"pytest_gpu_check: {count} tests selected")
+
+
+_announced = False
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):  # the xdist controller: every worker collects the same
+    _announce_selected(node.config, len(ids))
+
+
+def pytest_collection_finish(session):
+    if not hasattr(session.config, "workerinput"):  # not inside an xdist worker
+        _announce_selected(session.config, len(session.items))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -289,8 +314,9 @@ def pytest_runtest_call(item):
 # --------------------------------------------------------------------------------------------------
 
 
-def junit_summary(path: str, slowest: int = 8) -> str:
-    """Counts, crashes and the slowest tests of a JUnit XML file, as a few lines of text."""
+def junit_summary(path: str, slowest: int = 8, selected: int | None = None) -> str:
+    """Counts, crashes and the slowest tests of a JUnit XML file, as a few lines of text; with `selected`
+    (the run's "N tests selected" line), whether the file holds every selected test."""
     import xml.etree.ElementTree as ET
 
     root = ET.parse(path).getroot()
@@ -304,7 +330,12 @@ def junit_summary(path: str, slowest: int = 8) -> str:
         if "crashed while running" in text or "child process running it was killed" in text:
             crashed.append(f"{case.get('classname')}::{case.get('name')}")
     total_time = sum(float(c.get("time") or 0) for c in cases)
-    lines = [f"tests.xml: {len(cases)} tests: {counts['passed']} passed, {counts['failed']} failed, "
+    if selected is not None:
+        complete = "complete" if len(cases) >= selected else f"INCOMPLETE: {selected - len(cases)} never ran"
+        lines = [f"tests.xml: {len(cases)} of {selected} selected tests ({complete})"]
+    else:
+        lines = []
+    lines += [f"tests.xml: {len(cases)} tests: {counts['passed']} passed, {counts['failed']} failed, "
              f"{counts['error']} errors, {counts['skipped']} skipped; {len(crashed)} crashed; "
              f"{total_time:.0f} s of test time"]
     lines += [f"  crashed: {name}" for name in crashed[:10]]
@@ -315,4 +346,5 @@ def junit_summary(path: str, slowest: int = 8) -> str:
 
 
 if __name__ == "__main__":
-    print(junit_summary(sys.argv[1]))
+    # python pytest_gpu_check.py JUNIT.xml [SELECTED]
+    print(junit_summary(sys.argv[1], selected=int(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2] else None))

@@ -61,6 +61,7 @@ def test_dry_run_runs_every_stage_in_order_cuts_a_hung_stage_and_packages(tmp_pa
     assert "git:" in (out / "env.txt").read_text()
     assert summary.count("total ") == 1  # one packaging, not one per background job
     # the tests' digest: counts from the JUnit file, crashes, the slowest tests, xdist workers lost
+    assert re.search(r"tests\.xml: (\d+) of \1 selected tests \(complete\)", summary), summary
     assert re.search(r"tests\.xml: \d+ tests: \d+ passed, 0 failed, 0 errors, \d+ skipped; 0 crashed", summary), summary
     assert "xdist workers went down" in summary and "Triton cache:" in summary
     if os.path.exists(os.path.join(ROOT, "scripts", "native_selfcheck.py")):
@@ -126,6 +127,7 @@ def test_plugin_keeps_only_cuda_tests(tmp_path):
                    "--junitxml", str(tmp_path / "j.xml"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert set(_junit_cases(tmp_path / "j.xml")) == {"test_marked_cuda", "test_in_whole_file"}
+    assert "pytest_gpu_check: 2 tests selected" in proc.stdout
 
 
 def test_plugin_per_test_timeout_fails_the_slow_test_only(tmp_path):
@@ -211,6 +213,7 @@ def test_plugin_isolates_tests_that_may_crash(tmp_path):
     digest = pytest_gpu_check.junit_summary(str(tmp_path / "j.xml"))
     assert digest.startswith("tests.xml: 9 tests: 5 passed, 3 failed, 0 errors, 1 skipped; 1 crashed;"), digest
     assert "crashed: test_isolated::test_segfaults" in digest
+    assert "(INCOMPLETE: 1 never ran)" in pytest_gpu_check.junit_summary(str(tmp_path / "j.xml"), selected=10)
 
 
 def test_plugin_isolates_under_xdist(tmp_path):
