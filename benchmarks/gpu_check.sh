@@ -8,22 +8,27 @@
 #   0  wheels: .whl/*.whl (diffusers only) -> /tmp/site, --no-deps    15  summary.txt
 #   1  environment: GPU, driver, torch/triton/CUDA, commit, date      (0)  env.txt
 #   2  build for this GPU's arch only (TORCH_CUDA_ARCH_LIST)          120  logs.tar.gz:build.log
+#   2b native self-check: every op with bad input must raise the       60  logs.tar.gz:native_selfcheck.json
+#      documented Python exception, no signal (scripts/native_selfcheck.py --device all, when present)
 #   3  micro-benchmark (benchmarks/gpu_micro.py: step, attention,     100  micro.json
 #      autocast graph; ~90 s)
 #   4a python -m ddim_fast bench: SD1.5 UNet, fp16, 512 px, CFG 7.5,  100  bench_e2e.json
 #      50 steps: diffusers, fast, fast+graph, fast+attn (proven)
 #   4b benchmarks/bench_pipeline.py -k cuda, no compile (when present)  60  bench_pipeline.json
 #   4c python -m ddim_fast generate, 1 GPU (when the command exists)   20  generate.json
-#   5  the CUDA tests, pytest -n 8 --cuda-only, per-test timeout,     120  tests.xml (JUnit)
-#      timeout --signal=INT (pytest still writes its JUnit XML)
+#   5  the CUDA tests, pytest -n 16 --cuda-only --isolate (a test     150  tests.xml (JUnit)
+#      that may crash runs in a child process of its own), per-test timeout, plugin autoload off,
+#      one shared Triton cache, 1 CPU thread per worker; timeout --signal=INT (pytest still writes
+#      its JUnit XML)
 #   6  compute-sanitizer memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1)  3x60  logs.tar.gz:sanitizer_*.log
 #      on the native step tests and the softmax kernels, racecheck
 #      on the softmax block kernel (small shapes); runs BESIDE stage 5 (both functional: nothing is timed then)
-#   caps, serial: 15 + 120 + 100 + 100 + 60 + 20 + 120 = 535 s > the 470 s deadline on purpose: the tests take
-#   whatever is left (expected: wheels 5, env 5, build ~70, micro ~90, bench ~80, pipeline ~45, generate ~15,
-#   then ~150 s remain for tests + sanitizer, cut at 120 s for the tests).
+#   caps, serial: 15 + 120 + 60 + 100 + 100 + 60 + 20 + 150 = 625 s > the 470 s deadline on purpose. Measured on
+#   the H200 (2026-12-04): wheels 1, env ~5, build 18, micro ~40-90, bench 56, pipeline 48, generate 5 s.
 # A global deadline (DDIM_FAST_CHECK_DEADLINE, default 470 s from the start) cuts every cap to what is left
 # (10 s are kept for the last packaging); a stage with under 10 s left is skipped and named in summary.txt.
+# The stages before the tests hold the tests' cap back (HOLD): they end by 470 - 10 - 150 = 310 s, so the
+# tests always get their whole 150 s (expected ~60-90 s: 16 workers, no crashes) and the run ends by 470 s.
 # $OUT receives at most 8 files, flat: summary.txt env.txt micro.json bench_e2e.json bench_pipeline.json
 # generate.json tests.xml logs.tar.gz. The script exits non-zero when a stage failed.
 #
@@ -49,9 +54,14 @@ start=$(date +%s)
 deadline=$(( start + ${DDIM_FAST_CHECK_DEADLINE:-470} ))
 RESERVE=10
 MIN_STAGE=10
+HOLD=0  # seconds the running stage leaves to later stages (the tests' cap while stages before them run)
 MAX_FILES=8
 EXPECTED_FILES="summary.txt env.txt micro.json bench_e2e.json bench_pipeline.json generate.json tests.xml logs.tar.gz"
 export PYTHONUNBUFFERED=1
+# One Triton cache for every stage and process (micro, tests, their isolated children, sanitizer): a kernel
+# specialization compiled once on this machine loads from disk everywhere else.
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-${TMPDIR:-/tmp}/ddim_fast_triton_cache}
+mkdir -p "$TRITON_CACHE_DIR"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
@@ -95,9 +105,9 @@ stage() {
   local name=$1 limit=$2 log=$3 sig=TERM
   shift 3
   if [ "${1:-}" = "--signal" ]; then sig=$2; shift 2; fi
-  local left=$(( deadline - $(date +%s) - RESERVE ))
+  local left=$(( deadline - $(date +%s) - RESERVE - HOLD ))
   if [ "$left" -lt "$MIN_STAGE" ]; then
-    note "SKIP  $name (global deadline: ${left}s left)"
+    note "SKIP  $name (global deadline: ${left}s left$([ "$HOLD" -gt 0 ] && echo " after the ${HOLD}s held for the tests"))"
     status=1
     return 124
   fi
@@ -132,7 +142,9 @@ run_stage() {  # run_stage STAGE-KEY NAME DEFAULT-CAP LOG [--signal SIG] COMMAND
 }
 
 [ "$DRY_RUN" = "1" ] && note "DRY RUN on $(hostname): CPU stand-ins for the GPU commands (see the script's header)"
-note "plan (cap s): wheels 15, build 120, micro 100, bench 100, pipeline 60, generate 20, tests 120 (sanitizer 3x60 beside it); deadline ${DDIM_FAST_CHECK_DEADLINE:-470}s"
+note "plan (cap s): wheels 15, build 120, selfcheck 60, micro 100, bench 100, pipeline 60, generate 20, tests 150 (held back; sanitizer 3x60 beside it); deadline ${DDIM_FAST_CHECK_DEADLINE:-470}s"
+# The stages before the tests leave the tests' cap untouched (when the tests run at all).
+if [ -z "${STAGES:-}" ] || [[ ",$STAGES," == *",tests,"* ]]; then HOLD=$(cap tests 150); fi
 
 # 0. carried wheels (diffusers only: the image has transformers, huggingface_hub, safetensors, Pillow) -------
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -163,13 +175,16 @@ fi
   (nvcc --version 2>/dev/null || "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" --version 2>&1) | tail -n 2
   uname -r
   "$PY" - <<'EOF'
-import importlib, os, platform
+import importlib.metadata as metadata, os, platform
 import torch
 print("python", platform.python_version())
 print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
-for name in ("triton", "numpy", "diffusers", "transformers", "pytest", "pytest_benchmark", "xdist", "pytest_timeout"):
+# Versions from the installed metadata, not imports: importing diffusers and transformers takes seconds.
+for name, dist in (("triton", "triton"), ("numpy", "numpy"), ("diffusers", "diffusers"), ("transformers", "transformers"),
+                   ("pytest", "pytest"), ("pytest_benchmark", "pytest-benchmark"), ("xdist", "pytest-xdist"),
+                   ("pytest_timeout", "pytest-timeout")):
     try:
-        print(name, getattr(importlib.import_module(name), "__version__", "installed"))
+        print(name, metadata.version(dist))
     except Exception as exc:
         print(name, "unavailable:", exc)
 if torch.cuda.is_available():
@@ -210,6 +225,18 @@ print(want)" 2>&1); then
 else
   note "FAIL  native kernels not registered: $(echo "$registered" | tail -n 1)"
   status=1
+fi
+
+# 2b. native self-check: every op called with bad input, each case in a child process, must raise the
+# documented Python exception (on the first H200 image every C++ error segfaulted the process, issue 17).
+if [ -f scripts/native_selfcheck.py ]; then
+  if [ "$DRY_RUN" = "1" ]; then SELFCHECK_DEVICE=cpu; else SELFCHECK_DEVICE=all; fi
+  run_stage selfcheck "native self-check (scripts/native_selfcheck.py --device $SELFCHECK_DEVICE)" 60 \
+    "$LOGS/native_selfcheck.log" "$PY" scripts/native_selfcheck.py --device "$SELFCHECK_DEVICE" \
+    --json "$LOGS/native_selfcheck.json"
+  grep -v '^\s*$' "$LOGS/native_selfcheck.log" | tail -n 1 | sed 's/^/      /' | tee -a "$SUMMARY"
+else
+  note "SKIP  native self-check: scripts/native_selfcheck.py is not in this checkout"
 fi
 
 # 3. micro-benchmark --------------------------------------------------------------------------------------
@@ -271,9 +298,30 @@ fi
 CUDA_FILES="tests/test_ddim_step_cuda.py,tests/test_ddim_step_triton.py,tests/test_attention_ops.py,tests/test_graph_safety.py,tests/test_graph_autocast.py"
 MIXED_FILES="tests/test_sampler_ldm.py tests/test_scheduler_diffusers.py tests/test_pipeline_diffusers.py tests/test_cli.py"
 [ -f tests/test_optimize_pipeline.py ] && MIXED_FILES="$MIXED_FILES tests/test_optimize_pipeline.py"
-TEST_FLAGS=(-q -p no:cacheprovider -p pytest_gpu_check -rfE --junitxml="$OUT/tests.xml" --cuda-only --cuda-files="$CUDA_FILES")
-if "$PY" -c "import xdist" 2>/dev/null; then TEST_FLAGS+=(-n "${TEST_WORKERS:-8}"); else note "tests: pytest-xdist missing, running serially"; fi
-if "$PY" -c "import pytest_timeout" 2>/dev/null; then TEST_FLAGS+=(--timeout=60 --timeout-method=signal); else TEST_FLAGS+=(--per-test-timeout=60); fi
+# --isolate: a test that may kill its process (marked `isolate`, or using pytest.raises: the error paths) runs
+# in a child process of its own, so a crash fails that test by name and never takes down an xdist worker
+# (a restart costs 10-20 s of imports; run 1 lost 24 workers that way). Plugin autoload off: the image's
+# pytest plugins (pytest-benchmark, ...) load in every worker and child otherwise; the ones used are named.
+# --tb=short: the JUnit file keeps each failure's text, the log stays small.
+TEST_FLAGS=(-q -p no:cacheprovider -p pytest_gpu_check -rfE --tb=short --junitxml="$OUT/tests.xml" --cuda-only
+            --cuda-files="$CUDA_FILES" --isolate)
+CPUS=$(nproc 2>/dev/null || echo 2)
+TEST_WORKERS=${TEST_WORKERS:-$(( CPUS < 16 ? CPUS : 16 ))}
+if "$PY" -c "import xdist" 2>/dev/null; then
+  # --dist worksteal: each worker starts on its own contiguous share and an idle worker takes half of a busy
+  # one's queue, so runs of slow tests (the 46 isolated ones, 30 of them consecutive; torch.compile) spread out;
+  # a crashed worker's queue goes back to the others.
+  TEST_FLAGS+=(-p xdist.plugin -n "$TEST_WORKERS" --dist worksteal)
+  TEST_MODE="-n $TEST_WORKERS"
+else
+  note "tests: pytest-xdist missing, running serially"
+  TEST_MODE="serial"
+fi
+if "$PY" -c "import pytest_timeout" 2>/dev/null; then
+  TEST_FLAGS+=(-p pytest_timeout --timeout=60 --timeout-method=signal)
+else
+  TEST_FLAGS+=(--per-test-timeout=60)
+fi
 if [ "$DRY_RUN" = "1" ]; then
   # The same pytest command line on two quick CPU files (what --cuda-only keeps here: their CUDA tests skip).
   TEST_TARGETS="tests/test_graph_autocast.py tests/test_schedule.py"
@@ -317,6 +365,7 @@ sanitizers() {  # stage 6, in the background beside the tests (functional checks
 }
 sanitizers_pid=
 if want sanitizer; then
+  HOLD=0
   sanitizers &
   sanitizers_pid=$!
 fi
@@ -324,10 +373,20 @@ fi
 # The tests in the foreground: a background job would start pytest with SIGINT ignored, and timeout's INT
 # (which lets pytest write its JUnit XML) would then do nothing.
 if want tests; then
-  run_stage tests "pytest the CUDA tests (-n, per-test timeout, JUnit)" 120 "$LOGS/tests.log" --signal INT \
-    "$PY" -m pytest $TEST_TARGETS "${TEST_FLAGS[@]}" || status=1
+  HOLD=0
+  # 1 CPU thread per worker: 16 workers x 16 OpenMP threads each would oversubscribe the CPU tests 16-fold;
+  # likewise Inductor compiles in the worker (no pool of 16 compile processes per worker for a few kernels).
+  run_stage tests "pytest the CUDA tests ($TEST_MODE, --isolate, per-test timeout, JUnit)" 150 \
+    "$LOGS/tests.log" --signal INT env PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
+    TORCHINDUCTOR_COMPILE_THREADS=1 "$PY" -m pytest $TEST_TARGETS "${TEST_FLAGS[@]}" || status=1
   grep -E "passed|failed|error" "$LOGS/tests.log" | tail -n 1 | tee -a "$SUMMARY"
   grep -E "^(FAILED|ERROR) " "$LOGS/tests.log" | head -n 30 | tee -a "$SUMMARY"
+  # Counts, crashes (xdist's "crashed while running", isolated children killed by a signal), the slowest tests
+  if [ -f "$OUT/tests.xml" ]; then
+    selected=$(grep -oE "pytest_gpu_check: [0-9]+ tests selected" "$LOGS/tests.log" | head -n 1 | grep -oE "[0-9]+")
+    "$PY" benchmarks/pytest_gpu_check.py "$OUT/tests.xml" "$selected" 2>&1 | tee -a "$SUMMARY"
+  fi
+  note "tests: $(grep -c 'node down' "$LOGS/tests.log" 2>/dev/null) xdist workers went down; Triton cache: $(find "$TRITON_CACHE_DIR" -name '*.cubin' 2>/dev/null | wc -l) compiled kernels in $TRITON_CACHE_DIR"
 fi
 [ -n "$sanitizers_pid" ] && { wait "$sanitizers_pid" || status=1; }
 exit $status

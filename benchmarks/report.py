@@ -5,7 +5,12 @@ Inputs (every ``*.json`` in ``--results``):
 * pytest-benchmark files (``pytest benchmarks --benchmark-only --benchmark-json=FILE``): one table per
   file, grouped by benchmark group, with the ratio of each entry to its group's baseline;
 * ``python -m ddim_fast bench --json FILE`` files: the end-to-end loops (it/s, ms/step, non-UNet time);
-* ``python -m ddim_fast profile --json FILE`` files: per-step latency summaries.
+* ``python -m ddim_fast profile --json FILE`` files: per-step latency summaries;
+* ``benchmarks/gpu_micro.py --json FILE`` files (the device check's micro-benchmark): step, attention and
+  autocast-graph tables, the goals met or not, what was skipped and what failed;
+* ``python -m ddim_fast generate --json FILE`` files: images per second. They name no hardware or settings:
+  those come from the device check's summary of the same run (a ``*-summary.txt`` beside the file with the
+  same name prefix, e.g. ``gpu-h200-2026-12-04-generate.json`` and ``gpu-h200-2026-12-04-summary.txt``).
 
 The markdown replaces what is between ``<!-- results:start -->`` and ``<!-- results:end -->`` in the
 README; a bar chart of the ratios goes to ``--chart`` (needs matplotlib; skipped with a message otherwise).
@@ -97,7 +102,45 @@ def classify(data: Any) -> str | None:
         return "pytest-benchmark"
     if isinstance(data, dict) and data.get("kind") in ("bench", "profile", "import_time", "gpu_micro"):
         return data["kind"]
+    if isinstance(data, dict) and {"generated", "images_per_s", "world_size"} <= set(data):
+        return "generate"
     return None
+
+
+def run_summary(results_dir: str, name: str) -> str | None:
+    """The device check's summary.txt of the run a result file belongs to: the file in ``results_dir`` named
+    like ``name`` up to its last '-' plus ``-summary.txt`` (None when there is none)."""
+    stem = os.path.splitext(name)[0]
+    for cut in range(stem.count("-"), 0, -1):
+        candidate = os.path.join(results_dir, stem.rsplit("-", cut)[0] + "-summary.txt")
+        if os.path.isfile(candidate):
+            with open(candidate, encoding="utf-8") as f:
+                return f.read()
+    return None
+
+
+def generate_section(name: str, data: dict[str, Any], summary: str | None) -> list[str]:
+    """``python -m ddim_fast generate --json``: images per second of the whole job and per process. The
+    hardware and the command come from the run's summary (the JSON names neither)."""
+    gpu = command = None
+    for line in (summary or "").splitlines():
+        if line.startswith("gpu ") and gpu is None:
+            gpu = line[4:].strip()
+        m = re.match(r"(ok|FAIL)\s+(python -m ddim_fast generate .*?)(\s+\(\d+s\))?$", line)
+        if m:
+            command = m.group(2)
+    date = re.search(r"\d{4}-\d{2}-\d{2}", name)
+    lines = [f"#### `{name}` — `python -m ddim_fast generate`, {gpu or 'hardware not recorded'}"
+             + (f", {date.group(0)}" if date else ""), ""]
+    if command:
+        lines += [f"`{command}` (from the run's summary):", ""]
+    per_rank = data.get("per_rank_images_per_s") or []
+    lines += ["| samples | new | resumed | processes | wall time | images/s (job) | images/s per process |",
+              "|---:|---:|---:|---:|---:|---:|---|",
+              f"| {data['samples']} | {data.get('new', '-')} | {data.get('resumed', '-')} | {data['world_size']} | "
+              f"{_fmt_time(data.get('wall_seconds', float('nan')))} | {data.get('job_images_per_s', data['images_per_s']):.1f} | "
+              f"{', '.join(f'{v:.1f}' for v in per_rank) or '-'} |", ""]
+    return lines
 
 
 def import_time_section(name: str, data: dict[str, Any]) -> list[str]:
@@ -116,8 +159,22 @@ def import_time_section(name: str, data: dict[str, Any]) -> list[str]:
 def gpu_micro_section(name: str, data: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
     """``benchmarks/gpu_micro.py --json`` (the device check's micro-benchmark): step and attention tables."""
     hw = data.get("hardware", "?")
+    args = data.get("args") or {}
+    versions = data.get("versions") or {}
     lines = [f"#### `{name}` — `benchmarks/gpu_micro.py`, {hw}, {str(data.get('date', '?'))[:10]}"
              + ("" if data.get("complete") else " (incomplete: the run was cut short)"), ""]
+    conditions = [f"{k} {v}" for k, v in versions.items() if v] if isinstance(versions, dict) else []
+    conditions += [f"--{k} {v}" for k, v in args.items() if v not in ("", None) and k != "device"]
+    if conditions:
+        lines += [f"Run with {', '.join(conditions)}; medians per call, each entry's result checked against the "
+                  "float64 reference (rel. error)."]
+    skipped: dict[str, int] = {}
+    for entry in data.get("skipped") or []:
+        skipped[entry.get("why", "?")] = skipped.get(entry.get("why", "?"), 0) + 1
+    if skipped:
+        lines += ["Skipped: " + "; ".join(f"{n} entr{'y' if n == 1 else 'ies'} {why}" for why, n in skipped.items())
+                  + "."]
+    lines.append("")
     chart = []
     step = data.get("step") or []
     if step:
@@ -146,6 +203,23 @@ def gpu_micro_section(name: str, data: dict[str, Any]) -> tuple[list[str], list[
             lines.append(f"| {r['group']} | `{r['impl']}` | {_fmt_time(r['seconds'])} | {r.get('tflop_per_s', 0):.2f} | "
                          f"{speed_phrase(r.get('speedup_vs_best_sdpa', 0))} | {speed_phrase(r.get('speedup_vs_einsum', 0))} | "
                          f"{r['rel_error']:.1e}{'' if r.get('correct', True) else ' WRONG'} |")
+        lines.append("")
+    autocast = data.get("autocast_graph") or []
+    if autocast:
+        lines += ["| autocast graph | fp32 weights | weight casts (warm-up + capture) | replay | equals eager "
+                  "autocast | sees in-place updates |", "|---|---:|---:|---:|---|---|"]
+        for r in autocast:
+            speed = r.get("speedup_vs_recast")
+            lines.append(f"| `{r['mode']}` | {r.get('weights', '-')} ({r.get('fp32_weight_bytes', 0) / 2**20:.0f} MiB) | "
+                         f"{r.get('weight_casts_during_warmup_and_capture', '-')} | {_fmt_time(r['replay_seconds'])}"
+                         f"{'' if speed is None else ' (' + speed_phrase(speed) + ' than recast)'} | "
+                         f"{'yes' if r.get('output_equals_eager_autocast') else 'NO'} | "
+                         f"{'yes' if r.get('in_place_update_seen') else 'NO'} |")
+        lines.append("")
+    goals = data.get("goals") or {}
+    if goals:
+        lines.append("Goals: " + "; ".join(f"{goal} = {g['value']:.2f} ({'met' if g.get('met') else 'not met'})"
+                                         for goal, g in goals.items()) + ".")
         lines.append("")
     for e in data.get("errors") or []:
         lines.append(f"- error in {e.get('section')} {e.get('entry')}: {e.get('error')}")
@@ -294,6 +368,8 @@ def _on_gpu(kind: str, data: dict[str, Any]) -> bool:
         return "cuda" in str(data.get("device", ""))
     if kind == "import_time":
         return False
+    if kind == "generate":
+        return True  # generate's JSON names no device; the device check (its only committed source) runs on one
     if kind == "pytest-benchmark":
         return any("cuda" in str(b.get("group", "")).lower() or "gpu" in str(b.get("group", "")).lower()
                    for b in data.get("benchmarks", []))
@@ -329,9 +405,11 @@ def build_markdown(results_dir: str, note: str | None = None) -> tuple[str, list
             section, points = import_time_section(name, data), []
         elif kind == "gpu_micro":
             section, points = gpu_micro_section(name, data)
+        elif kind == "generate":
+            section, points = generate_section(name, data, run_summary(results_dir, name)), []
         else:
-            print(f"report: skipping {name}: not a pytest-benchmark, bench, profile, import_time or gpu_micro JSON",
-                  file=sys.stderr)
+            print(f"report: skipping {name}: not a pytest-benchmark, bench, profile, import_time, gpu_micro or "
+                  "generate JSON", file=sys.stderr)
             continue
         lines += section
         chart += points

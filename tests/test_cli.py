@@ -352,6 +352,13 @@ def test_report_builds_the_table_and_writes_between_markers(tmp_path, capsys):
                   "x_copy": 1.0, "rel_error": None}],
         "attention": [{"group": "cross", "impl": "ours_triton", "seconds": 8e-6, "tflop_per_s": 10.0,
                        "speedup_vs_best_sdpa": 1.2, "speedup_vs_einsum": 5.0, "rel_error": 1e-3, "correct": True}]}))
+    # generate's JSON names no hardware: the run's summary beside it (same name prefix) does
+    (results / "gpu-fake-2027-01-01-generate.json").write_text(json.dumps({
+        "rank": 0, "generated": 64, "seconds": 0.5, "images_per_s": 128.0, "samples": 64, "new": 64, "resumed": 0,
+        "rows": 64, "wall_seconds": 0.52, "job_images_per_s": 123.4, "per_rank_images_per_s": [128.0],
+        "world_size": 1}))
+    (results / "gpu-fake-2027-01-01-summary.txt").write_text(
+        "gpu Fake H200 sm_90\nok    python -m ddim_fast generate --model embedded --num-samples 64 (3s)\n")
     readme = tmp_path / "README.md"
     readme.write_text("# x\n\n<!-- results:start -->\nold\n<!-- results:end -->\n\nafter\n")
     rc = report.main(["--results", str(results), "--readme", str(readme), "--chart", str(tmp_path / "chart.png")])
@@ -369,6 +376,9 @@ def test_report_builds_the_table_and_writes_between_markers(tmp_path, capsys):
     assert "120.0" in table  # the bench JSON's it/s
     assert "import torch; import ddim_fast" in table and "1.010x" in table  # import_time JSON
     assert "benchmarks/gpu_micro.py`, Fake H200" in table and "1.20x faster" in table  # gpu_micro JSON
+    assert "`python -m ddim_fast generate`, Fake H200 sm_90, 2027-01-01" in table and "| 123.4 |" in table
+    assert "`python -m ddim_fast generate --model embedded --num-samples 64`" in table
+    assert "No GPU measurement" not in table
     if importlib.util.find_spec("matplotlib"):
         assert _png_size(str(tmp_path / "chart.png"))[0] > 500
     capsys.readouterr()

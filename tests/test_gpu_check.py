@@ -38,8 +38,8 @@ def test_dry_run_runs_every_stage_in_order_cuts_a_hung_stage_and_packages(tmp_pa
     assert proc.returncode == 1, summary  # the hung stage is a failure...
     assert "micro-benchmark" in summary and "cut at its limit of 3s" in summary
     # ...and every stage after it still ran, in the planned order
-    order = ["build", "native kernels registered", "micro-benchmark", "python -m ddim_fast bench",
-             "pipeline", "generate", "pytest the CUDA tests"]
+    order = ["build", "native kernels registered", "native self-check", "micro-benchmark",
+             "python -m ddim_fast bench", "pipeline", "generate", "pytest the CUDA tests"]
     outcomes = [ln for ln in summary.splitlines() if re.match(r"(ok|FAIL|SKIP)  ", ln)]
     positions = [next(i for i, ln in enumerate(outcomes) if word in ln) for word in order]
     assert positions == sorted(positions), summary
@@ -60,16 +60,29 @@ def test_dry_run_runs_every_stage_in_order_cuts_a_hung_stage_and_packages(tmp_pa
             "sanitizer_racecheck_softmax.log"} <= names
     assert "git:" in (out / "env.txt").read_text()
     assert summary.count("total ") == 1  # one packaging, not one per background job
+    # the tests' digest: counts from the JUnit file, crashes, the slowest tests, xdist workers lost
+    assert re.search(r"tests\.xml: (\d+) of \1 selected tests \(complete\)", summary), summary
+    assert re.search(r"tests\.xml: \d+ tests: \d+ passed, 0 failed, 0 errors, \d+ skipped; 0 crashed", summary), summary
+    assert "xdist workers went down" in summary and "Triton cache:" in summary
+    if os.path.exists(os.path.join(ROOT, "scripts", "native_selfcheck.py")):
+        assert "native_selfcheck.log" in names and "FAIL  native self-check" not in summary
+    else:
+        assert "SKIP  native self-check: scripts/native_selfcheck.py is not in this checkout" in summary
 
 
-def test_dry_run_past_its_deadline_skips_the_stages_and_still_packages(tmp_path):
+def test_dry_run_holds_the_tests_cap_back_from_the_stages_before_them(tmp_path):
+    # deadline 45, tests' cap 30: the stages before the tests must end by 45 - 10 - 30 = 5 s, under the 10 s a
+    # stage needs, so the build and the micro stage are skipped for the hold, and the tests still get their
+    # turn (a hung stand-in here, cut at what is left of its cap).
     out = tmp_path / "out"
-    proc = run_script(out, timeout=120, DDIM_FAST_CHECK_DEADLINE="12")
+    proc = run_script(out, timeout=180, DDIM_FAST_CHECK_DEADLINE="45", CAP_tests="30", STAGES="micro,tests",
+                      DRY_RUN_SLOW="tests")
     summary = (out / "summary.txt").read_text()
-    assert proc.returncode == 1
-    for stage in ("build", "micro-benchmark", "python -m ddim_fast bench", "pytest the CUDA tests"):
-        assert re.search(r"SKIP  " + re.escape(stage) + r".*global deadline", summary), (stage, summary)
-    assert {p.name for p in out.iterdir()} >= {"summary.txt", "env.txt", "logs.tar.gz"}
+    assert proc.returncode == 1, summary
+    for stage in ("build", "micro-benchmark"):
+        assert re.search(r"SKIP  " + stage + r".*after the 30s held for the tests", summary), summary
+    assert re.search(r"pytest the CUDA tests .*cut at its limit of [1-3]\ds", summary), summary
+    assert not re.search(r"SKIP  pytest the CUDA tests", summary), summary
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,6 +127,7 @@ def test_plugin_keeps_only_cuda_tests(tmp_path):
                    "--junitxml", str(tmp_path / "j.xml"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert set(_junit_cases(tmp_path / "j.xml")) == {"test_marked_cuda", "test_in_whole_file"}
+    assert "pytest_gpu_check: 2 tests selected" in proc.stdout
 
 
 def test_plugin_per_test_timeout_fails_the_slow_test_only(tmp_path):
@@ -124,6 +138,87 @@ def test_plugin_per_test_timeout_fails_the_slow_test_only(tmp_path):
     assert cases["test_slow"].find("failure") is not None
     assert "per-test-timeout" in cases["test_slow"].find("failure").get("message", "") + proc.stdout
     assert cases["test_plain_cpu"].find("failure") is None
+
+
+_ISOLATED = textwrap.dedent('''
+    import os, signal, time
+    import pytest
+
+    def test_before():
+        pass
+
+    @pytest.mark.isolate
+    def test_segfaults():
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+    def test_raises_in_child():
+        assert os.environ.get("PYTEST_XDIST_WORKER") is None  # the child is no xdist worker
+        with pytest.raises(ValueError):
+            int("x")
+
+    def test_raises_wrongly():
+        with pytest.raises(ValueError):
+            pass
+
+    @pytest.mark.isolate
+    def test_skips_in_child():
+        pytest.skip("said the child")
+
+    @pytest.mark.isolate
+    @pytest.mark.parametrize("value", ["a b", "c[d]"])
+    def test_odd_ids(value):
+        assert value
+
+    @pytest.mark.isolate
+    def test_hangs():
+        time.sleep(float(os.environ.get("HANG", "0")))
+
+    def test_after():
+        pass
+''')
+
+
+def _isolated_run(tmp_path, *args):
+    # Plugin autoload off, as in gpu_check.sh: the children start in about a second.
+    (tmp_path / "test_isolated.py").write_text(_ISOLATED)
+    proc = _pytest(tmp_path, "test_isolated.py", "--isolate", "--junitxml", str(tmp_path / "j.xml"), *args,
+                   env={"HANG": "60", "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}, timeout=300)
+    return proc, _junit_cases(tmp_path / "j.xml")
+
+
+def _check_isolated(proc, cases):
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "INTERNALERROR" not in out
+    # the crash is one failed test, named, with the signal; every other test ran and kept its own outcome
+    crash = cases["test_segfaults"].find("failure")
+    assert crash is not None and "SIGSEGV" in (crash.get("message", "") + (crash.text or "")), out
+    hung = cases["test_hangs"].find("failure")
+    hung = hung if hung is not None else cases["test_hangs"].find("error")  # killed before its setup ended
+    assert hung is not None and "did not finish within 15 s" in hung.text, out
+    assert "DID NOT RAISE" in cases["test_raises_wrongly"].find("failure").get("message", "")
+    assert cases["test_skips_in_child"].find("skipped").get("message") == "said the child"
+    for name in ("test_before", "test_raises_in_child", "test_odd_ids[a b]", "test_odd_ids[c[d]]", "test_after"):
+        assert all(case.find(tag) is None for case in [cases[name]] for tag in ("failure", "error", "skipped")), name
+    assert len(cases) == 9
+
+
+def test_plugin_isolates_tests_that_may_crash(tmp_path):
+    _check_isolated(*_isolated_run(tmp_path, "--isolate-timeout=15"))
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import pytest_gpu_check
+    finally:
+        sys.path.pop(0)
+    digest = pytest_gpu_check.junit_summary(str(tmp_path / "j.xml"))
+    assert digest.startswith("tests.xml: 9 tests: 5 passed, 3 failed, 0 errors, 1 skipped; 1 crashed;"), digest
+    assert "crashed: test_isolated::test_segfaults" in digest
+    assert "(INCOMPLETE: 1 never ran)" in pytest_gpu_check.junit_summary(str(tmp_path / "j.xml"), selected=10)
+
+
+def test_plugin_isolates_under_xdist(tmp_path):
+    pytest.importorskip("xdist")
+    _check_isolated(*_isolated_run(tmp_path, "--isolate-timeout=15", "-p", "xdist.plugin", "-n", "2"))
 
 
 def test_timeout_with_sigint_still_writes_junit(tmp_path):
