@@ -492,6 +492,33 @@ def _fake_pytest_benchmark_json() -> dict:
     }
 
 
+def _benchmarks_conftest():
+    """benchmarks/conftest.py as a module of its own (tests/conftest.py already holds the name 'conftest')."""
+    spec = importlib.util.spec_from_file_location("benchmarks_conftest", os.path.join(ROOT, "benchmarks", "conftest.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module
+
+
+def test_benchmark_summary_shows_steps_and_per_step_time_and_calls_noise_the_same():
+    bc = _benchmarks_conftest()
+    results = [bc.Result("e2e cpu tiny-unet", "diffusers", 0.0127, 0, "Fake CPU", True, False, unit="ms/step",
+                         steps=10, spread=0.02),
+               bc.Result("e2e cpu tiny-unet", "fast", 0.0125, 0, "Fake CPU", False, False, unit="ms/step",
+                         steps=10, spread=0.02),
+               bc.Result("e2e cpu tiny-unet", "fast+attn", 0.0100, 0, "Fake CPU", False, False, unit="ms/step",
+                         steps=10, spread=0.02)]
+    lines = bc.format_group("e2e cpu tiny-unet", results)
+    assert lines[0] == "[e2e cpu tiny-unet] on Fake CPU"
+    assert "12.700 ms/step" in lines[1] and "(10 steps per call, 127.0 ms per call)" in lines[1]
+    assert "the same as diffusers (1.02x faster, inside the ±2% noise)" in lines[2]  # 1.6%: inside the noise
+    assert "1.27x faster than diffusers" in lines[3]
+
+
 def test_report_builds_the_table_and_writes_between_markers(tmp_path, capsys):
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:

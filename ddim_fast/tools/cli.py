@@ -2,7 +2,8 @@
 
 demo     sample the embedded model (exact denoiser of a built-in glyph set) with FastDDIMSampler, check the
          result, write one labelled figure; no downloads
-profile  latency per DDIM step (model vs guidance+update), table/JSON/plot/Chrome trace
+profile  latency per DDIM step (model call, guidance+update, the loop's other work), one backend or several
+         side by side (interleaved runs), table/JSON/plot/Chrome trace
 bench    end-to-end loop: diffusers DDIMScheduler loop vs FastDDIMSampler (eager, CUDA graph, fused attention)
 info     which backends are built and usable, versions, hardware
 generate many images (embedded model or a local diffusers pipeline folder), on one process or under
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,profile,bench,info,generate}")
     for name, module, help_text in (
         ("demo", demo, "sample the embedded model, check it, write a labelled figure"),
-        ("profile", profiler, "latency per DDIM step"),
+        ("profile", profiler, "latency per DDIM step, backends side by side"),
         ("bench", bench, "end-to-end loops: diffusers vs FastDDIMSampler"),
         ("info", info, "backends, versions, hardware"),
         ("generate", generate, "many images, one process or many (torchrun), resumable, the same image per seed"),

@@ -8,7 +8,9 @@ image of the requested class. The demo
 
 1. times, per step and in the same run, the plain-PyTorch reference loop (``reference.ddim_step``:
    guidance combine and DDIM update as separate tensor ops) and ``FastDDIMSampler`` (one fused op), split
-   into the model call and the guidance + update work that the fused op replaces, and checks that both
+   into the model call, the guidance + update work that the fused op replaces and the loop's other work,
+   both loops stamped the same way and run interleaved after the same warm-up (``profiler.profile_backends``:
+   the model call, the same call in both, then differs only by the machine's noise), and checks that both
    loops give the same samples;
 2. samples unconditionally and class-conditionally (CFG) and checks every sample lands on a data image
    (PSNR to the nearest one above a threshold) of the right class;
