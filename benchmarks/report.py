@@ -29,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from ddim_fast.tools.figures import noise_band, relative_spread  # noqa: E402
+from ddim_fast.tools.figures import is_within_noise, noise_band, relative_spread  # noqa: E402
 from ddim_fast.tools.figures import ratio_phrase as speed_phrase  # noqa: E402  (one wording of every ratio)
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -426,7 +426,12 @@ def write_chart(groups: list[dict[str, Any]], path: str) -> bool:
         scale, unit = (1e6, "µs") if max(b["seconds"] for b in bars) < 1e-3 else (1e3, "ms")
         base = next((b for b in bars if b["baseline"]), None)
         values = [b["seconds"] * scale for b in bars]
+        def noise(b):
+            return noise_band(base.get("spread"), b.get("spread"))
+
+        # Green faster, red slower; a difference inside the noise is neither (light grey).
         colours = ["0.6" if b["baseline"] or base is None else
+                   "0.8" if is_within_noise(base["seconds"] / b["seconds"], noise(b)) else
                    ("tab:green" if b["seconds"] <= base["seconds"] else "tab:red") for b in bars]
         ax.barh(range(len(bars)), values, color=colours)
         ax.set_yticks(range(len(bars)), [bar_label(b["name"]) for b in bars], fontsize=9)
@@ -434,14 +439,14 @@ def write_chart(groups: list[dict[str, Any]], path: str) -> bool:
         top = max(values + ([g["floor"] * scale] if g["floor"] else []))
         for i, (b, v) in enumerate(zip(bars, values)):
             text = "baseline" if b["baseline"] else (
-                speed_phrase(base["seconds"] / b["seconds"], noise=noise_band(base.get("spread"), b.get("spread")))
+                speed_phrase(base["seconds"] / b["seconds"], noise=noise(b)).replace("inside the ", "")
                 if base is not None else "")
             ax.text(v + 0.01 * top, i, f"{v:.3g} {unit}  {text}", va="center", fontsize=8)
         floor_text = ""
         if g["floor"]:
             ax.axvline(g["floor"] * scale, color="k", ls="--", lw=1)
             floor_text = f"\ndashed line = floor: {g['floor_label']}, {g['floor'] * scale:.3g} {unit}"
-        ax.set_xlim(0, top * 1.45)
+        ax.set_xlim(0, top * 1.7)
         ax.set_title(f"{g['title']} — {g['hardware']}{floor_text}", fontsize=10, loc="left")
         ax.set_xlabel(f"time {g['unit']} ({unit}), lower is better", fontsize=8)
     fig.tight_layout()

@@ -77,7 +77,8 @@ def ratio_phrase(speedup: float, width: int = 0, *, noise: float = DEFAULT_NOISE
     plain = f"{speedup:{width}.2f}x faster" if speedup >= 1 else f"{1 / speedup:{width}.2f}x slower"
     if is_within_noise(speedup, noise):
         shown = plain.strip() if round(speedup, 2) != 1 else "1.00x"
-        return f"the same ({shown}, inside the ±{100 * noise:.2g}% noise)"
+        percent = f"{100 * noise:.1f}".rstrip("0").rstrip(".")
+        return f"the same ({shown}, inside the ±{percent}% noise)"
     return plain
 
 
