@@ -199,8 +199,8 @@ BAD_ARGUMENTS = [
     (["profile", "--batch", "0"], "argument --batch: must be >= 1, got 0"),
     (["profile", "--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
     (["profile", "--warmup", "-1"], "argument --warmup: must be >= 0, got -1"),
-    (["profile", "--resolution", "100"], "argument --resolution: must be a multiple of 8 (the latent is resolution / 8), "
-                                         "got 100"),
+    (["profile", "--resolution", "100"],
+     "argument --resolution: must be a multiple of 8 (the latent is resolution / 8), got 100"),
     (["profile", "--resolution", "0"], "argument --resolution: must be >= 8"),
     (["profile", "--backend", "auto,auto"], "argument --backend: 'auto' given twice"),
     (["profile", "--backend", "auto,fast"], "argument --backend: unknown 'fast'"),
@@ -494,7 +494,8 @@ def _fake_pytest_benchmark_json() -> dict:
 
 def _benchmarks_conftest():
     """benchmarks/conftest.py as a module of its own (tests/conftest.py already holds the name 'conftest')."""
-    spec = importlib.util.spec_from_file_location("benchmarks_conftest", os.path.join(ROOT, "benchmarks", "conftest.py"))
+    spec = importlib.util.spec_from_file_location("benchmarks_conftest",
+                                                  os.path.join(ROOT, "benchmarks", "conftest.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     try:

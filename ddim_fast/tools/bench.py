@@ -195,7 +195,8 @@ def unet_problem(name: str, device: torch.device, dtype: torch.dtype, *, batch: 
     ``resolution`` is in pixels (latent = resolution / 8); default the config's sample size * 8."""
     config, tokens = UNET_CONFIGS[name]
     if resolution is not None and (resolution < 8 or resolution % 8):
-        raise ValueError(f"resolution must be a positive multiple of 8 (the latent is resolution / 8), got {resolution}")
+        raise ValueError(f"resolution must be a positive multiple of 8 (the latent is resolution / 8), "
+                         f"got {resolution}")
     latent = (resolution // 8) if resolution else config["sample_size"]
     unet = build_unet(name, device, dtype, seed)
     gen = torch.Generator("cpu").manual_seed(seed + 1)

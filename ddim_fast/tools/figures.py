@@ -77,7 +77,7 @@ def ratio_phrase(speedup: float, width: int = 0, *, noise: float = DEFAULT_NOISE
     plain = f"{speedup:{width}.2f}x faster" if speedup >= 1 else f"{1 / speedup:{width}.2f}x slower"
     if is_within_noise(speedup, noise):
         shown = plain.strip() if round(speedup, 2) != 1 else "1.00x"
-        percent = f"{100 * noise:.1f}".rstrip("0").rstrip(".")
+        percent = f"{100 * noise:.0f}" if noise >= 0.1 else f"{100 * noise:.1f}".rstrip("0").rstrip(".")
         return f"the same ({shown}, inside the ±{percent}% noise)"
     return plain
 
