@@ -31,8 +31,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
+from conftest import benchmark_spread, record_result  # noqa: E402
 from ddim_fast import reference  # noqa: E402
 from ddim_fast.tools import bench, info, profiler  # noqa: E402
+from ddim_fast.tools.figures import relative_spread  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -98,11 +100,19 @@ def _proven(benchmark, problem: bench.Problem, loop: str, tolerance: float, roun
         benchmark.extra_info["cuda_graph"] = variant.expect.graph
         benchmark.extra_info["fused_attention"] = variant.expect.fused_attention
         _time(benchmark, variant, problem.device, rounds=rounds)
+        per_call, spread = benchmark.stats.stats.median, benchmark_spread(benchmark)
         if problem.device.type == "cuda":  # the figure to read on a GPU: CUDA events around the whole run
             times = bench.time_call(variant, problem.device, rounds or 3, warmup=0)
             benchmark.extra_info["seconds_cuda_events"] = sorted(times)[len(times) // 2]
             benchmark.extra_info["it_per_s_cuda_events"] = problem.steps / benchmark.extra_info["seconds_cuda_events"]
+            per_call, spread = benchmark.extra_info["seconds_cuda_events"], relative_spread(times)
         assert variant.proof["ok"], variant.proof["problems"]
+        # pytest-benchmark's own table shows whole runs: the summary shows the time per step too.
+        benchmark.extra_info["seconds_per_step"] = per_call / problem.steps
+        benchmark.extra_info["relative_spread"] = spread
+        record_result(benchmark.group, loop, per_call / problem.steps, hardware=info.hardware_name(problem.device),
+                      baseline=loop == problem.extra["baseline"], unit="ms/step", steps=problem.steps,
+                      spread=spread)
     finally:
         variant.close()
 

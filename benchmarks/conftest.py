@@ -133,7 +133,7 @@ class StepTimer:
     def seconds_per_step(self, repeats: int = 5) -> float:
         """Median over `repeats` of the time per step: CUDA events on the GPU (the end event is
         recorded right after the work is enqueued, before the host waits, so the host's wake-up is not
-        counted), perf_counter on the CPU."""
+        counted), perf_counter on the CPU. Every repeat's time stays in ``self.samples``."""
         samples = []
         for _ in range(repeats):
             if self.device.type == "cuda":
@@ -149,6 +149,7 @@ class StepTimer:
                 self()
                 samples.append((time.perf_counter() - t0) / self.steps)
         samples.sort()
+        self.samples = samples
         return samples[len(samples) // 2]
 
 
@@ -171,6 +172,8 @@ class Result:
     scale_only: bool = False  # an entry for scale (an allocation, a copy): no "faster than" ratios
     relative_to: str | None = None  # another entry of the group: the summary prints this one's time over it
     note: str = ""  # printed at the end of the entry's summary line (a spread, a measured condition)
+    steps: int | None = None  # sampling steps per timed call (end-to-end groups): time per step = call / steps
+    spread: float | None = None  # relative spread of the timed rounds (figures.relative_spread); None: unknown
 
 
 RESULTS: list[Result] = []
@@ -178,10 +181,23 @@ RESULTS: list[Result] = []
 
 def record_result(group: str, name: str, seconds: float, *, hardware: str, bytes_moved: int = 0,
                   baseline: bool = False, is_copy: bool = False, is_peer: bool = False,
-                  unit: str = "us/call", scale_only: bool = False) -> None:
-    """Adds a measurement made without a StepTimer (host-time or import-time groups) to the summary."""
+                  unit: str = "us/call", scale_only: bool = False, steps: int | None = None,
+                  spread: float | None = None) -> None:
+    """Adds a measurement made without a StepTimer (host-time, import-time, end-to-end groups) to the
+    summary. ``seconds`` is per step when ``steps`` (steps per timed call) is given, else per call;
+    ``spread``: the relative spread of its rounds (``benchmark_spread``), None when unknown."""
     RESULTS.append(Result(group, name, seconds, int(bytes_moved), hardware, baseline, is_copy, is_peer, unit,
-                          scale_only or is_copy))
+                          scale_only or is_copy, steps=steps, spread=spread))
+
+
+def benchmark_spread(benchmark) -> float | None:
+    """pytest-benchmark's rounds of this benchmark as a relative spread (IQR / 2 / median), None without
+    at least 3 rounds: what ``figures.noise_band`` needs to call a difference 'the same'."""
+    from ddim_fast.tools.figures import relative_spread
+
+    stats = getattr(benchmark, "stats", None)
+    data = getattr(getattr(stats, "stats", None), "data", None)
+    return relative_spread(data) if data else None
 
 
 def run_benchmark(benchmark, timer: StepTimer, *, group: str, name: str, bytes_moved: int,
@@ -195,11 +211,15 @@ def run_benchmark(benchmark, timer: StepTimer, *, group: str, name: str, bytes_m
         rounds = 3 if IN_CI else 10
     benchmark.group = group
     benchmark.pedantic(timer, rounds=rounds, iterations=1, warmup_rounds=1)
+    from ddim_fast.tools.figures import relative_spread
+
     stats = getattr(benchmark, "stats", None)
     if stats is not None and timer.device.type == "cpu":
         per_step = stats.stats.median / timer.steps
+        spread = benchmark_spread(benchmark)
     else:
         per_step = timer.seconds_per_step(repeats=3 if IN_CI else 7)
+        spread = relative_spread(timer.samples)
     hardware = hardware_name(timer.device)
     benchmark.extra_info.update({
         "hardware": hardware,
@@ -210,18 +230,21 @@ def run_benchmark(benchmark, timer: StepTimer, *, group: str, name: str, bytes_m
         "bytes_moved": int(bytes_moved),
         "gb_per_s": bytes_moved / per_step / 1e9 if per_step > 0 else float("nan"),
         "baseline": baseline,
+        "relative_spread": spread,
         **(extra or {}),
     })
     RESULTS.append(Result(group, name, per_step, int(bytes_moved), hardware, baseline, is_copy, is_peer, unit,
-                          scale_only or is_copy, relative_to))
+                          scale_only or is_copy, relative_to=relative_to, spread=spread))
     return per_step
 
 
 def compare(r: Result, other: Result) -> str:
-    """'2.00x faster than X' or '1.25x slower than X' (never 'faster' for a slow-down)."""
-    from ddim_fast.tools.figures import ratio_phrase
+    """'2.00x faster than X', '1.25x slower than X' (never 'faster' for a slow-down), or 'the same as X
+    (...)' when the difference lies inside the two entries' timing noise (``figures.noise_band``)."""
+    from ddim_fast.tools.figures import compare_phrase, noise_band
 
-    return f"{ratio_phrase(other.seconds_per_step / r.seconds_per_step, width=6)} than {other.name}"
+    return compare_phrase(other.seconds_per_step / r.seconds_per_step, other.name, width=6,
+                          noise=noise_band(r.spread, other.spread))
 
 
 def format_group(group: str, results: list[Result]) -> list[str]:
@@ -234,8 +257,13 @@ def format_group(group: str, results: list[Result]) -> list[str]:
     lines = [f"[{group}] on {results[0].hardware}"]
     width = max(34, *(len(r.name) for r in results))
     for r in results:
-        value = r.seconds_per_step * (1e3 if r.unit.startswith("ms") else 1e6)
-        parts = [f"  {r.name:<{width}} {value:10.1f} {r.unit}"]
+        scale = 1e3 if r.unit.startswith("ms") else 1e6
+        value = r.seconds_per_step * scale
+        parts = [f"  {r.name:<{width}} {value:10.3f} {r.unit}" if r.steps else
+                 f"  {r.name:<{width}} {value:10.1f} {r.unit}"]
+        if r.steps:  # end-to-end: the per-step time above, and what one timed call (a whole run) took
+            parts.append(f"({r.steps} steps per call, {r.seconds_per_step * r.steps * scale:.1f} "
+                         f"{r.unit.split('/')[0]} per call)")
         if r.bytes_moved:
             parts.append(f"{r.bytes_moved / r.seconds_per_step / 1e9:7.1f} GB/s")
         if base is not None and r is not base and not r.scale_only:

@@ -59,6 +59,7 @@ from conftest import StepTimer, hardware_name, versions  # noqa: E402
 import ddim_fast  # noqa: E402,F401
 from ddim_fast import graphs, reference  # noqa: E402
 from ddim_fast._library import has_native_kernel, triton_found  # noqa: E402
+from ddim_fast.tools.figures import compare_phrase  # noqa: E402
 
 GPU_SHAPES = [(2, 4, 64, 64), (16, 4, 128, 128)]
 CPU_SHAPES = [(1, 4, 8, 8), (2, 4, 16, 16)]
@@ -440,7 +441,7 @@ def format_table(data: dict) -> str:
                          f"{r['rel_error']:>9.1e}{'' if r['correct'] else ' WRONG'}")
     for r in data["autocast_graph"]:
         extra = f", replay {r['replay_seconds'] * 1e3:.3f} ms" if "replay_seconds" in r else ""
-        extra += f" ({r['speedup_vs_recast']:.2f}x faster than recast)" if "speedup_vs_recast" in r else ""
+        extra += f" ({compare_phrase(r['speedup_vs_recast'], 'recast')})" if "speedup_vs_recast" in r else ""
         lines.append(f"autocast graph {r['mode']:<7}: {r['weight_casts_during_warmup_and_capture']} weight casts ran "
                      f"in warm-up + capture for {r['weights']} weights{extra}, same as eager autocast: "
                      f"{r['output_equals_eager_autocast']}, in-place update seen: {r.get('in_place_update_seen', '-')}")

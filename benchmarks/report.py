@@ -34,6 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+from ddim_fast.tools.figures import is_within_noise, noise_band, relative_spread  # noqa: E402
 from ddim_fast.tools.figures import ratio_phrase as speed_phrase  # noqa: E402  (one wording of every ratio)
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -79,6 +80,19 @@ def _entry_time(bench: dict[str, Any]) -> float:
     """What ratios compare: seconds per step when known, else the median of a timed call."""
     per_step = per_step_seconds(bench)
     return per_step if per_step is not None else bench["stats"]["median"]
+
+
+def entry_spread(bench: dict[str, Any]) -> float | None:
+    """The relative spread of an entry's timed rounds (what ``figures.noise_band`` compares ratios with):
+    extra_info['relative_spread'] when the benchmark recorded it, else pytest-benchmark's IQR / 2 / median;
+    None when neither is there."""
+    extra = bench.get("extra_info") or {}
+    if isinstance(extra.get("relative_spread"), (int, float)):
+        return float(extra["relative_spread"])
+    st = bench.get("stats") or {}
+    if isinstance(st.get("iqr"), (int, float)) and st.get("median") and st.get("rounds", 0) >= 3:
+        return st["iqr"] / 2 / st["median"]
+    return None
 
 
 def _is_baseline_name(name: str, word: str) -> bool:
@@ -271,7 +285,8 @@ def pytest_benchmark_section(name: str, data: dict[str, Any]) -> tuple[list[str]
             elif e is base:
                 ratio_text = "baseline"
             else:
-                ratio_text = speed_phrase(_entry_time(base) / _entry_time(e))
+                ratio_text = speed_phrase(_entry_time(base) / _entry_time(e),
+                                          noise=noise_band(entry_spread(base), entry_spread(e)))
             copy_text = "-" if copy is None else (
                 "1.00x (the floor)" if e is copy else f"{_entry_time(e) / _entry_time(copy):.2f}x the copy time")
             per_step = per_step_seconds(e)
@@ -279,7 +294,8 @@ def pytest_benchmark_section(name: str, data: dict[str, Any]) -> tuple[list[str]
                          f"{'-' if per_step is None else _fmt_time(per_step)} | "
                          f"{st.get('rounds', '-')} | {ratio_text} | {copy_text} |")
             if e is not copy:
-                bars.append({"name": _short_name(e), "seconds": _entry_time(e), "baseline": e is base})
+                bars.append({"name": _short_name(e), "seconds": _entry_time(e), "baseline": e is base,
+                             "spread": entry_spread(e)})
         chart.append({"title": group, "hardware": hardware, "bars": bars,
                       "floor": None if copy is None else _entry_time(copy),
                       "floor_label": "copy of the same bytes", "unit": "per step (or op)"})
@@ -318,13 +334,17 @@ def bench_section(name: str, data: dict[str, Any]) -> tuple[list[str], list[dict
              f"| loop | it/s | ms/step | non-UNet ms/step | non-UNet share | vs {base} | rel. error vs {base} |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     bars = []
-    for loop, r in data.get("results", {}).items():
+    results = data.get("results", {})
+    base_spread = relative_spread(results.get(base, {}).get("seconds_all") or [])
+    for loop, r in results.items():
         speed = r.get(f"speedup_vs_{base}", float("nan"))
         err = r.get(f"rel_error_vs_{base}")
+        spread = relative_spread(r.get("seconds_all") or [])
+        verdict = "baseline" if loop == base else speed_phrase(speed, noise=noise_band(base_spread, spread))
         lines.append(f"| {loop} | {r['it_per_s']:.1f} | {r['ms_per_step']:.3f} | {r['non_unet_ms_per_step']:.3f} | "
-                     f"{100 * r['non_unet_fraction']:.1f}% | {'baseline' if loop == base else speed_phrase(speed)} | "
+                     f"{100 * r['non_unet_fraction']:.1f}% | {verdict} | "
                      f"{'-' if err is None else f'{err:.1e}'} |")
-        bars.append({"name": loop, "seconds": r["ms_per_step"] / 1e3, "baseline": loop == base})
+        bars.append({"name": loop, "seconds": r["ms_per_step"] / 1e3, "baseline": loop == base, "spread": spread})
     unet_ms = data.get("unet_graph_ms_per_step") or data.get("unet_only_ms_per_step")
     chart = [{"title": f"end to end: {cfg.get('model')} {cfg.get('dtype')}, batch {cfg.get('batch')}", "hardware": hw,
               "bars": bars, "floor": unet_ms / 1e3 if unet_ms else None,
@@ -344,23 +364,41 @@ def bench_section(name: str, data: dict[str, Any]) -> tuple[list[str], list[dict
 
 
 def profile_section(name: str, data: dict[str, Any]) -> list[str]:
-    cfg, s = data.get("config", {}), data.get("summary", {})
+    """One table per profiled backend (files with several backends: interleaved runs, one table each, then
+    their totals compared)."""
+    cfg = data.get("config", {})
     hw = _hardware(data)
-    tot, model, upd = s.get("total_ms", {}), s.get("model_ms", {}), s.get("update_ms", {})
+    backends = data.get("backends") or {cfg.get("backend"): {"summary": data.get("summary", {})}}
 
     def f(d, k):
         v = d.get(k, float("nan"))
         return "-" if v != v else f"{v:.3f}"
 
-    return [f"#### `{name}` — `python -m ddim_fast profile`, {hw}, {data.get('date', '?')}", "",
-            f"{cfg.get('model')} {cfg.get('shape')}, {cfg.get('dtype')}, CFG {cfg.get('guidance')}, backend "
-            f"{cfg.get('backend')}{', CUDA graph' if cfg.get('cuda_graph') else ''} ({cfg.get('timer')}, "
-            f"median of {cfg.get('repeats', 1)} timed run{'s' if cfg.get('repeats', 1) != 1 else ''} per step):", "",
-            "| ms per step | mean | p50 | p90 |", "|---|---:|---:|---:|",
-            f"| model | {f(model, 'mean')} | {f(model, 'p50')} | {f(model, 'p90')} |",
-            f"| guidance + update | {f(upd, 'mean')} | {f(upd, 'p50')} | {f(upd, 'p90')} |",
-            f"| total | {f(tot, 'mean')} | {f(tot, 'p50')} | {f(tot, 'p90')} |", "",
-            f"{s.get('steps')} steps, {s.get('it_per_s', float('nan')):.1f} it/s.", ""]
+    repeats = cfg.get("repeats", 1)
+    lines = [f"#### `{name}` — `python -m ddim_fast profile`, {hw}, {data.get('date', '?')}", "",
+             f"{cfg.get('model')} {cfg.get('shape')}, {cfg.get('dtype')}, CFG {cfg.get('guidance')}"
+             f"{', CUDA graph' if cfg.get('cuda_graph') else ''} ({cfg.get('timer')}, median of {repeats} timed "
+             f"run{'s' if repeats != 1 else ''} per step{', interleaved' if len(backends) > 1 else ''}):", ""]
+    for backend, entry in backends.items():
+        s = entry.get("summary", {})
+        lines += [f"| backend {backend}: ms per step | mean | p50 | p90 |", "|---|---:|---:|---:|"]
+        for label, col in (("model", "model_ms"), ("guidance + update", "update_ms"),
+                           ("other (between steps)", "other_ms"), ("total", "total_ms")):
+            if col in s:
+                d = s[col]
+                lines.append(f"| {label} | {f(d, 'mean')} | {f(d, 'p50')} | {f(d, 'p90')} |")
+        lines += ["", f"{s.get('steps')} steps, {s.get('it_per_s', float('nan')):.1f} it/s.", ""]
+    if len(backends) > 1:
+        base = "reference" if "reference" in backends else next(iter(backends))
+        b = backends[base]["summary"]
+        for backend, entry in backends.items():
+            if backend != base:
+                s = entry["summary"]
+                lines.append(f"- {backend} vs {base}, total per step (p50): " + speed_phrase(
+                    b["total_ms"]["p50"] / s["total_ms"]["p50"],
+                    noise=noise_band(b.get("total_spread"), s.get("total_spread"))))
+        lines.append("")
+    return lines
 
 
 def _on_gpu(kind: str, data: dict[str, Any]) -> bool:
@@ -466,7 +504,12 @@ def write_chart(groups: list[dict[str, Any]], path: str) -> bool:
         scale, unit = (1e6, "µs") if max(b["seconds"] for b in bars) < 1e-3 else (1e3, "ms")
         base = next((b for b in bars if b["baseline"]), None)
         values = [b["seconds"] * scale for b in bars]
+        def noise(b):
+            return noise_band(base.get("spread"), b.get("spread"))
+
+        # Green faster, red slower; a difference inside the noise is neither (light grey).
         colours = ["0.6" if b["baseline"] or base is None else
+                   "0.8" if is_within_noise(base["seconds"] / b["seconds"], noise(b)) else
                    ("tab:green" if b["seconds"] <= base["seconds"] else "tab:red") for b in bars]
         ax.barh(range(len(bars)), values, color=colours)
         ax.set_yticks(range(len(bars)), [bar_label(b["name"]) for b in bars], fontsize=9)
@@ -474,13 +517,14 @@ def write_chart(groups: list[dict[str, Any]], path: str) -> bool:
         top = max(values + ([g["floor"] * scale] if g["floor"] else []))
         for i, (b, v) in enumerate(zip(bars, values)):
             text = "baseline" if b["baseline"] else (
-                speed_phrase(base["seconds"] / b["seconds"]) if base is not None else "")
+                speed_phrase(base["seconds"] / b["seconds"], noise=noise(b)).replace("inside the ", "")
+                if base is not None else "")
             ax.text(v + 0.01 * top, i, f"{v:.3g} {unit}  {text}", va="center", fontsize=8)
         floor_text = ""
         if g["floor"]:
             ax.axvline(g["floor"] * scale, color="k", ls="--", lw=1)
             floor_text = f"\ndashed line = floor: {g['floor_label']}, {g['floor'] * scale:.3g} {unit}"
-        ax.set_xlim(0, top * 1.45)
+        ax.set_xlim(0, top * 1.7)
         ax.set_title(f"{g['title']} — {g['hardware']}{floor_text}", fontsize=10, loc="left")
         ax.set_xlabel(f"time {g['unit']} ({unit}), lower is better", fontsize=8)
     fig.tight_layout()

@@ -290,7 +290,8 @@ class FastDDIMSampler:
         ``ddim_sigmas`` float64, ``ddim_sqrt_one_minus_alphas`` fp32, all [S']."""
         T = self.ddpm_num_timesteps
         ddim_eta = _checks.finite_float("FastDDIMSampler.make_schedule", "ddim_eta (eta)", ddim_eta, minimum=0.0)
-        self.ddim_timesteps = _schedule.ldm_timesteps(ddim_num_steps, T, ddim_discretize)
+        self.ddim_timesteps = _schedule.ldm_timesteps(ddim_num_steps, T, ddim_discretize,
+                                                      name="FastDDIMSampler: S (ddim_num_steps)")
         if verbose:
             logger.info("Selected timesteps for ddim sampler: %s", self.ddim_timesteps)
             if T % ddim_num_steps:

@@ -153,18 +153,20 @@ def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------
 
 
-def ldm_timesteps(num_ddim_steps: int, num_train_timesteps: int = 1000, discretize: str = "uniform") -> np.ndarray:
+def ldm_timesteps(num_ddim_steps: int, num_train_timesteps: int = 1000, discretize: str = "uniform", *,
+                  name: str = "num_ddim_steps") -> np.ndarray:
     """ldm's ``make_ddim_timesteps``: ascending int64 timesteps, each shifted by +1 as upstream does.
 
     ``uniform`` is ``range(0, T, T // S) + 1``: when S does not divide T that grid has more than S
     steps (S=7, T=1000 gives 8: [1, 143, ..., 995]). Upstream's grid can then end at T itself (S=3
     gives [1, 334, 667, 1000]) and crash with an IndexError; here entries >= T are dropped, so S=3
     samples [1, 334, 667]. ``quad`` is ``(linspace(0, sqrt(0.8 T), S) ** 2).astype(int) + 1``.
+    ``name``: what errors call the step count (the caller's own argument name, e.g. the sampler's ``S``).
     """
-    num_ddim_steps = _check_positive_int("num_ddim_steps", num_ddim_steps)
+    num_ddim_steps = _check_positive_int(name, num_ddim_steps)
     num_train_timesteps = _check_positive_int("num_train_timesteps", num_train_timesteps)
     if num_ddim_steps > num_train_timesteps:
-        raise ValueError(f"num_ddim_steps ({num_ddim_steps}) must be <= num_train_timesteps ({num_train_timesteps})")
+        raise ValueError(f"{name} must be <= num_train_timesteps ({num_train_timesteps}), got {num_ddim_steps}")
     if discretize == "uniform":
         stride = num_train_timesteps // num_ddim_steps
         grid = np.arange(0, num_train_timesteps, stride, dtype=np.int64)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import torch
 
 from ddim_fast.tools import cli
 from ddim_fast import reference
-from ddim_fast.tools import bench, demo, figures, toy_data
+from ddim_fast.tools import bench, demo, figures, profiler, toy_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,8 +117,10 @@ def test_demo_quick_runs_end_to_end_and_its_self_check_passes(tmp_path, capsys):
     assert w > 300 and h > 600
     latency = report["latency_ms_per_step"]
     for loop in ("reference", "fast"):
-        assert set(latency[loop]) == {"model", "guidance_update", "total"}
-    assert "demo PASSED" in out and "guidance + DDIM update per step" in out and "the model dominates" in out
+        assert set(latency[loop]) == {"model", "guidance_update", "other", "total"}
+    assert "interleaved" in latency["measured"]
+    assert "demo PASSED" in out and "guidance + DDIM update per step" in out
+    assert "the model call, the same call on the same inputs in both loops" in out and "in the fused run:" in out
 
 
 def test_progress_bars_follow_the_terminal_and_the_flags(tmp_path):
@@ -140,12 +143,140 @@ def test_help_shows_defaults(capsys):
     out = capsys.readouterr().out
     out = " ".join(out.split())  # argparse wraps lines
     assert "(default: 3.0)" in out and "(default: ddim_fast_demo)" in out
+    assert "(default: 50, or 20 with --quick)" in out and "None" not in out
+
+
+def _tool_parsers():
+    """(name, parser) of the top-level parser and every tool's subparser."""
+    import argparse
+
+    parser = cli.build_parser()
+    yield "python -m ddim_fast", parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            yield from action.choices.items()
+
+
+def test_every_tool_help_shows_every_options_help_and_default():
+    # Walks every option of every tool: each has a help text, and its --help line shows a default
+    # ("(default: ...)", never "(default: None)") or says it is required.
+    import argparse
+
+    seen, problems = 0, []
+    for name, parser in _tool_parsers():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            seen += 1
+            option = f"{name} {'/'.join(action.option_strings) or action.dest}"
+            if not (action.help or "").strip():
+                problems.append(f"{option}: no help text")
+                continue
+            text = " ".join(formatter._expand_help(action).split())
+            if "(default: None)" in text or not ("(default: " in text or "(required)" in text):
+                problems.append(f"{option}: no default shown in {text!r}")
+        out = parser.format_help()
+        if "(default: None)" in " ".join(out.split()):
+            problems.append(f"{name} --help shows '(default: None)'")
+    assert seen > 50 and not problems, "\n".join(problems)
+
+
+# Every tool's arguments are checked by argparse before any work or output, and its message names the option
+# as the user typed it (argparse's own "argument --steps: ...").
+BAD_ARGUMENTS = [
+    (["demo", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
+    (["demo", "--steps", "-3"], "argument --steps: must be >= 1, got -3"),
+    (["demo", "--steps", "1001"], "argument --steps: must be <= 1000"),
+    (["demo", "--steps", "ten"], "argument --steps: expected an integer, got 'ten'"),
+    (["demo", "--batch", "0"], "argument --batch: must be >= 4"),
+    (["demo", "--batch", "6"], "argument --batch: must be a multiple of 4 (one figure row per class), got 6"),
+    (["demo", "--guidance", "nan"], "argument --guidance: must be a finite number, got nan"),
+    (["demo", "--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+    (["demo", "--device", "tpu"], "argument --device: expected auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["demo", "--json", "/no/such/folder/r.json"], "argument --json: the folder /no/such/folder does not exist"),
+    (["profile", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
+    (["profile", "--batch", "0"], "argument --batch: must be >= 1, got 0"),
+    (["profile", "--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
+    (["profile", "--warmup", "-1"], "argument --warmup: must be >= 0, got -1"),
+    (["profile", "--resolution", "100"],
+     "argument --resolution: must be a multiple of 8 (the latent is resolution / 8), got 100"),
+    (["profile", "--resolution", "0"], "argument --resolution: must be >= 8"),
+    (["profile", "--backend", "auto,auto"], "argument --backend: 'auto' given twice"),
+    (["profile", "--backend", "auto,fast"], "argument --backend: unknown 'fast'"),
+    (["profile", "--cuda-graph", "--backend", "native,reference"], "argument --cuda-graph: needs FastDDIMSampler"),
+    (["profile", "--cuda-graph", "--warmup", "0"], "argument --cuda-graph: needs --warmup >= 1"),
+    (["profile", "--plot", "/no/such/folder/p.png"], "argument --plot: the folder /no/such/folder does not exist"),
+    (["bench", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
+    (["bench", "--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
+    (["bench", "--resolution", "130"], "argument --resolution: must be a multiple of 8"),
+    (["bench", "--variants", "diffusers,fastest"], "argument --variants: unknown 'fastest'"),
+    (["info", "--json", "/no/such/folder/i.json"], "argument --json: the folder /no/such/folder does not exist"),
+    (["generate", "--out", "OUT", "--num-samples", "0"], "argument --num-samples: must be >= 1, got 0"),
+    (["generate", "--out", "OUT", "--num-samples", "2", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
+    (["generate", "--out", "OUT", "--num-samples", "2", "--steps", "1001"], "argument --steps: must be <= 1000"),
+    (["generate", "--out", "OUT", "--num-samples", "2", "--batch-size", "0"], "argument --batch-size: must be >= 1"),
+    (["generate", "--out", "OUT", "--num-samples", "2", "--eta", "-1"], "argument --eta: must be >= 0, got -1"),
+    (["generate", "--out", "OUT"], "one of the arguments --num-samples --prompts is required"),
+    (["--threads", "0", "info"], "argument --threads: must be >= 1, got 0"),
+]
+if not torch.cuda.is_available():
+    BAD_ARGUMENTS += [(["profile", "--device", "cuda"], "argument --device: no CUDA device is visible here"),
+                      (["profile", "--cuda-graph"], "argument --cuda-graph: needs a CUDA device")]
+
+
+@pytest.mark.parametrize("argv,message", BAD_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
+def test_bad_arguments_are_refused_by_argparse_before_any_output(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2
+    assert captured.out == "", "output before the argument check"
+    assert message in captured.err, captured.err
+    assert not (tmp_path / "OUT").exists() and not (tmp_path / "ddim_fast_demo").exists()
+
+
+def test_run_demo_refuses_bad_counts_before_any_output(tmp_path, capsys):
+    # The Python entry point: a value given is never replaced by a default, and nothing is printed first.
+    for kwargs, message in (({"steps": 0}, "run_demo: steps must be >= 1, got 0"),
+                            ({"batch": 0}, "run_demo: batch must be >= 4"),
+                            ({"steps": 5, "batch": 6}, "run_demo: batch must be a multiple of 4")):
+        with pytest.raises(ValueError, match=message):
+            demo.run_demo(str(tmp_path / "out"), quick=True, **kwargs)
+    assert capsys.readouterr().out == "" and not (tmp_path / "out").exists()
+
+
+def test_demo_uses_the_steps_it_was_given(tmp_path, capsys):
+    report = demo.run_demo(str(tmp_path), quick=True, steps=3, batch=4)
+    assert report["steps"] == 3 and "3 DDIM steps" in capsys.readouterr().out
 
 
 def test_speed_phrase_never_calls_a_slowdown_faster():
     assert figures.speed_phrase(2.0, 1.0) == "2.00x faster"
     assert figures.speed_phrase(1.0, 1.25) == "1.25x slower"
     assert figures.speed_phrase(0.0, 1.0) == "not comparable"
+
+
+def test_differences_inside_the_noise_are_called_the_same():
+    # Without a measured spread: +-3%.
+    assert figures.ratio_phrase(1.01) == "the same (1.01x faster, inside the ±3% noise)"
+    assert figures.ratio_phrase(1 / 1.02) == "the same (1.02x slower, inside the ±3% noise)"
+    assert figures.ratio_phrase(1.0) == "the same (1.00x, inside the ±3% noise)"
+    assert figures.ratio_phrase(1.04) == "1.04x faster" and figures.ratio_phrase(0.9) == "1.11x slower"
+    # With measured spreads: the larger one decides, never below the 1.5% floor.
+    tight = figures.relative_spread([1.00, 1.001, 1.002, 0.999, 1.0])
+    loose = figures.relative_spread([1.0, 1.2, 0.8, 1.1, 0.9])
+    assert tight == pytest.approx(0.0005) and loose == pytest.approx(0.1)  # half the IQR over the median
+    assert figures.noise_band(tight, tight) == figures.NOISE_FLOOR
+    assert figures.noise_band(tight, loose) == pytest.approx(0.1)
+    assert figures.noise_band(tight, None) == figures.DEFAULT_NOISE  # one side unmeasured
+    assert figures.relative_spread([1.0, 2.0]) is None  # too few rounds to say
+    assert figures.ratio_phrase(1.02, noise=figures.noise_band(tight, tight)) == "1.02x faster"
+    assert figures.ratio_phrase(1.08, noise=figures.noise_band(tight, loose)).startswith("the same (1.08x faster")
+    assert figures.compare_phrase(1.01, "X") == "the same as X (1.01x faster, inside the ±3% noise)"
+    assert figures.compare_phrase(2.0, "X") == "2.00x faster than X"
+    assert figures.speed_phrase(1.0, 1.01) == "the same (1.01x slower, inside the ±3% noise)"
 
 
 def test_figure_panels_check_their_labels(tmp_path):
@@ -195,6 +326,9 @@ def test_profile_json_and_plot_on_the_embedded_model(tmp_path, capsys):
     for r in rows:
         assert r["model_ms"] > 0 and r["update_ms"] > 0
         assert r["total_ms"] >= r["model_ms"] + r["update_ms"] - 1e-6
+    # The loop's work between steps has its own column (step 0's is the run's setup: not shown).
+    assert math.isnan(rows[0]["other_ms"]) and all(r["other_ms"] > 0 for r in rows[1:])
+    assert "other ms" in out and "other = from the previous step's end to the model call" in " ".join(out.split())
     s = report["summary"]
     assert s["steps"] == 5 and s["total_ms"]["p50"] <= s["total_ms"]["p90"]
     assert s["it_per_s"] == pytest.approx(1e3 / s["total_ms"]["mean"])
@@ -205,6 +339,45 @@ def test_profile_json_and_plot_on_the_embedded_model(tmp_path, capsys):
         assert "matplotlib is not installed" in out and not out_png.exists()
     else:
         assert _png_size(str(out_png))[0] > 100
+
+
+def test_profile_columns_add_up_to_the_step(tmp_path):
+    # One timed run (no medians across runs): model + guidance/update + other is the whole step, exactly.
+    problem = profiler.embedded_problem(torch.device("cpu"), torch.float32, batch=2, steps=4, size=8)
+    for backend in ("reference", "native"):
+        rows, _ = profiler.profile_steps(problem, backend=backend, warmup=0, repeats=1)
+        assert len(rows) == 4
+        for r in rows[1:]:
+            assert r["model_ms"] + r["update_ms"] + r["other_ms"] == pytest.approx(r["total_ms"], rel=1e-6, abs=1e-6)
+        assert rows[0]["model_ms"] + rows[0]["update_ms"] == pytest.approx(rows[0]["total_ms"], rel=1e-6, abs=1e-6)
+
+
+def test_profile_compares_backends_side_by_side_in_one_run(tmp_path, capsys):
+    out_json = tmp_path / "p.json"
+    assert cli.main(["profile", "--device", "cpu", "--steps", "3", "--batch", "2", "--repeats", "2",
+                     "--backend", "native,reference", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out_json.read_text())
+    assert list(report["backends"]) == ["native", "reference"] and report["config"]["interleaved"]
+    assert report["rows"] == report["backends"]["native"]["rows"]  # the first backend at the top level too
+    assert "backend native:" in out and "backend reference:" in out and "backends side by side" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("native "))
+    assert ("faster" in line or "slower" in line or "the same" in line) and "baseline" in out
+
+
+def test_profile_backends_interleaves_its_runs(monkeypatch):
+    # Same warm-up for every backend, then rounds in alternating order (A B, B A, ...): a slow spell or the
+    # machine warming up hits every backend alike.
+    calls = []
+    reference_loop, fast_loop = bench.reference_loop, bench.fast_loop
+    monkeypatch.setattr(bench, "reference_loop", lambda *a, **k: calls.append("reference") or reference_loop(*a, **k))
+    monkeypatch.setattr(bench, "fast_loop", lambda *a, **k: calls.append("native") or fast_loop(*a, **k))
+    problem = profiler.embedded_problem(torch.device("cpu"), torch.float32, batch=2, steps=2, size=8)
+    out = profiler.profile_backends(problem, ("native", "reference"), warmup=1, repeats=3)
+    assert calls == ["native", "reference"] + ["native", "reference", "reference", "native", "native", "reference"]
+    assert torch.equal(out["native"][1], out["reference"][1])
+    with pytest.raises(ValueError, match="distinct"):
+        profiler.profile_backends(problem, ("native", "native"))
 
 
 def test_profile_trace_shows_the_fused_step_op(tmp_path, capsys):
@@ -226,11 +399,9 @@ def test_profile_reference_backend_on_tiny_unet(capsys):
 
 
 def test_cli_errors_are_clear(capsys):
-    assert cli.main(["profile", "--cuda-graph", "--steps", "2"]) == (2 if not torch.cuda.is_available() else 0)
-    if not torch.cuda.is_available():
-        assert "needs a CUDA device" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["profile", "--model", "no-such-model"])
+    assert "argument --model: invalid choice: 'no-such-model'" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,6 +490,34 @@ def _fake_pytest_benchmark_json() -> dict:
             bench_entry("e2e", "test_e2e[fast]", 0.08, steps=10),
         ],
     }
+
+
+def _benchmarks_conftest():
+    """benchmarks/conftest.py as a module of its own (tests/conftest.py already holds the name 'conftest')."""
+    spec = importlib.util.spec_from_file_location("benchmarks_conftest",
+                                                  os.path.join(ROOT, "benchmarks", "conftest.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module
+
+
+def test_benchmark_summary_shows_steps_and_per_step_time_and_calls_noise_the_same():
+    bc = _benchmarks_conftest()
+    results = [bc.Result("e2e cpu tiny-unet", "diffusers", 0.0127, 0, "Fake CPU", True, False, unit="ms/step",
+                         steps=10, spread=0.02),
+               bc.Result("e2e cpu tiny-unet", "fast", 0.0125, 0, "Fake CPU", False, False, unit="ms/step",
+                         steps=10, spread=0.02),
+               bc.Result("e2e cpu tiny-unet", "fast+attn", 0.0100, 0, "Fake CPU", False, False, unit="ms/step",
+                         steps=10, spread=0.02)]
+    lines = bc.format_group("e2e cpu tiny-unet", results)
+    assert lines[0] == "[e2e cpu tiny-unet] on Fake CPU"
+    assert "12.700 ms/step" in lines[1] and "(10 steps per call, 127.0 ms per call)" in lines[1]
+    assert "the same as diffusers (1.02x faster, inside the ±2% noise)" in lines[2]  # 1.6%: inside the noise
+    assert "1.27x faster than diffusers" in lines[3]
 
 
 def test_report_builds_the_table_and_writes_between_markers(tmp_path, capsys):

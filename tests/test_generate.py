@@ -59,7 +59,11 @@ def _contents(out: Path) -> tuple[dict[str, str], list[dict]]:
 
 
 def _generate_in_process(out: Path, *args: str) -> int:
-    return cli.main(["generate", "--out", str(out), "--device", "cpu", *args])
+    """The exit status of ``generate`` (argparse's refusals exit with status 2 before any work: returned too)."""
+    try:
+        return cli.main(["generate", "--out", str(out), "--device", "cpu", *args])
+    except SystemExit as exc:
+        return exc.code
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +134,70 @@ def test_resume_of_a_finished_job_does_nothing_and_redoes_a_damaged_image(tmp_pa
     assert _contents(tmp_path) == before
 
 
+def _job_with(num_samples: int) -> list[str]:
+    return ["--num-samples", str(num_samples), *JOB[2:]]
+
+
+def test_resume_extends_a_job_and_equals_an_uninterrupted_run(tmp_path, capsys, reference_job):
+    # 4 samples, then the same job extended to 10 with --resume: sample i keeps seed --seed + i, so the
+    # directory ends up as the 10-sample job run in one go (files, pixels, manifest rows).
+    assert _generate_in_process(tmp_path, *_job_with(4), "--batch-size", "3") == 0
+    first = _contents(tmp_path)
+    assert len(first[0]) == 4 and json.loads((tmp_path / "job.json").read_text())["num_samples"] == 4
+    capsys.readouterr()
+    before = _tree(tmp_path)
+    # Without --resume nothing changes, and the message says how to extend it.
+    assert _generate_in_process(tmp_path, *_job_with(10)) == 2
+    assert "pass --resume to extend it from 4 to 10 samples" in capsys.readouterr().err
+    assert _tree(tmp_path) == before
+    assert _generate_in_process(tmp_path, *_job_with(10), "--batch-size", "3", "--resume") == 0
+    captured = capsys.readouterr()
+    assert "(6 new, 4 resumed)" in captured.out and "manifest: 10 rows" in captured.out
+    assert "extending the job" in captured.err
+    assert _contents(tmp_path) == reference_job
+    assert {k: v for k, v in _contents(tmp_path)[0].items() if k in first[0]} == first[0]  # old files untouched
+    assert json.loads((tmp_path / "job.json").read_text())["num_samples"] == 10
+
+
+def test_resume_with_fewer_samples_completes_those_and_keeps_the_rest(tmp_path, capsys):
+    # The job never shrinks (nothing a user has is deleted): a smaller --num-samples completes the first N
+    # samples, keeps the others and says how to complete the whole job.
+    assert _generate_in_process(tmp_path, *_job_with(6)) == 0
+    before = _contents(tmp_path)
+    (tmp_path / "000001.png").unlink()  # damaged inside the first 3 ...
+    (tmp_path / "000005.png").write_bytes(b"not a png")  # ... and outside them
+    capsys.readouterr()
+    assert _generate_in_process(tmp_path, *_job_with(3), "--resume") == 0
+    out = capsys.readouterr().out
+    assert "3 samples (1 new, 2 resumed)" in out and "manifest: 6 rows" in out
+    assert "has 6 samples: this run completed its first 3" in out and "--num-samples 6 --resume" in out
+    assert json.loads((tmp_path / "job.json").read_text())["num_samples"] == 6
+    files, rows = _contents(tmp_path)
+    assert files["000001.png"] == before[0]["000001.png"] and rows == before[1]
+    assert (tmp_path / "000005.png").read_bytes() == b"not a png"  # left as it is: not part of this run
+    assert _generate_in_process(tmp_path, *_job_with(6), "--resume") == 0
+    assert "(1 new, 5 resumed)" in capsys.readouterr().out and _contents(tmp_path) == before
+
+
+def test_a_job_json_of_an_earlier_version_is_recognised(tmp_path, capsys):
+    # Directories written before jobs could grow pinned a digest of their samples: still this job.
+    import argparse
+
+    assert _generate_in_process(tmp_path, *_job_with(3)) == 0
+    args = argparse.Namespace(model="embedded", steps=8, eta=0.5, noise="torch")
+    samples = generate.make_samples(None, 3, 100, 3.0, generate.EmbeddedModel.default_prompt)
+    (tmp_path / "job.json").write_text(json.dumps(generate.legacy_job_settings(args, samples)))
+    capsys.readouterr()
+    assert _generate_in_process(tmp_path, *_job_with(4), "--resume") == 0
+    assert "(1 new, 3 resumed)" in capsys.readouterr().out
+    job = json.loads((tmp_path / "job.json").read_text())
+    assert job["num_samples"] == 4 and "samples_sha256" not in job and job["seed"] == 100
+    (tmp_path / "job.json").write_text(json.dumps(dict(generate.legacy_job_settings(args, samples), steps=9)))
+    assert _generate_in_process(tmp_path, *_job_with(4), "--resume") == 2  # another job's: refused
+    assert "holds the outputs of a different job (its job.json differs in steps)" in \
+        capsys.readouterr().err
+
+
 def test_prompt_files_text_and_jsonl(tmp_path):
     text = tmp_path / "prompts.txt"
     text.write_text("rings\n\ncrosses\n")
@@ -161,15 +229,16 @@ def test_bad_input_fails_clearly_before_any_work(tmp_path, capsys, case):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "rings"}\n{"prompt": "rings", "seed": -1}\n')
     args, message = {
-        "missing_prompts": (["--prompts", str(tmp_path / "nope.txt")], "nope.txt: no such file"),
+        "missing_prompts": (["--prompts", str(tmp_path / "nope.txt")], "argument --prompts: no such file: "),
         "bad_jsonl": (["--prompts", str(prompts)], "p.jsonl, line 2: seed must be an int >= 0, got -1"),
-        "zero_samples": (["--num-samples", "0"], "--num-samples must be >= 1, got 0"),
+        "zero_samples": (["--num-samples", "0"], "argument --num-samples: must be >= 1, got 0"),
         "other_job": (["--num-samples", "3", "--steps", "4"], "holds the outputs of a different job (its job.json "
                                                                "differs in steps); nothing was changed"),
-        "not_a_pipeline": (["--model", str(tmp_path), "--num-samples", "3"], "not a diffusers pipeline folder"),
+        "not_a_pipeline": (["--model", str(tmp_path), "--num-samples", "3"],
+                           "argument --model: " + str(tmp_path) + " is not a diffusers pipeline folder"),
         "unknown_class": (["--prompts", str(_write(tmp_path / "q.txt", "a cat\n"))], "knows the prompts"),
         "same_job_without_resume": (["--num-samples", "3", "--steps", "3"], "pass --resume to complete it"),
-        "bad_eta": (["--num-samples", "3", "--eta", "nan"], "--eta must be finite"),
+        "bad_eta": (["--num-samples", "3", "--eta", "nan"], "argument --eta: must be a finite number, got nan"),
     }[case]
     if case == "bad_jsonl":
         bad = tmp_path / "broken.jsonl"

@@ -342,7 +342,8 @@ def test_coefficient_table_device_and_step_index():
         (lambda: schedule.diffusers_betas(trained_betas=[]), ValueError, "trained_betas must be"),
         (lambda: schedule.ldm_timesteps(0), ValueError, "num_ddim_steps must be > 0"),
         (lambda: schedule.ldm_timesteps(True), TypeError, "num_ddim_steps must be an int"),
-        (lambda: schedule.ldm_timesteps(1001), ValueError, r"num_ddim_steps \(1001\) must be <="),
+        (lambda: schedule.ldm_timesteps(1001), ValueError,
+         r"num_ddim_steps must be <= num_train_timesteps \(1000\), got 1001"),
         (lambda: schedule.ldm_timesteps(10, discretize="cubic"), ValueError, "unknown ddim_discretize 'cubic'"),
         (lambda: schedule.diffusers_timesteps(10, timestep_spacing="even"), ValueError,
          "unknown timestep_spacing 'even'"),
@@ -364,3 +365,18 @@ def test_coefficient_table_device_and_step_index():
 def test_bad_inputs_raise_clearly(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("S,exc,match", [(0, ValueError, r"S \(ddim_num_steps\) must be > 0, got 0"),
+                                         (-3, ValueError, r"S \(ddim_num_steps\) must be > 0, got -3"),
+                                         (2.5, TypeError, r"S \(ddim_num_steps\) must be an int"),
+                                         (1001, ValueError, r"S \(ddim_num_steps\) must be <= num_train_timesteps")])
+def test_sampler_errors_name_its_own_argument_S(S, exc, match):
+    # FastDDIMSampler.sample(S, ...) is ldm's signature: its errors name S, not the schedule's internal name.
+    from ddim_fast import FastDDIMSampler
+    from ddim_fast.tools.toy_data import EmbeddedLdmModel
+
+    sampler = FastDDIMSampler(EmbeddedLdmModel(size=8))
+    with pytest.raises(exc, match=match) as info:
+        sampler.sample(S, 1, (3, 8, 8), verbose=False)
+    assert "num_ddim_steps" not in str(info.value).replace("ddim_num_steps", "")

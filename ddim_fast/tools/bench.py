@@ -194,6 +194,9 @@ def unet_problem(name: str, device: torch.device, dtype: torch.dtype, *, batch: 
     """A UNet problem: random-weight UNet, seeded x_T and seeded stand-in text embeddings.
     ``resolution`` is in pixels (latent = resolution / 8); default the config's sample size * 8."""
     config, tokens = UNET_CONFIGS[name]
+    if resolution is not None and (resolution < 8 or resolution % 8):
+        raise ValueError(f"resolution must be a positive multiple of 8 (the latent is resolution / 8), "
+                         f"got {resolution}")
     latent = (resolution // 8) if resolution else config["sample_size"]
     unet = build_unet(name, device, dtype, seed)
     gen = torch.Generator("cpu").manual_seed(seed + 1)
@@ -228,12 +231,13 @@ def reference_loop(problem: Problem, hooks: "StepHooks | None" = None) -> torch.
     b = x.shape[0]
     for i in range(table.shape[0]):
         t = torch.full((b,), int(host_table[i, schedule.COL_TIMESTEP]), device=x.device, dtype=torch.long)
-        if hooks:
-            hooks.model_start(i)
         if problem.uses_guidance:
-            out = model.apply_model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([problem.uncond, problem.cond]))
+            inputs = (torch.cat([x, x]), torch.cat([t, t]), torch.cat([problem.uncond, problem.cond]))
         else:
-            out = model.apply_model(x, t, problem.cond)
+            inputs = (x, t, problem.cond)
+        if hooks:  # around the call alone, as HookedModel stamps FastDDIMSampler's: the same "model" time
+            hooks.model_start(i)
+        out = model.apply_model(*inputs)
         if hooks:
             hooks.model_end(i)
         noise = torch.randn(x.shape, device=x.device, dtype=x.dtype)
@@ -414,9 +418,11 @@ class StepHooks:
         return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
 
     def rows(self) -> list[dict[str, float]]:
-        """One dict per step: model_ms, update_ms (guidance + DDIM update: model end -> step end), total_ms
-        (previous step end -> step end; step 0 from its model start, or from begin() when the model was
-        not observed). NaN where not observed (the model runs inside a replayed CUDA graph)."""
+        """One dict per step: model_ms, update_ms (guidance + DDIM update: model end -> step end), other_ms
+        (previous step end -> model start: the loop's work between the steps, input preparation included),
+        total_ms (previous step end -> step end; step 0 from its model start, or from begin() when the model
+        was not observed). NaN where not observed (the model runs inside a replayed CUDA graph; step 0's
+        other_ms: what runs before it is the run's setup)."""
         self.finish()
         if self.cuda:
             torch.cuda.synchronize()
@@ -432,6 +438,7 @@ class StepHooks:
                 "step": i,
                 "model_ms": self._ms(self.model_starts[i], self.model_ends[i]) if per_step_model else float("nan"),
                 "update_ms": self._ms(self.model_ends[i], self.step_ends[i]) if per_step_model else float("nan"),
+                "other_ms": self._ms(start, self.model_starts[i]) if per_step_model and k > 0 else float("nan"),
                 "total_ms": self._ms(start, self.step_ends[i]),
             })
         return rows
@@ -983,31 +990,45 @@ def proof_summary(proof: dict[str, Any]) -> str:
 
 
 def add_arguments(parser) -> None:
+    from ddim_fast.tools import arguments
+
     on_gpu = torch.cuda.is_available()
     parser.add_argument("--model", choices=sorted(UNET_CONFIGS), default="sd15-unet" if on_gpu else "tiny-unet",
-                        help="UNet config (random weights); default sd15-unet on GPU, tiny-unet on CPU")
-    parser.add_argument("--steps", type=int, default=50 if on_gpu else 10)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16" if on_gpu else "fp32")
-    parser.add_argument("--guidance", type=float, default=7.5)
-    parser.add_argument("--resolution", type=int, default=None, help="image size in pixels (latent = /8)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--backend", default="auto", choices=("auto", "native", "triton"))
+                        help="UNet config (random weights); sd15-unet on a GPU, tiny-unet on the CPU by default")
+    parser.add_argument("--steps", type=arguments.steps, default=50 if on_gpu else 10,
+                        help="DDIM steps, 1 to 1000 (50 on a GPU, 10 on the CPU by default)")
+    parser.add_argument("--batch", type=arguments.positive_int, default=1, help="samples per run")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16" if on_gpu else "fp32",
+                        help="dtype of the latents and the UNet's weights (fp16 on a GPU, fp32 on the CPU by default)")
+    parser.add_argument("--guidance", type=arguments.finite_float, default=7.5,
+                        help="classifier-free guidance scale (1 = off)")
+    parser.add_argument("--resolution", type=arguments.resolution, default=None,
+                        help="image size in pixels, a multiple of 8 (latent = resolution / 8) (default: the model's "
+                             "own: " + ", ".join(f"{8 * cfg['sample_size']} for {name}"
+                                                 for name, (cfg, _) in sorted(UNET_CONFIGS.items())) + ")")
+    parser.add_argument("--device", type=arguments.device, default="auto",
+                        help="cpu, cuda, cuda:N or auto (CUDA when available)")
+    parser.add_argument("--backend", default="auto", choices=("auto", "native", "triton"),
+                        help="FastDDIMSampler's step kernel")
     parser.add_argument("--noise-mode", choices=("torch", "philox"), default="torch",
                         help="FastDDIMSampler noise: 'torch' draws ldm's per-step randn (exact drop-in), "
                              "'philox' draws in-kernel (nothing at eta = 0)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--variants", default=None,
-                        help="comma-separated subset of diffusers,fast,fast+graph,fast+attn,reference")
-    parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    parser.add_argument("--repeats", type=arguments.positive_int, default=3,
+                        help="timed rounds (every loop once per round, interleaved); the best is reported")
+    parser.add_argument("--seed", type=arguments.non_negative_int, default=0,
+                        help="seed of the UNet's weights, x_T and the stand-in text embeddings")
+    parser.add_argument("--variants", type=arguments.names(VARIANT_EXPECTATIONS), default=None,
+                        metavar="NAME[,NAME...]",
+                        help="comma-separated subset of " + ",".join(VARIANT_EXPECTATIONS) + " (default: diffusers, "
+                             "fast, fast+attn, and fast+graph on a GPU)")
+    parser.add_argument("--json", metavar="FILE", type=arguments.output_file,
+                        help="write the results as JSON (default: none)")
 
 
 def main(args) -> int:
-    variants = tuple(v.strip() for v in args.variants.split(",")) if args.variants else None
     report = run_bench(args.model, steps=args.steps, batch=args.batch, dtype=args.dtype, guidance=args.guidance,
                        resolution=args.resolution, device=args.device, repeats=args.repeats, seed=args.seed,
-                       backend=args.backend, variants=variants, check=False, noise_mode=args.noise_mode)
+                       backend=args.backend, variants=args.variants, check=False, noise_mode=args.noise_mode)
     print(format_bench(_check(report)))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

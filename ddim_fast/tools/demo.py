@@ -8,7 +8,9 @@ image of the requested class. The demo
 
 1. times, per step and in the same run, the plain-PyTorch reference loop (``reference.ddim_step``:
    guidance combine and DDIM update as separate tensor ops) and ``FastDDIMSampler`` (one fused op), split
-   into the model call and the guidance + update work that the fused op replaces, and checks that both
+   into the model call, the guidance + update work that the fused op replaces and the loop's other work,
+   both loops stamped the same way and run interleaved after the same warm-up (``profiler.profile_backends``:
+   the model call, the same call in both, then differs only by the machine's noise), and checks that both
    loops give the same samples;
 2. samples unconditionally and class-conditionally (CFG) and checks every sample lands on a data image
    (PSNR to the nearest one above a threshold) of the right class;
@@ -30,7 +32,7 @@ from typing import Any
 import torch
 
 from ddim_fast import reference
-from ddim_fast.tools import bench, figures, profiler, toy_data
+from ddim_fast.tools import arguments, bench, figures, profiler, toy_data
 
 # A DDIM sample is x_prev = sqrt(a_0) x0_hat + sqrt(1 - a_0) eps_hat at the last step, so it keeps a
 # sqrt(1 - a_0) ~ 0.029 trace of noise around the data image: ~36.7 dB. Well below that is a miss.
@@ -39,6 +41,8 @@ SAMPLE_PSNR_DB = 30.0
 RECONSTRUCTION_PSNR_DB = 25.0
 # Reference loop vs FastDDIMSampler over a whole fp32 run (docs/design.md's drop-in contract).
 AGREEMENT_RTOL = 1e-5
+# The class-conditional panel shows one row per class: the batch cycles through the classes.
+BATCH_MULTIPLE = toy_data.NUM_CLASSES
 
 
 # --------------------------------------------------------------------------------------------------
@@ -71,12 +75,18 @@ def _invert_and_reconstruct(sampler, x0: torch.Tensor, cond: torch.Tensor, steps
 def run_demo(out_dir: str = "ddim_fast_demo", *, quick: bool = False, steps: int | None = None,
              batch: int | None = None, guidance: float = 3.0, seed: int = 0, device: str | None = None,
              backend: str = "auto") -> dict[str, Any]:
-    """Run every part of the demo; returns a JSON-able report with 'passed' and the per-check results."""
+    """Run every part of the demo; returns a JSON-able report with 'passed' and the per-check results.
+    ``steps`` (1 to 1000) and ``batch`` (a multiple of 4) default to 50 and 16, or 20 and 8 with ``quick``;
+    bad values are refused before any output."""
+    steps = (20 if quick else 50) if steps is None else steps
+    batch = (8 if quick else 16) if batch is None else batch
+    arguments.require("run_demo", "steps", arguments.int_problem(steps, 1, arguments.MAX_STEPS))
+    arguments.require("run_demo", "batch", arguments.int_problem(batch, BATCH_MULTIPLE, multiple_of=BATCH_MULTIPLE,
+                                                                 why="one figure row per class"))
+    arguments.require("run_demo", "guidance", arguments.float_problem(guidance))
     FastDDIMSampler = bench.require_sampler()
     dev = bench.resolve_device(device)
     size = 16 if quick else 32
-    steps = steps or (20 if quick else 50)
-    batch = batch or (8 if quick else 16)
     os.makedirs(out_dir, exist_ok=True)
     t_start = time.perf_counter()
     torch.manual_seed(seed)
@@ -106,25 +116,41 @@ def run_demo(out_dir: str = "ddim_fast_demo", *, quick: bool = False, steps: int
     cond = toy_data.class_embedding(cond_labels, device=dev)
     uncond = toy_data.class_embedding(None, batch, device=dev)
     problem = bench.Problem(model, x_T, cond, uncond, steps, guidance)
-    ref_rows, ref_out = profiler.profile_steps(problem, backend="reference", repeats=3)
-    fast_rows, fast_out = profiler.profile_steps(problem, backend=backend, repeats=3)
+    # Both loops timed the same way (stamps around the model call alone), interleaved after the same warm-up,
+    # so that the model call, the same call on the same inputs in both, shows the same time up to noise.
+    fast_name = backend if backend != "reference" else profiler.SAMPLER_PREFIX + backend
+    timed = profiler.profile_backends(problem, ("reference", fast_name), repeats=3)
+    (ref_rows, ref_out), (fast_rows, fast_out) = timed["reference"], timed[fast_name]
     ref_stats, fast_stats = profiler.summary(ref_rows), profiler.summary(fast_rows)
-    ref_upd, fast_upd = ref_stats["update_ms"]["p50"], fast_stats["update_ms"]["p50"]
-    ref_model, fast_model = ref_stats["model_ms"]["p50"], fast_stats["model_ms"]["p50"]
-    ref_ms, fast_ms = ref_stats["total_ms"]["p50"], fast_stats["total_ms"]["p50"]
+    ref, fast = ({col: st[col]["p50"] for col in profiler.COLUMNS} for st in (ref_stats, fast_stats))
+
+    def spread(rows, col):
+        return figures.relative_spread([r[col] for r in rows])
+
     rel = reference.relative_error(fast_out, ref_out)
-    model_share = ref_model / ref_ms if ref_ms > 0 else float("nan")
-    print(f"guidance + DDIM update per step (batch {batch}, CFG on {2 * batch} model rows; medians, same run): "
-          f"reference (unfused PyTorch) {ref_upd:.3f} ms, FastDDIMSampler (one fused op) {fast_upd:.3f} ms: "
-          f"{figures.speed_phrase(ref_upd, fast_upd)}")
-    print(f"  the model call takes {ref_model:.3f} / {fast_model:.3f} ms of each step ({model_share:.0%} of the "
-          f"reference step), so whole steps are {ref_ms:.3f} vs {fast_ms:.3f} ms: here the model dominates and "
-          "whole-step timings mostly measure it; samples agree to "
-          f"{rel:.1e} (<= {AGREEMENT_RTOL:.0e})")
+    model_share = ref["model_ms"] / ref["total_ms"] if ref["total_ms"] > 0 else float("nan")
+    update_phrase = figures.speed_phrase(ref["update_ms"], fast["update_ms"], noise=figures.noise_band(
+        spread(ref_rows, "update_ms"), spread(fast_rows, "update_ms")))
+    model_phrase = figures.speed_phrase(ref["model_ms"], fast["model_ms"], noise=figures.noise_band(
+        spread(ref_rows, "model_ms"), spread(fast_rows, "model_ms")))
+    print(f"guidance + DDIM update per step (batch {batch}, CFG on {2 * batch} model rows; medians of 3 interleaved "
+          f"runs each): reference (unfused PyTorch) {ref['update_ms']:.3f} ms, FastDDIMSampler (one fused op) "
+          f"{fast['update_ms']:.3f} ms: {update_phrase}")
+    print(f"  the model call, the same call on the same inputs in both loops, takes {ref['model_ms']:.3f} / "
+          f"{fast['model_ms']:.3f} ms (in the fused run: {model_phrase}); "
+          f"the loop's other work between steps (the model's inputs, its Python) {ref['other_ms']:.3f} / "
+          f"{fast['other_ms']:.3f} ms; whole steps {ref['total_ms']:.3f} vs {fast['total_ms']:.3f} ms, the model "
+          f"{model_share:.0%} of the reference step"
+          + (" (it dominates: whole-step timings mostly measure it)" if model_share >= 0.5 else "")
+          + f"; samples agree to {rel:.1e} (<= {AGREEMENT_RTOL:.0e})")
     report["latency_ms_per_step"] = {
-        "reference": {"model": ref_model, "guidance_update": ref_upd, "total": ref_ms},
-        "fast": {"model": fast_model, "guidance_update": fast_upd, "total": fast_ms},
-        "guidance_update_speedup": ref_upd / fast_upd if fast_upd > 0 else float("nan"),
+        "reference": {"model": ref["model_ms"], "guidance_update": ref["update_ms"], "other": ref["other_ms"],
+                      "total": ref["total_ms"]},
+        "fast": {"model": fast["model_ms"], "guidance_update": fast["update_ms"], "other": fast["other_ms"],
+                 "total": fast["total_ms"]},
+        "guidance_update_speedup": ref["update_ms"] / fast["update_ms"] if fast["update_ms"] > 0 else float("nan"),
+        "guidance_update_verdict": update_phrase,
+        "measured": "medians of 3 timed runs per loop, interleaved after one warm-up run each",
     }
     report["checks"]["fast_vs_reference"] = {"rel_error": rel, "passed": rel <= AGREEMENT_RTOL}
 
@@ -220,8 +246,8 @@ def run_demo(out_dir: str = "ddim_fast_demo", *, quick: bool = False, steps: int
         title=f"ddim-fast demo: FastDDIMSampler on the embedded model ({'all checks passed' if report['passed'] else 'SOME CHECKS FAILED'})",
         subtitle=f"device {dev}; guidance + update per step {upd['reference']['guidance_update']:.3f} ms unfused vs "
                  f"{upd['fast']['guidance_update']:.3f} ms fused "
-                 f"({figures.speed_phrase(upd['reference']['guidance_update'], upd['fast']['guidance_update'])}); "
-                 f"the model call {upd['reference']['model']:.3f} ms",
+                 f"({upd['guidance_update_verdict']}); the model call {upd['reference']['model']:.3f} / "
+                 f"{upd['fast']['model']:.3f} ms (interleaved runs)",
         cell=64))
     report["seconds"] = time.perf_counter() - t_start
     print(f"wrote {', '.join(os.path.basename(f) for f in files)} to {out_dir}")
@@ -230,16 +256,24 @@ def run_demo(out_dir: str = "ddim_fast_demo", *, quick: bool = False, steps: int
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", default="ddim_fast_demo", help="directory for the labelled figure demo.png")
+    parser.add_argument("--out", type=arguments.output_dir, default="ddim_fast_demo",
+                        help="directory for the labelled figure demo.png (created when missing)")
     parser.add_argument("--quick", action="store_true", help="smaller images, batch and step count (for tests)")
-    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (None: 50, or 20 with --quick)")
-    parser.add_argument("--batch", type=int, default=None, help="samples per run (None: 16, or 8 with --quick)")
-    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
+    parser.add_argument("--steps", type=arguments.steps, default=None,
+                        help="DDIM steps, 1 to 1000 (default: 50, or 20 with --quick)")
+    parser.add_argument("--batch", type=arguments.integer(BATCH_MULTIPLE, multiple_of=BATCH_MULTIPLE,
+                                                          why="one figure row per class"),
+                        default=None, help=f"samples per run, a multiple of {BATCH_MULTIPLE} "
+                                           "(default: 16, or 8 with --quick)")
+    parser.add_argument("--guidance", type=arguments.finite_float, default=3.0,
+                        help="classifier-free guidance scale")
+    parser.add_argument("--seed", type=arguments.non_negative_int, default=0, help="seed of every random draw")
+    parser.add_argument("--device", type=arguments.device, default="auto",
+                        help="cpu, cuda, cuda:N or auto (CUDA when available)")
     parser.add_argument("--backend", default="auto", choices=("auto", "native", "triton", "reference"),
                         help="the step kernel FastDDIMSampler uses")
-    parser.add_argument("--json", metavar="FILE", default=None, help="also write the report as JSON")
+    parser.add_argument("--json", metavar="FILE", type=arguments.output_file, default=None,
+                        help="also write the report as JSON (default: not written)")
 
 
 def main(args) -> int:

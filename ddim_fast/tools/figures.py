@@ -24,20 +24,70 @@ _INK = (20, 20, 20)
 _GREY = (95, 95, 95)
 
 
-def speed_phrase(baseline: float, candidate: float) -> str:
-    """'2.10x faster' or '1.25x slower' for the candidate's time against the baseline's."""
+# Timing noise: a ratio of two timings within this band of 1 is worded "the same". DEFAULT_NOISE (+-3%) when
+# the spread of either side was not measured; else the larger measured spread (relative_spread), but never
+# below NOISE_FLOOR: 1.01x is the same on any machine (ratios are printed with two decimals, and runs of one
+# process to the next differ by more than 1% even on an idle GPU).
+DEFAULT_NOISE = 0.03
+NOISE_FLOOR = 0.015
+
+
+def relative_spread(values) -> float | None:
+    """How far a typical run lies from the median of repeated timings: half the interquartile range over
+    the median. None with fewer than 3 finite positive values (no spread measured)."""
+    import statistics
+
+    vals = sorted(float(v) for v in values if v == v and v > 0)
+    if len(vals) < 3:
+        return None
+    q1, _, q3 = statistics.quantiles(vals, n=4, method="inclusive")
+    return (q3 - q1) / 2 / statistics.median(vals)
+
+
+def noise_band(*spreads: float | None) -> float:
+    """The relative difference under which two timings count as the same: the larger of the sides' measured
+    spreads (:func:`relative_spread`, or pytest-benchmark's IQR / 2 / median), at least NOISE_FLOOR; when a
+    side's spread is unknown (None / NaN), at least DEFAULT_NOISE."""
+    known = [float(s) for s in spreads if s is not None and s == s]
+    floor = NOISE_FLOOR if spreads and len(known) == len(spreads) else DEFAULT_NOISE
+    return max([floor, *known])
+
+
+def speed_phrase(baseline: float, candidate: float, *, noise: float = DEFAULT_NOISE) -> str:
+    """'2.10x faster', '1.25x slower' or 'the same (...)' for the candidate's time against the baseline's."""
     if not (baseline > 0 and candidate > 0):
         return "not comparable"
-    return ratio_phrase(baseline / candidate)
+    return ratio_phrase(baseline / candidate, noise=noise)
 
 
-def ratio_phrase(speedup: float, width: int = 0) -> str:
+def is_within_noise(speedup: float, noise: float = DEFAULT_NOISE) -> bool:
+    """True when a speed-up (baseline time / candidate time) as printed (two decimals) lies within ``noise``
+    of 1 either way."""
+    shown = round(speedup if speedup >= 1 else 1 / speedup, 2)
+    return shown - 1 <= noise + 1e-9
+
+
+def ratio_phrase(speedup: float, width: int = 0, *, noise: float = DEFAULT_NOISE) -> str:
     """A speed-up (baseline time / candidate time) said the right way round: '2.10x faster', '1.25x slower'
-    (never '0.80x faster'); '-' when there is none. The tools, the benchmarks and benchmarks/report.py all
+    (never '0.80x faster'), and 'the same (1.01x faster, inside the ±3% noise)' when it lies within ``noise``
+    (:func:`noise_band`) of 1; '-' when there is none. The tools, the benchmarks and benchmarks/report.py all
     word their ratios with this."""
     if not speedup > 0:
         return "-"
-    return f"{speedup:{width}.2f}x faster" if speedup >= 1 else f"{1 / speedup:{width}.2f}x slower"
+    plain = f"{speedup:{width}.2f}x faster" if speedup >= 1 else f"{1 / speedup:{width}.2f}x slower"
+    if is_within_noise(speedup, noise):
+        shown = plain.strip() if round(speedup, 2) != 1 else "1.00x"
+        percent = f"{100 * noise:.0f}" if noise >= 0.1 else f"{100 * noise:.1f}".rstrip("0").rstrip(".")
+        return f"the same ({shown}, inside the ±{percent}% noise)"
+    return plain
+
+
+def compare_phrase(speedup: float, other: str, width: int = 0, *, noise: float = DEFAULT_NOISE) -> str:
+    """:func:`ratio_phrase` against a named entry: '2.00x faster than X', 'the same as X (1.01x faster, ...)'."""
+    phrase = ratio_phrase(speedup, width, noise=noise)
+    if phrase.startswith("the same ("):
+        return f"the same as {other} {phrase[len('the same '):]}"
+    return phrase if phrase == "-" else f"{phrase} than {other}"
 
 
 def require_pillow():

@@ -23,6 +23,11 @@ width, sha256 (of the pixels: "HxWxC:" + the uint8 RGB bytes) and file_sha256 (o
 job runs each rank appends its rows to ``manifest.rank<r>.jsonl`` (after the image is renamed into place),
 so a run killed at any moment loses at most the batches in flight; ``--resume`` skips every sample whose
 file and row exist and match, and works with ``torchrun --max-restarts``.
+
+A job is its settings without the number of samples (``JOB_IDENTITY``): ``--resume`` with a larger
+``--num-samples`` extends it (samples 0..n-1 keep their seeds, hence their images; the new ones are made);
+with a smaller one the run completes the first ``--num-samples`` samples and leaves the others as they are
+(job.json keeps the larger count; nothing is deleted).
 """
 
 from __future__ import annotations
@@ -124,8 +129,24 @@ def make_samples(prompts: list[dict[str, Any]] | None, num_samples: int | None, 
     return out
 
 
-def job_settings(args, samples: list[Sample]) -> dict[str, Any]:
-    """What defines the job (and so its outputs): everything but the batch size and the number of processes."""
+# What defines a job: sample i is a function of these and of i alone (make_samples: prompt row i % rows,
+# seed --seed + i unless the row says), so the number of samples is not part of it: a job can grow
+# (a larger --num-samples with --resume) without changing a sample it already has.
+JOB_IDENTITY = ("model", "steps", "eta", "noise", "seed", "guidance", "prompts_sha256")
+
+
+def job_settings(args, prompts: list[dict[str, Any]] | None, num_samples: int) -> dict[str, Any]:
+    """job.json: the job's identity (``JOB_IDENTITY``) and its number of samples (everything but the batch
+    size and the number of processes, which change no pixel)."""
+    digest = None if prompts is None else hashlib.sha256(
+        json.dumps(prompts, sort_keys=True).encode()).hexdigest()
+    return {"model": args.model, "steps": args.steps, "eta": args.eta, "noise": args.noise, "seed": args.seed,
+            "guidance": args.guidance, "prompts_sha256": digest, "num_samples": num_samples}
+
+
+def legacy_job_settings(args, samples: list[Sample]) -> dict[str, Any]:
+    """job.json as versions before job extension wrote it (the samples' digest instead of the rule that
+    makes them): a directory written so is recognised, and its job.json rewritten in today's form."""
     digest = hashlib.sha256(json.dumps([dataclasses.astuple(s) for s in samples]).encode()).hexdigest()
     return {"model": args.model, "steps": args.steps, "eta": args.eta, "noise": args.noise,
             "num_samples": len(samples), "samples_sha256": digest}
@@ -138,6 +159,13 @@ def job_settings(args, samples: list[Sample]) -> dict[str, Any]:
 
 def image_name(index: int, total: int) -> str:
     return f"{index:0{max(6, len(str(total - 1)))}d}.png"
+
+
+def is_image_name(name: Any, index: int) -> bool:
+    """``name`` is sample ``index``'s file at any width (a job extended past 10**6 samples names its new
+    files one digit wider and keeps the old ones)."""
+    return (isinstance(name, str) and name.endswith(".png") and name[:-4].isdigit() and len(name) >= 10
+            and int(name[:-4]) == index)
 
 
 def pixel_sha256(pixels: torch.Tensor) -> str:
@@ -193,22 +221,41 @@ class OutputDir:
                 rows[row["index"]] = row
         return rows
 
-    def check(self, settings: dict[str, Any], resume: bool) -> None:
-        """Refuse, before any work, a directory that holds another job, or this job without --resume."""
+    def check(self, settings: dict[str, Any], resume: bool, legacy=None) -> dict[str, Any] | None:
+        """Refuse, before any work, a directory that holds another job, or this job without --resume.
+        Returns the job found there (its job.json; None for a new directory). The same job with another
+        number of samples is this job (``JOB_IDENTITY``): extended or completed in part by the caller.
+        ``legacy(n)``: job.json as older versions wrote it for this job's first n samples
+        (:func:`legacy_job_settings`), to recognise their directories."""
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise GenerateError(f"--out {self.path} exists and is not a directory")
         job = self.existing_job()
         has_results = bool(job) or os.path.exists(self.file(MANIFEST)) or bool(self.shards())
         if not has_results:
-            return
-        if job != settings:
-            differing = sorted(k for k in set(settings) | set(job or {}) if (job or {}).get(k) != settings.get(k))
+            return None
+        differing = None
+        if (isinstance(job, dict) and "samples_sha256" in job and legacy is not None
+                and isinstance(job.get("num_samples"), int) and job["num_samples"] > 0):
+            expected = legacy(job["num_samples"])  # an older version's job.json: is it this job's?
+            differing = sorted(k for k in set(job) | set(expected) if job.get(k) != expected.get(k))
+            if not differing:
+                job = dict(settings, num_samples=job["num_samples"])
+        found = job if isinstance(job, dict) else {}
+        if not job or any(found.get(k) != settings.get(k) for k in JOB_IDENTITY) or not isinstance(
+                found.get("num_samples"), int):
+            if not differing:
+                differing = sorted(k for k in JOB_IDENTITY if found.get(k) != settings.get(k))
             raise GenerateError(f"--out {self.path} holds the outputs of a different job (its {JOB} differs in "
                                 f"{', '.join(differing) or 'everything'}); nothing was changed: use another "
                                 "directory")
         if not resume:
-            raise GenerateError(f"--out {self.path} already holds this job's results; pass --resume to complete "
-                                "it (finished samples are kept), or choose another directory")
+            size = found["num_samples"]
+            how = ("complete it" if size == settings["num_samples"] else
+                   f"extend it from {size} to {settings['num_samples']} samples" if size < settings["num_samples"]
+                   else f"complete its first {settings['num_samples']} of {size} samples")
+            raise GenerateError(f"--out {self.path} already holds this job's results; pass --resume to {how} "
+                                "(finished samples are kept), or choose another directory")
+        return found
 
     def done(self, samples: list[Sample], settings: dict[str, Any]) -> set[int]:
         """Indices whose image exists, whose row matches the sample and the job, and whose file hashes right."""
@@ -216,7 +263,7 @@ class OutputDir:
         done = set()
         for s in samples:
             row = rows.get(s.index)
-            if row is None or row.get("file") != image_name(s.index, settings["num_samples"]):
+            if row is None or not is_image_name(row.get("file"), s.index):
                 continue
             expected = _row_settings(s, settings)
             if any(row.get(k) != expected[k] for k in _ROW_SETTINGS):
@@ -280,6 +327,7 @@ class EmbeddedModel:
         self.model = toy_data.EmbeddedLdmModel(size=size, device=device)
         self.sampler = FastDDIMSampler(self.model, "linear", device, noise_mode=noise)
         self.device = device
+        self.num_train_timesteps = self.model.num_timesteps
 
     @staticmethod
     def default_prompt(i: int) -> str:
@@ -344,6 +392,7 @@ class PipelineModel:
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
         self.device = device
+        self.num_train_timesteps = int(pipe.scheduler.config.num_train_timesteps)
 
     @staticmethod
     def default_prompt(i: int) -> str:
@@ -453,9 +502,17 @@ def run(args) -> dict[str, Any]:
     model = EmbeddedModel(device, args.noise) if args.model == "embedded" else PipelineModel(args.model, device)
     samples = make_samples(prompts, args.num_samples, args.seed, args.guidance, model.default_prompt)
     model.check_prompts(samples)
-    settings = job_settings(args, samples)
+    if args.steps > model.num_train_timesteps:
+        raise GenerateError(f"--steps must be <= {model.num_train_timesteps} (the model's training timesteps), "
+                            f"got {args.steps}")
+    settings = job_settings(args, prompts, len(samples))
     out = OutputDir(args.out)
-    out.check(settings, args.resume)
+    found = out.check(settings, args.resume, legacy=lambda n: legacy_job_settings(
+        args, make_samples(prompts, n, args.seed, args.guidance, model.default_prompt)))
+    # A job grows with a larger --num-samples (sample i is the same image whatever the count) and never
+    # shrinks: with a smaller one this run completes the first --num-samples samples and keeps the others.
+    job_total = max(len(samples), found["num_samples"]) if found else len(samples)
+    settings["num_samples"] = job_total
     dist.barrier()  # every rank has checked the directory before anyone writes to it
     if dist.rank == 0:
         out.write_job(settings)
@@ -474,10 +531,13 @@ def run(args) -> dict[str, Any]:
     start = time.perf_counter()
     generated = 0
     total = len(samples)
+    if dist.rank == 0 and found and found["num_samples"] < total:
+        print(f"generate: extending the job in {args.out} from {found['num_samples']} to {total} samples "
+              "(the existing samples keep their seeds and images)", file=sys.stderr)
     with open(shard, "a", encoding="utf-8") as manifest:
         for batch in _batches(mine, args.batch_size, model.group_key):
             for s, pixels in zip(batch, model.generate(batch, args.steps, args.eta)):
-                name = image_name(s.index, total)
+                name = image_name(s.index, job_total)
                 path = figures.save_png(pixels, out.file(name))
                 row = dict(_row_settings(s, settings), index=s.index, file=name, height=int(pixels.shape[0]),
                            width=int(pixels.shape[1]), sha256=pixel_sha256(pixels), file_sha256=file_sha256(path))
@@ -512,34 +572,71 @@ def run(args) -> dict[str, Any]:
         progress.close()
     rows = out.merge()
     wall = time.perf_counter() - start
-    report.update(samples=total, new=new, resumed=len(done), rows=rows, wall_seconds=wall,
+    report.update(samples=total, job_samples=job_total, new=new, resumed=len(done), rows=rows, wall_seconds=wall,
                   job_images_per_s=new / wall if wall > 0 else 0.0,
                   per_rank_images_per_s=[round(r["images_per_s"], 3) for r in per_rank], world_size=dist.world)
     print(f"generate: {total} samples ({new} new, {len(done)} resumed) in {wall:.1f} s on {dist.world} "
           f"process{'es' if dist.world != 1 else ''}: {report['job_images_per_s']:.2f} images/s; per rank "
           + ", ".join(f"{r['rank']}: {r['images_per_s']:.2f}/s" for r in per_rank) + f"; manifest: {rows} rows")
+    if job_total > total:
+        print(f"generate: the job in {args.out} has {job_total} samples: this run completed its first {total} "
+              f"(--num-samples {total}) and left the others as they are; --num-samples {job_total} --resume "
+              "completes all of them")
     return report
 
 
+def _model_argument(text: str) -> str:
+    """--model: 'embedded' or a diffusers pipeline folder (checked here, before any work)."""
+    import argparse
+
+    if text != "embedded" and not os.path.isfile(os.path.join(text, "model_index.json")):
+        raise argparse.ArgumentTypeError(f"{text} is not a diffusers pipeline folder (no model_index.json; give a "
+                                         "folder written by pipe.save_pretrained, or 'embedded')")
+    return text
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", required=True, help="output directory (one job per directory)")
-    parser.add_argument("--model", default="embedded",
+    from ddim_fast.tools import arguments
+
+    parser.add_argument("--out", required=True, type=arguments.output_dir,
+                        help="output directory (one job per directory)")
+    parser.add_argument("--model", default="embedded", type=_model_argument,
                         help="'embedded' (the demo's model, no downloads) or a local diffusers pipeline folder")
-    parser.add_argument("--prompts", default=None, metavar="FILE",
-                        help="one prompt per line, or JSONL with prompt, negative_prompt, seed, guidance")
-    parser.add_argument("--num-samples", type=int, default=None,
-                        help="number of samples (None: one per prompt of --prompts)")
-    parser.add_argument("--seed", type=int, default=0, help="sample i has seed SEED + i unless --prompts says")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
-    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
-    parser.add_argument("--batch-size", type=int, default=8, help="samples per model call on each process")
+    parser.add_argument("--prompts", default=None, metavar="FILE", type=arguments.existing_file,
+                        help="one prompt per line, or JSONL with prompt, negative_prompt, seed, guidance (default: "
+                             "the embedded model's class names in turn, '' for a pipeline)")
+    parser.add_argument("--num-samples", type=arguments.positive_int, default=None,
+                        help="number of samples; with --resume, a larger number extends the job (default: one per "
+                             "prompt of --prompts)")
+    parser.add_argument("--seed", type=arguments.non_negative_int, default=0,
+                        help="sample i has seed SEED + i unless --prompts says")
+    parser.add_argument("--steps", type=arguments.positive_int, default=50, help="DDIM steps")
+    parser.add_argument("--eta", type=arguments.non_negative_float, default=0.0, help="DDIM eta (0: deterministic)")
+    parser.add_argument("--guidance", type=arguments.finite_float, default=3.0,
+                        help="classifier-free guidance scale")
+    parser.add_argument("--batch-size", type=arguments.positive_int, default=8,
+                        help="samples per model call on each process")
     parser.add_argument("--noise", default="torch", choices=NOISE_MODES,
                         help="step noise: torch (one torch.Generator per sample) or philox (in-kernel, one seed row "
                              "per sample)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (under torchrun: cuda:LOCAL_RANK)")
-    parser.add_argument("--resume", action="store_true", help="complete a job: skip samples already done")
-    parser.add_argument("--json", metavar="FILE", default=None, help="also write rank 0's report as JSON")
+    parser.add_argument("--device", default="auto", type=arguments.device,
+                        help="cpu, cuda or auto (under torchrun: cuda:LOCAL_RANK)")
+    parser.add_argument("--resume", action="store_true",
+                        help="complete or extend a job: skip samples already done")
+    parser.add_argument("--json", metavar="FILE", default=None, type=arguments.output_file,
+                        help="also write rank 0's report as JSON (default: none)")
+
+
+def check_arguments(args) -> str | None:
+    """What one option says about another, refused before any work (cli.main prints it as argparse does)."""
+    from ddim_fast.tools import arguments
+
+    if args.num_samples is None and args.prompts is None:
+        return "one of the arguments --num-samples --prompts is required"
+    if args.model == "embedded" and args.steps > arguments.MAX_STEPS:
+        return (f"argument --steps: must be <= {arguments.MAX_STEPS} for the embedded model (its schedule has "
+                f"{arguments.MAX_STEPS} training timesteps), got {args.steps}")
+    return None
 
 
 def main(args) -> int:

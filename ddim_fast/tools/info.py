@@ -182,4 +182,7 @@ def main(args) -> int:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--json", metavar="FILE", help="also write the information as JSON")
+    from ddim_fast.tools import arguments
+
+    parser.add_argument("--json", metavar="FILE", type=arguments.output_file,
+                        help="also write the information as JSON (default: none)")
