@@ -93,7 +93,8 @@ StepOptions make_step_options(std::optional<double> guidance_scale, c10::string_
 DdimStepParams make_ddim_step_params(const at::Tensor& x, const at::Tensor& model_output,
                                      const at::Tensor& table, const at::Tensor& step,
                                      const StepOptions& options, const at::Tensor& out,
-                                     const std::optional<at::Tensor>& pred_x0_out, bool float64_allowed) {
+                                     const std::optional<at::Tensor>& pred_x0_out, bool float64_allowed,
+                                     bool outputs_fresh) {
   DdimStepParams p;
   TORCH_CHECK_VALUE(x.dim() >= 1, "ddim_step: x must have a batch dimension, got a 0-dim tensor");
   TORCH_CHECK_VALUE(x.dim() <= kMaxDims, "ddim_step: x may have at most ", kMaxDims, " dims, got ", x.dim());
@@ -207,12 +208,14 @@ DdimStepParams make_ddim_step_params(const at::Tensor& x, const at::Tensor& mode
                     options.temperature);
   p.temperature = static_cast<float>(options.temperature);
 
-  check_written_arg(x, out, "out", model_output, options.noise);
+  if (!outputs_fresh) check_written_arg(x, out, "out", model_output, options.noise);
   p.out = strided_arg(out);
   if (pred_x0_out.has_value()) {
-    check_written_arg(x, *pred_x0_out, "pred_x0_out", model_output, options.noise);
-    TORCH_CHECK_VALUE(overlap_status(*pred_x0_out, out) == at::MemOverlapStatus::No,
-                      "ddim_step: pred_x0_out overlaps out");
+    if (!outputs_fresh) {
+      check_written_arg(x, *pred_x0_out, "pred_x0_out", model_output, options.noise);
+      TORCH_CHECK_VALUE(overlap_status(*pred_x0_out, out) == at::MemOverlapStatus::No,
+                        "ddim_step: pred_x0_out overlaps out");
+    }
     p.pred_x0 = strided_arg(*pred_x0_out);
   }
 
@@ -259,10 +262,12 @@ std::vector<int64_t> ddim_step_check(const at::Tensor& x, const at::Tensor& mode
                                      const std::optional<at::Tensor>& pred_x0_out, bool float64_allowed) {
   const StepOptions options = make_step_options(guidance_scale, prediction_type, clip_range, x0_threshold,
                                                 use_clipped_model_output, noise, rng_state, temperature);
-  // A fresh output overlaps nothing, so x itself stands in for it (x may be out: the in-place case); a
-  // fresh pred_x0 is only asked about through `out`'s absence.
-  const DdimStepParams p = make_ddim_step_params(x, model_output, table, step, options, out.has_value() ? *out : x,
-                                                 out.has_value() ? pred_x0_out : std::nullopt, float64_allowed);
+  // Without `out` the outputs are fresh empty_like(x) buffers: x stands in for them (same layout when x is
+  // dense) and nothing about them is checked, since nothing can fail.
+  const bool outputs_fresh = !out.has_value();
+  const DdimStepParams p = make_ddim_step_params(x, model_output, table, step, options, outputs_fresh ? x : *out,
+                                                 outputs_fresh ? std::nullopt : pred_x0_out, float64_allowed,
+                                                 outputs_fresh);
   const int64_t noise_kind = noise.has_value() ? 1 : (rng_state.has_value() ? 2 : 0);
   return {static_cast<int64_t>(p.prediction), static_cast<int64_t>(p.clamp), noise_kind,
           static_cast<int64_t>(p.rng_per_row), static_cast<int64_t>(p.flat)};

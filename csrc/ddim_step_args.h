@@ -33,11 +33,14 @@ StepOptions make_step_options(std::optional<double> guidance_scale, c10::string_
 // rules of the step op, for every backend (the C++ CPU and CUDA kernels call this; the Triton launcher and
 // the reference path call it through the ddim_step_check op). `out` and `pred_x0_out` must already have x's
 // shape and dtype (checked). `float64_allowed`: accept float64 tensors (the reference path computes them in
-// PyTorch; params.dtype is then meaningless and no kernel may be launched with the result).
+// PyTorch; params.dtype is then meaningless and no kernel may be launched with the result). `outputs_fresh`: the
+// outputs are about to be allocated like x (empty_like), so nothing about them can fail: `out` is then only a
+// stand-in with x's layout for the memory-order decision and its overlap checks are skipped.
 DdimStepParams make_ddim_step_params(const at::Tensor& x, const at::Tensor& model_output,
                                      const at::Tensor& table, const at::Tensor& step,
                                      const StepOptions& options, const at::Tensor& out,
-                                     const std::optional<at::Tensor>& pred_x0_out, bool float64_allowed = false);
+                                     const std::optional<at::Tensor>& pred_x0_out, bool float64_allowed = false,
+                                     bool outputs_fresh = false);
 
 // Allocates the functional op's outputs like element-wise PyTorch: empty_like(x) (x's strides when x is
 // non-overlapping and dense, e.g. channels_last; else its suggested memory format), x's dtype; pred_x0 is

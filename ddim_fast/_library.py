@@ -157,6 +157,10 @@ def _attention_triton(q, k, v, scale, mask):
     return triton_module("attention").attention_triton_impl(q, k, v, scale, mask)
 
 
+# The Triton step ops' kernels, also called directly by ddim_fast.ops.ddim_step outside torch.compile.
+ddim_step_triton_kernel = _ddim_step_triton
+ddim_step_triton_out_kernel = _ddim_step_triton_out
+
 # CPU tensors reach the Triton kernels only under TRITON_INTERPRET=1 (the launchers say so otherwise).
 torch.library.register_kernel("ddim_fast::ddim_step_triton", ("cpu", "cuda"), _ddim_step_triton)
 torch.library.register_kernel("ddim_fast::ddim_step_triton_out", ("cpu", "cuda"), _ddim_step_triton_out)

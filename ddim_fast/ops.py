@@ -11,6 +11,7 @@ import torch
 
 from ddim_fast import _checks, reference
 from ddim_fast._checks import allocate_step_outputs, canonical_prediction_type  # noqa: F401  (public)
+from ddim_fast import _library
 from ddim_fast._library import has_native_kernel, triton_found
 
 Backend = Literal["auto", "native", "triton", "reference"]
@@ -160,7 +161,13 @@ def ddim_step(
                                pred_x0_out, want_pred_x0)
 
     if backend == "triton":
-        functional, out_variant = _TRITON_STEP, _TRITON_STEP_OUT
+        # Eagerly, the Triton op's own kernel function is called without the dispatcher hop (a Python kernel
+        # behind the C++ dispatcher costs a few microseconds per step); under torch.compile the op itself is
+        # traced (opaque, with its fake kernel). Same function either way.
+        if torch.compiler.is_compiling():
+            functional, out_variant = _TRITON_STEP, _TRITON_STEP_OUT
+        else:
+            functional, out_variant = _library.ddim_step_triton_kernel, _library.ddim_step_triton_out_kernel
     else:
         functional, out_variant = _NATIVE_STEP, _NATIVE_STEP_OUT
 

@@ -551,3 +551,47 @@ def test_non_dense_and_batch_inner_layouts_stay_correct():
     out, x0 = run_functional("triton", moved)
     assert torch.equal(out, want_out) and torch.equal(x0, want_x0)
     assert_rel_close(out, reference_for(case)[0], torch.float32)
+
+
+def test_repeated_launches_reuse_the_compiled_kernel_with_the_jit_arguments(monkeypatch):
+    """The eager fast path (issue 19): the first launch of a specialization goes through Triton's JIT; later
+    launches with the same key call the CompiledKernel the JIT returned, with the very arguments the JIT
+    would have bound (all parameters in signature order, constexprs included) on the same grid; a launch
+    that specializes differently (a misaligned pointer, another table length, other options) goes through
+    the JIT again. On a GPU the tests above run this path for real; here a stand-in records the calls."""
+    calls = []
+
+    class FakeCompiled:
+        function = object()
+
+        def __getitem__(self, grid):
+            return lambda *args: calls.append(("compiled", grid, args))
+
+    class FakeJit:
+        arg_names = triton_step._ddim_step_kernel.arg_names
+
+        def __getitem__(self, grid):
+            def launch(*args, num_warps, **constexprs):
+                calls.append(("jit", grid, args + tuple(constexprs[n] for n in triton_step._CONSTEXPR_NAMES)))
+                return FakeCompiled()
+            return launch
+
+    monkeypatch.setattr(triton_step, "_ddim_step_kernel", FakeJit())
+    monkeypatch.setattr(triton_step, "_LAUNCHERS", {})
+    case = make_case((2, 4, 8, 8), torch.float32, DEVICE, noise="tensor")
+    run_functional("triton", case)
+    run_functional("triton", case)
+    assert [c[0] for c in calls] == ["jit", "compiled"]
+    assert calls[0][1] == calls[1][1]  # the same grid
+    jit_args, fast_args = calls[0][2], calls[1][2]
+    assert len(fast_args) == len(triton_step._ddim_step_kernel.arg_names)  # every parameter, constexprs too
+    for a, b in zip(jit_args, fast_args):  # the outputs are fresh tensors per call; everything else is identical
+        assert type(a) is type(b) and (isinstance(a, torch.Tensor) or a == b)
+    misaligned_x = dict(case, x=misaligned(case["x"]))
+    run_functional("triton", misaligned_x)
+    longer_table = dict(case, table=torch.cat([case["table"], case["table"]]))
+    run_functional("triton", longer_table)
+    run_functional("triton", dict(case, prediction_type="v_prediction"))
+    assert [c[0] for c in calls] == ["jit", "compiled", "jit", "jit", "jit"]
+    run_functional("triton", longer_table)
+    assert calls[-1][0] == "compiled"

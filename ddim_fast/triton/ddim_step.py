@@ -452,25 +452,53 @@ def run_ddim_step(x, model_output, table, step, guidance_scale, prediction_type,
         if pred_x0_out is None:
             args[5] = args[4]  # never written (WRITE_X0 is False)
 
+    pointers = (*args, table, step, step if rng_state is None else rng_state,
+                table if x0_threshold is None else x0_threshold)
+    params = (*pointers, numel, numel // x.shape[0], table.shape[0], plan.sizes[1], plan.sizes[2], plan.sizes[3],
+              *plan.strides, 1.0 if guidance_scale is None else float(guidance_scale),
+              1.0 if clip_range is None else float(clip_range), float(temperature))
+    constexprs = (prediction, cond is not None, clamp, bool(use_clipped_model_output), plan.noise,
+                  pred_x0_out is not None, plan.contiguous, plan.block_groups)
     # Triton launches on the current device's stream: make that x's device when it is not already.
     device = x.device
     switch = device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device()
     with torch.cuda.device(device) if switch else contextlib.nullcontext():
-        _ddim_step_kernel[plan.grid](
-            *args, table, step, step if rng_state is None else rng_state,
-            table if x0_threshold is None else x0_threshold,
-            numel, numel // x.shape[0], table.shape[0],
-            plan.sizes[1], plan.sizes[2], plan.sizes[3], *plan.strides,
-            1.0 if guidance_scale is None else float(guidance_scale),
-            1.0 if clip_range is None else float(clip_range),
-            float(temperature),
-            PREDICTION=prediction, GUIDED=cond is not None, CLAMP=clamp,
-            USE_CLIPPED=bool(use_clipped_model_output), NOISE=plan.noise,
-            WRITE_X0=pred_x0_out is not None, CONTIGUOUS=plan.contiguous, BLOCK_GROUPS=plan.block_groups,
-            num_warps=plan.num_warps,
-        )
+        _launch(plan, params, constexprs, pointers, device)
     for dst, tmp in write_back:
         dst.copy_(tmp)
+
+
+# The kernel's constexpr parameters, in its signature order (checked below against the kernel itself).
+_CONSTEXPR_NAMES = ("PREDICTION", "GUIDED", "CLAMP", "USE_CLIPPED", "NOISE", "WRITE_X0", "CONTIGUOUS", "BLOCK_GROUPS")
+if tuple(_ddim_step_kernel.arg_names[-len(_CONSTEXPR_NAMES):]) != _CONSTEXPR_NAMES:  # pragma: no cover
+    raise ImportError("ddim_fast.triton.ddim_step: _CONSTEXPR_NAMES no longer matches the kernel's signature")
+
+# Compiled kernels of earlier launches, keyed by everything Triton's JIT specializes a launch on. Triton's own
+# `kernel[grid](...)` binds and specializes all 43 arguments in Python on every call (~100 us per eager step on
+# the H200, issue 19); a launch whose specialization was seen before calls the CompiledKernel Triton returned for
+# it, with the same arguments in the same order, exactly what JITFunction.run does after its cache lookup. The
+# key: the plan (shape, strides, dtype, noise mode, layout path: it fixes every int argument, hence their
+# ==1 / %16 / 32-bit specializations), the table's row count (the one int argument not in the plan), the
+# constexprs, the 16-byte alignment of each pointer (the only thing Triton specializes pointers on) and the
+# device. Float arguments are never specialized. The first launch of a key goes through the JIT (compile,
+# globals check, launch); the interpreter returns no CompiledKernel, so CPU runs always take that path.
+_LAUNCHERS: dict = {}
+_LAUNCHERS_MAX = 256
+
+
+def _launch(plan: "_Plan", params: tuple, constexprs: tuple, pointers: tuple, device: torch.device) -> None:
+    key = (plan, constexprs, params[len(pointers) + 2], tuple(p.data_ptr() % 16 == 0 for p in pointers),
+           device.index)
+    compiled = _LAUNCHERS.get(key)
+    if compiled is not None:
+        compiled[plan.grid](*params, *constexprs)
+        return
+    compiled = _ddim_step_kernel[plan.grid](*params, **dict(zip(_CONSTEXPR_NAMES, constexprs)),
+                                            num_warps=plan.num_warps)
+    if compiled is not None and hasattr(compiled, "function"):  # a CompiledKernel (not the interpreter's None)
+        if len(_LAUNCHERS) >= _LAUNCHERS_MAX:
+            _LAUNCHERS.clear()
+        _LAUNCHERS[key] = compiled
 
 
 # ----------------------------------------------------------------------------------------------------
