@@ -19,6 +19,14 @@ the eps/v/x0 conversion and the update. Per-step scalars come from a device coef
 the row held by a device int64 step index that is bumped in place: the loop does no ``.item()`` and no
 host sync (callbacks excepted — they get what they ask for).
 
+This module is the ldm facade (upstream's signatures, attributes and results). Below it, one job per
+module (docs/design.md section 7): ``sampler_inputs`` (argument checks), ``sampler_schedule`` (the
+attributes ``make_schedule`` sets and the coefficient tables), ``sampler_noise`` (x_T and the step
+noise), ``sampler_plan`` (the ``RunPlan`` built once per run) and ``sampler_step`` (the ``StepExecutor``
+that runs every step — sampling, decoding, ``p_sample_ddim`` and inversion — eagerly or through CUDA
+graphs, and the sampling and inversion loops over it); ``ddim_fast.guidance`` holds the guided model call
+shared with the diffusers side.
+
 Deviations from upstream, all documented keyword-level choices:
 
 - ``use_original_steps=True`` works (upstream reads a sigma table from the model and crashes).
@@ -40,14 +48,15 @@ Extras (keyword-only): ``noise_mode="philox"`` draws the step noise inside the k
 Philox stream (seed drawn once per ``sample()`` from ``generator=`` or the global CPU generator; nothing
 is drawn at eta = 0) — faster, deterministic per seed, but not upstream's stream. ``backend`` is passed
 to ``ops.ddim_step``. ``cuda_graph=True`` captures model call + guidance + step once per (shape, dtype,
-conditioning structure, guidance scale) and replays it (see ``ddim_fast.graphs``); on CPU it runs the
-same static-buffer loop eagerly, and so it does on a GPU when the model cannot be captured (logged once;
-CompVis ldm's UNet is such a model: its ``timestep_embedding`` copies a CPU ``arange`` to the GPU on every
-call — build it with ``device=timesteps.device`` to get the graph). In the default ``noise_mode="torch"``
-the per-step ``randn`` is drawn *outside* the graph, before each replay, into a static buffer (default
-dtype, like upstream's ``torch.randn(x.shape)``): same global-generator draws, in the same order, as the
-eager loop, hence the same numbers. With ``"philox"`` the kernel draws in the graph from the device
-``rng_state`` and the step index.
+conditioning structure, guidance scale) and replays it in ``sample``, ``decode`` and ``encode`` (see
+``ddim_fast.graphs``; runs with quantize_x0, dynamic_threshold or a score_corrector step eagerly); on CPU
+it runs the same static-buffer loop eagerly, and so it does on a GPU when the model cannot be captured
+(logged once; CompVis ldm's UNet is such a model: its ``timestep_embedding`` copies a CPU ``arange`` to
+the GPU on every call — build it with ``device=timesteps.device`` to get the graph). In the default
+``noise_mode="torch"`` the per-step ``randn`` is drawn *outside* the graph, before each replay, into a
+static buffer (default dtype, like upstream's ``torch.randn(x.shape)``): same global-generator draws, in
+the same order, as the eager loop, hence the same numbers. With ``"philox"`` the kernel draws in the
+graph from the device ``rng_state`` and the step index.
 """
 
 from __future__ import annotations
@@ -70,13 +79,13 @@ from ddim_fast.sampler_noise import NOISE_MODES, randn_per_sample
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FastDDIMSampler", "slerp", "NOISE_MODES", "randn_per_sample"]
+__all__ = ["FastDDIMSampler", "slerp"]
 
 
 class FastDDIMSampler:
     """Drop-in for ldm's ``DDIMSampler(model, schedule="linear", device=...)``.
 
-    ``model`` is an ldm ``LatentDiffusion``-like object (see docs/design.md for what is read from it).
+    ``model`` is an ldm ``LatentDiffusion``-like object (what is read from it: docs/design.md section 7).
     ``device`` defaults to the device of ``model.betas`` (or ``model.device``); CPU works.
     Keyword-only extras: ``noise_mode`` ("torch" | "philox"), ``backend`` (passed to ``ops.ddim_step``),
     ``cuda_graph``, ``graph_cache_size`` (captured steps kept, LRU), ``legacy_x0_as_eps``.
