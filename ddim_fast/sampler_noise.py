@@ -28,7 +28,7 @@ def randn_per_sample(shape, generator, device, out: torch.Tensor | None = None) 
     return out.copy_(z) if out is not None else z
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class NoiseSource:
     """The step noise of one run.
 

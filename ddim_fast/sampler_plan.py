@@ -24,7 +24,7 @@ from ddim_fast.sampler_noise import NoiseSource
 __all__ = ["RunPlan", "plan_run", "plan_inversion", "prediction_type"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RunPlan:
     """One run of the fused step: sampling or decoding, a single ``p_sample_ddim`` step, or an inversion.
 

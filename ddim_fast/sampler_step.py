@@ -56,12 +56,15 @@ class StepExecutor:
     def steps(self, x: torch.Tensor, cond, uncond, scales: list[float], *, desc: str,
               pred_at: Callable[[int], bool] | None = None, mask=None, x0=None
               ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
-        """Run ``len(scales)`` steps from the plan's first row with guidance scale ``scales[i]`` at step i
+        """Run the plan's steps from its first row, with guidance scale ``scales[i]`` (one per step) at step i
         (guided when ``uncond`` is given and the scale is not 1). Yields ``(i, x, pred_x0)`` after step i:
         x [B, ...] the new latents, pred_x0 [B, ...] when ``pred_at(i)`` (else None or a buffer). On the
         graph path both are the step graph's static buffers, overwritten by the next step: keep them with
         :meth:`owned`. ``mask`` [broadcastable to x] / ``x0``: ldm's inpainting, x <- q_sample(x0, t) * mask
         + (1 - mask) * x before each step."""
+        if len(scales) != self.plan.num_steps:
+            raise ValueError(f"StepExecutor.steps: {len(scales)} guidance scales for a plan of {self.plan.num_steps} "
+                             "steps")
         batch = x.shape[0]
         self.step = torch.full((1,), self.plan.start_row, dtype=torch.int64, device=x.device)
         # Half-precision latents with a model that answers in fp32 come out of the first step in fp32
@@ -69,7 +72,7 @@ class StepExecutor:
         # the graph takes over with the dtype every later step has.
         eager_first_step = self.graphs is not None and x.dtype in _HALF
         cond_cfg = cfg_batch(cond, uncond) if uncond is not None and any(s != 1.0 for s in scales) else None
-        total = len(scales)
+        total = self.plan.num_steps
         for i in tqdm(range(total), desc=desc, total=total):
             scale = scales[i]
             guided = uncond is not None and scale != 1.0
