@@ -40,7 +40,7 @@ replay re-casts a weight whose version counter or storage changed (``param.add_`
 ``copy_``, ``load_state_dict``), but a write through ``param.data`` bumps no counter — call
 ``step.weight_casts.refresh(force=True)`` after one, or capture with ``autocast_weights="recast"``.
 
-Example (the shape of what ``ddim_fast.sampler`` does)::
+Example (the shape of what ``ddim_fast.sampler_step`` does)::
 
     def one_step(s):
         t = timesteps.index_select(0, s["step"])

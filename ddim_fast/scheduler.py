@@ -10,13 +10,16 @@ Same config keys and defaults, same ``set_timesteps`` / ``step`` / ``add_noise``
 bit-identical to diffusers' fp32 buffers —, ``final_alpha_cumprod``, ``timesteps``), same noise draws
 (``randn_tensor`` with the caller's generator, exactly when diffusers draws).
 
-How the step avoids host work: ``set_timesteps`` builds, in float64 on the host, a coefficient table with
-one fp32 row *per training timestep* t in [0, T): row t holds the coefficients of the step that starts at t
-(``ddim_fast.schedule.coefficient_table``). Every timestep diffusers accepts therefore has a row and the row
-index *is* the timestep: a timestep that arrives as a Python int (or CPU tensor) selects a cached one-element
-device view, one that arrives as a device tensor (``for t in scheduler.timesteps`` on CUDA) is reshaped in
-place — no ``.item()``, no host-to-device copy, no per-step sync. The table lives on the sample's device
-after the first step (one copy), one table per ``eta`` (sigma depends on it).
+How the step avoids host work: ``set_timesteps`` builds, on the host, a coefficient table with one fp32 row
+*per training timestep* t in [0, T): row t holds the coefficients of the step that starts at t. The timestep
+and the two alphas come from ``ddim_fast.schedule.coefficient_table`` (float64, rounded once to fp32); the
+five step coefficients (sqrt(a_t), sqrt(1 - a_t), sqrt(a_prev), sigma, sqrt(1 - a_prev - sigma^2)) are then
+recomputed with diffusers' own fp32 arithmetic (``_FusedDDIMBase._match_diffusers_rounding``), so the kernel
+reads the scalars diffusers' ``step`` computes, bit for bit. Every timestep diffusers accepts has a row and
+the row index *is* the timestep: a timestep that arrives as a Python int (or CPU tensor) selects a cached
+one-element device view, one that arrives as a device tensor (``for t in scheduler.timesteps`` on CUDA) is
+reshaped in place — no ``.item()``, no host-to-device copy, no per-step sync. The table lives on the
+sample's device after the first step (one copy), one table per ``eta`` (sigma depends on it).
 
 Extensions (keyword-only, off by default so results stay diffusers'):
 
@@ -47,6 +50,7 @@ import torch
 
 from ddim_fast import _checks, ops, reference
 from ddim_fast import schedule as _schedule
+from ddim_fast.guidance import guided_model_output
 
 logger = logging.getLogger(__name__)
 
@@ -576,12 +580,14 @@ class FastDDIMScheduler(_FusedDDIMBase, DDIMScheduler):
         clip_range = float(cfg.clip_sample_range) if cfg.clip_sample else None
         prediction_type = cfg.prediction_type
 
+        def unet_output(model_input, t, cond):
+            return unet(model_input, t, encoder_hidden_states=cond, return_dict=False)[0]
+
         @torch.no_grad()
         def one_step(static):
             x, step = static["x"], static["step"]
             t = static["timesteps"].index_select(0, step)  # the row of the table is the timestep itself
-            model_input = torch.cat([x, x]) if guided else x
-            model_output = unet(model_input, t, encoder_hidden_states=static["cond"], return_dict=False)[0]
+            model_output = guided_model_output(unet_output, x, t, static["cond"], guided)
             step_noise = None if static["noise"] is None else static["noise"].index_select(0, step).squeeze(0)
             ops.ddim_step(x, model_output, static["table"], t, guidance_scale=guidance_scale,
                           prediction_type=prediction_type, clip_range=clip_range, noise=step_noise, out=x)

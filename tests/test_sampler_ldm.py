@@ -24,6 +24,7 @@ from toy_ldm import ToyLDM, make_conditioning  # noqa: E402
 import ddim_fast  # noqa: E402
 from ddim_fast import graphs  # noqa: E402
 from ddim_fast import sampler as sampler_mod  # noqa: E402
+from ddim_fast import sampler_step  # noqa: E402
 from ddim_fast import schedule  # noqa: E402
 from ddim_fast.reference import relative_error  # noqa: E402
 from ddim_fast.sampler import FastDDIMSampler, slerp  # noqa: E402
@@ -310,6 +311,31 @@ def test_encode_decode_round_trip(models, conds):
     assert errors[100] < 0.6 * errors[50], f"no first-order convergence: {errors}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_encode_runs_through_the_shared_step_executor_and_its_graph_path(models, conds, dtype):
+    """encode (DDIM inversion) steps through the sampling loop's step executor: with cuda_graph=True its steps
+    go through the graph runner (the static-buffer step, eager on CPU; a half-precision first step eagerly)
+    and give the eager results bit for bit, intermediates being snapshots rather than the static buffer."""
+    c, uc = conds
+    # half latents: a model answering in fp32 promotes x at the first step, which then runs eagerly
+    model = models["v"] if dtype == torch.float32 else _Fp32Output(models["v"])
+    eager, graphed = FastDDIMSampler(model), FastDDIMSampler(model, cuda_graph=True)
+    for sampler in (eager, graphed):
+        sampler.make_schedule(8, verbose=False)
+    x0 = torch.randn(BATCH, *SHAPE, generator=torch.Generator().manual_seed(8)).to(dtype)
+    kw = dict(unconditional_guidance_scale=3.0, unconditional_conditioning=uc, return_intermediates=3)
+    ref, ref_out = eager.encode(x0, c, 8, **kw)
+    for run in range(2):
+        out, out_d = graphed.encode(x0, c, 8, **kw)
+        assert out.dtype == ref.dtype and torch.equal(out, ref), f"run {run}"
+        assert out_d["intermediate_steps"] == ref_out["intermediate_steps"]
+        for a, b in zip(out_d["intermediates"], ref_out["intermediates"], strict=True):
+            assert torch.equal(a, b)
+        assert len({t.data_ptr() for t in out_d["intermediates"] + [out]}) == len(out_d["intermediates"]) + 1
+    assert (graphed.graph_cache.misses, graphed.graph_cache.hits) == (1, 1)
+    assert len(eager.graph_cache) == 0
+
+
 def test_use_original_steps_eta1_is_ddpm_ancestral_sampling(models):
     """eta = 1 over all T steps without clipping is DDPM's ancestral sampler: same noise draws, same
     result as a DDPM posterior-sampling loop (posterior mean coefficients, variance beta~_t)."""
@@ -440,9 +466,9 @@ def test_one_fused_op_per_step_and_no_host_sync(models, conds, monkeypatch, cuda
 
     monkeypatch.setattr(sampler_mod._ops, "ddim_step", counting_step)
     syncs = []
-    real_loop = FastDDIMSampler._loop
+    real_loop = sampler_step.sampling_loop
 
-    def watched_loop(self, *args, **kwargs):
+    def watched_loop(*args, **kwargs):
         patched = {}
         for name in ("item", "__bool__", "tolist", "__int__", "__float__", "cpu", "numpy"):
             original = getattr(torch.Tensor, name)
@@ -455,12 +481,12 @@ def test_one_fused_op_per_step_and_no_host_sync(models, conds, monkeypatch, cuda
                 return wrapper
             setattr(torch.Tensor, name, make(name, original))
         try:
-            return real_loop(self, *args, **kwargs)
+            return real_loop(*args, **kwargs)
         finally:
             for name, original in patched.items():
                 setattr(torch.Tensor, name, original)
 
-    monkeypatch.setattr(FastDDIMSampler, "_loop", watched_loop)
+    monkeypatch.setattr(sampler_step, "sampling_loop", watched_loop)
     calls_before = model.apply_model_calls
     steps = 5
     x_T = torch.randn(BATCH, *SHAPE)

@@ -1,6 +1,6 @@
 """A small deterministic ldm-like model for sampler tests (no weights to download).
 
-``ToyLDM`` has what ldm's ``DDIMSampler`` reads from a ``LatentDiffusion`` model (docs/design.md):
+``ToyLDM`` has what ldm's ``DDIMSampler`` reads from a ``LatentDiffusion`` model (docs/design.md section 7):
 ``num_timesteps``, ``betas``, ``alphas_cumprod``, ``alphas_cumprod_prev``, ``sqrt_alphas_cumprod``,
 ``sqrt_one_minus_alphas_cumprod`` (fp32 buffers computed in float64 like ldm's ``register_schedule``),
 ``device``, ``parameterization`` ("eps", "v" or "x0"), ``apply_model(x, t, cond)``,
