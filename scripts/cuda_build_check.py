@@ -249,7 +249,13 @@ def check_device_code(so_path: str, archs: list[int], cuobjdump: str | None) -> 
 
 # Kernels whose every global access must be 16 bytes wide (their whole point: all-contiguous, 16-byte aligned
 # arguments): at least one LDG.E.128 and one STG.E.128 each, i.e. widest load and store 128 bits.
-VECTOR_KERNELS = ("ddim_step_vector_kernel",)
+VECTOR_KERNELS = ("ddim_step_vector_kernel", "ddim_step_lean_kernel")
+# The lean step kernels exist to be small (a step inside a CUDA graph pays for a cold kernel's instruction
+# fetches; the general vector kernel is ~3,200 SASS instructions for fp16): each instantiation must stay under
+# this many (measured 168-496 on sm_90, nvcc 13.0).
+LEAN_KERNEL = "ddim_step_lean_kernel"
+LEAN_MAX_INSTRUCTIONS = 640
+_SASS_INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/", re.M)
 
 _SASS_FUNCTION = re.compile(r"^\s*Function : (\S+)", re.M)
 _SASS_ACCESS = re.compile(r"\b(LDG|STG)\.E((?:\.[A-Z0-9_]+)*)")
@@ -324,20 +330,25 @@ def sass_report(binary: str, archs: list[int], cuobjdump: str, ptxas_log: str = 
         for name in sorted(functions):
             ld, st = sass_access_bits(functions[name])
             vector = any(pattern in name for pattern in vector_kernels)
+            instructions = len(_SASS_INSTRUCTION.findall(functions[name]))
             row = dict(kernel=names[name], mangled=name, arch=f"sm_{arch}", max_global_load_bits=ld,
                        max_global_store_bits=st, max_global_load_bytes=ld // 8, max_global_store_bytes=st // 8,
-                       vector_path=vector, **stats.get((name, arch), {}))
+                       vector_path=vector, sass_instructions=instructions, **stats.get((name, arch), {}))
             row["status"] = "ok"
             if vector and (ld < 128 or st < 128):
                 row["status"] = "FAIL"
                 problems.append(f"sm_{arch} {names[name]}: widest global load/store {ld}/{st} bits, expected 128 "
                                 f"(LDG.E.128 / STG.E.128 on the all-contiguous, 16-byte aligned vector path)")
+            if LEAN_KERNEL in name and instructions > LEAN_MAX_INSTRUCTIONS:
+                row["status"] = "FAIL"
+                problems.append(f"sm_{arch} {names[name]}: {instructions} SASS instructions, expected at most "
+                                f"{LEAN_MAX_INSTRUCTIONS} (the lean step kernel must stay small)")
             rows.append(row)
     for row in rows:
         if verbose or row["vector_path"] or row["status"] != "ok":
             regs = f"{row['regs']:>3} regs" if "regs" in row else "        "
-            print(f"{TAG} {row['arch']} {regs} LDG {row['max_global_load_bits']:>3} STG "
-                  f"{row['max_global_store_bits']:>3} bits{' (vector path: needs 128)' if row['vector_path'] else ''} "
+            print(f"{TAG} {row['arch']} {regs} {row['sass_instructions']:>5} instr LDG {row['max_global_load_bits']:>3} "
+                  f"STG {row['max_global_store_bits']:>3} bits{' (vector path: needs 128)' if row['vector_path'] else ''} "
                   f"{row['status']:<4} {row['kernel']}")
     others = [r for r in rows if not r["vector_path"]]
     if others and not verbose:

@@ -156,13 +156,27 @@ def test_sass_report_passes_the_step_kernel_and_fails_a_scalar_impostor(tmp_path
     rows, problems = check.sass_report(str(good), [90], cuobjdump)
     assert problems == [], problems
     vector_rows = [r for r in rows if r["vector_path"]]
-    assert len(vector_rows) == 3 and all(r["max_global_load_bits"] == 128 for r in vector_rows), vector_rows
+    assert all(r["max_global_load_bits"] == 128 and r["max_global_store_bits"] == 128 for r in vector_rows), vector_rows
+    general = [r for r in vector_rows if "ddim_step_vector_kernel" in r["kernel"]]
+    lean = [r for r in vector_rows if check.LEAN_KERNEL in r["kernel"]]
+    # 3 dtypes; the lean kernels: 3 dtypes x 3 prediction types x guided or not x noise tensor or not.
+    assert len(general) == 3 and len(lean) == 36, [r["kernel"] for r in vector_rows]
+    assert max(r["sass_instructions"] for r in lean) <= check.LEAN_MAX_INSTRUCTIONS
+    assert min(r["sass_instructions"] for r in general) > 4 * max(r["sass_instructions"] for r in lean)
+    # The size rule can fail: with a budget the lean kernels exceed, each of them is reported.
+    budget = check.LEAN_MAX_INSTRUCTIONS
+    try:
+        check.LEAN_MAX_INSTRUCTIONS = 10
+        _rows, problems = check.sass_report(str(good), [90], cuobjdump)
+    finally:
+        check.LEAN_MAX_INSTRUCTIONS = budget
+    assert len(problems) == 36 and all("the lean step kernel must stay small" in p for p in problems), problems
     src = tmp_path / "impostor.cu"
     src.write_text(textwrap.dedent(IMPOSTOR))
     bad = tmp_path / "impostor.o"
     subprocess.run([nvcc, "-c", "-O3", "-gencode=arch=compute_90,code=sm_90", "-o", str(bad), str(src)], check=True,
                    capture_output=True)
-    _rows, problems = check.sass_report(str(bad), [90], cuobjdump)
+    _rows, problems = check.sass_report(str(bad), [90], cuobjdump, vector_kernels=("ddim_step_vector_kernel",))
     assert len(problems) == 1 and "widest global load/store 16/16 bits, expected 128" in problems[0], problems
     _rows, problems = check.sass_report(str(bad), [90], cuobjdump, vector_kernels=("no_such_kernel",))
     assert problems == ["sm_90: no no_such_kernel in the SASS of " + str(bad)], problems

@@ -113,6 +113,12 @@ def check_case(backend: str, case, what: str = ""):
     assert_fully_written(out2, f"{backend} out {what}")
     assert_fully_written(x0_2, f"{backend} pred_x0_out {what}")
     assert torch.equal(out2, out) and torch.equal(x0_2, pred_x0), f"{backend}: out variant != functional {what}"
+    # Without pred_x0 (what a sampler's ordinary step asks for; on CUDA the lean kernel when the layout allows):
+    # the same bits.
+    out3, _ = run_functional(backend, case, return_pred_x0=False)
+    out4 = poison(torch.empty_like(case["x"]))
+    run_out(backend, case, out4, None)
+    assert torch.equal(out3, out) and torch.equal(out4, out), f"{backend}: x_prev without pred_x0 differs {what}"
 
 
 # --------------------------------------------------------------------------------------------------
