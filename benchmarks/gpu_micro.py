@@ -306,7 +306,7 @@ def attention_section(device: torch.device, report: Report, budget: Budget, repe
                     except Exception as exc:
                         report.error("attention", f"{group} auto (choice)", exc)
                         continue
-                    fn = lambda: fused_attention(problem.q, problem.k, problem.v, problem.scale)  # noqa: E731
+                    fn = lambda p=problem: fused_attention(p.q, p.k, p.v, p.scale)  # noqa: E731
                 else:
                     fn = getattr(problem, method)
                 try:
