@@ -61,9 +61,8 @@ import bench_step  # noqa: E402
 from conftest import StepTimer, hardware_name, versions  # noqa: E402
 
 import ddim_fast  # noqa: E402,F401
-from ddim_fast import graphs, reference  # noqa: E402
+from ddim_fast import attention, graphs, reference  # noqa: E402
 from ddim_fast._library import has_native_kernel, triton_found  # noqa: E402
-from ddim_fast.attention import attention_choices, fused_attention  # noqa: E402
 
 GPU_SHAPES = [(2, 4, 64, 64), (16, 4, 128, 128)]
 CPU_SHAPES = [(1, 4, 8, 8), (2, 4, 16, 16)]
@@ -267,9 +266,9 @@ def choose_attention(problem: bench_attention.Problem, group: str, report: Repor
     measures the candidates with CUDA events, against the float64 reference; the cache directory is this run's
     own, so the choice is measured here, not read from an earlier run's file). Recorded in
     ``report.data["attention_choices"]``."""
-    fused_attention(problem.q, problem.k, problem.v, problem.scale)
+    attention.fused_attention(problem.q, problem.k, problem.v, problem.scale)
     shape = [list(t.shape) for t in (problem.q, problem.k, problem.v)]
-    row = next(c for c in attention_choices() if [c["q"], c["k"], c["v"]] == shape and c["mask"] == "none"
+    row = next(c for c in attention.attention_choices() if [c["q"], c["k"], c["v"]] == shape and c["mask"] == "none"
                and c["dtype"] == bench_step.dtype_name(problem.q.dtype))
     chosen = {"group": group, **{k: row[k] for k in ("backend", "source", "seconds", "rejected")}}
     report.data["attention_choices"].append(chosen)
@@ -306,7 +305,7 @@ def attention_section(device: torch.device, report: Report, budget: Budget, repe
                     except Exception as exc:
                         report.error("attention", f"{group} auto (choice)", exc)
                         continue
-                    fn = lambda p=problem: fused_attention(p.q, p.k, p.v, p.scale)  # noqa: E731
+                    fn = lambda p=problem: attention.fused_attention(p.q, p.k, p.v, p.scale)  # noqa: E731
                 else:
                     fn = getattr(problem, method)
                 try:
