@@ -255,3 +255,24 @@ def test_fuse_attention_serves_what_it_reproduces_and_names_the_rest():
 def test_fuse_attention_rejects_non_modules():
     with pytest.raises(TypeError, match="fuse_attention: model must be a torch.nn.Module"):
         ddim_fast.fuse_attention("unet")
+
+
+def test_fused_backend_in_an_sd_pipeline():
+    """Our fused kernel (backend='fused') inside a whole tiny SD pipeline: within the drop-in tolerance of
+    diffusers' own processors, and visibly run (its rounding differs from SDPA's). 'auto' runs SDPA on the CPU
+    (tests/test_optimize_pipeline.py checks that its images match diffusers' bit for bit)."""
+    import tiny_pipelines as tp
+
+    pipe = tp.sd()
+
+    def run():
+        return pipe(**tp.prompt_embeds(), height=32, width=32, num_inference_steps=3, guidance_scale=7.5,
+                    generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+    with torch.no_grad():
+        expected = run()
+        fused = ddim_fast.fuse_attention(pipe.unet, backend="fused")
+        got = run()
+    assert fused.count == len(pipe.unet.attn_processors) > 0
+    assert not torch.equal(got, expected), "our kernel did not run"
+    assert_rel_close(got, expected, SAMPLER_RTOL, "SD pipeline with backend='fused'")
