@@ -12,7 +12,7 @@ import torch
 
 from ddim_fast import _checks, backends, reference
 from ddim_fast._checks import allocate_step_outputs, canonical_prediction_type  # noqa: F401  (public)
-from ddim_fast._library import has_native_kernel, triton_found  # noqa: F401  (public through this module)
+from ddim_fast._library import has_native_kernel, triton_found
 
 Backend = Literal["auto", "native", "triton", "reference"]
 BACKENDS = backends.STEP_BACKENDS
