@@ -16,8 +16,10 @@ Groups (baseline: ``plain``):
 of a time-boxed device run).
 
 Every entry proves what it ran before it is timed (plain: diffusers' scheduler and processors, eager
-forward; optimize: fused scheduler, fused attention modules counted, every UNet call through the graph
-path, captured on CUDA; compile: an OptimizedModule with at least one Dynamo frame compiled) and checks its
+forward; optimize: fused scheduler, attention modules on ``FusedAttnProcessor`` counted and the backend each
+attention shape ran (``attention_backends``: our kernel or an SDPA backend, from
+``ddim_fast.attention.attention_choices()``), every UNet call through the graph path, captured on CUDA;
+compile: an OptimizedModule with at least one Dynamo frame compiled) and checks its
 latents against plain's (fp32: 1e-5 relative, fp16: 1e-2). Per entry: it/s, ms per step, the UNet's own time
 per step under the same variant, and the model-free overhead per step (the difference: scheduler, guidance,
 the pipeline's Python). The ratios to plain are printed at the end with the hardware named.
@@ -155,6 +157,7 @@ def _prepare(setup: Setup, variant: str) -> dict:
         return {"scheduler": type(pipe.scheduler).__name__,
                 "attn_processors": sorted({type(p).__name__ for p in pipe.unet.attn_processors.values()})}
     if variant == "optimize":
+        ddim_fast.attention.clear_attention_choices()  # the proof lists what this run chose
         ddim_fast.optimize(pipe)
         state = ddim_fast.optimized_state(pipe)
         return {"scheduler": type(pipe.scheduler).__name__, "fused_attention_modules": state.fused_attention_count}
@@ -179,6 +182,11 @@ def _check_ran(setup: Setup, variant: str, proof: dict) -> None:
             assert all(captured), "optimize: the UNet was not captured into a CUDA graph (see the warning logged)"
         proof["cuda_graph_entries"] = len(captured)
         proof["cuda_graph_captured"] = all(captured) and setup.device.type == "cuda"
+        # What the fused processors ran, per attention shape of the UNet (chosen per shape: our kernel or SDPA).
+        choices = ddim_fast.attention.attention_choices()
+        assert choices, "optimize: no attention call went through FusedAttnProcessor"
+        proof["attention_backends"] = {f"{c['dtype']} q{c['q']} k{c['k']}": f"{c['backend']} ({c['source']})"
+                                       for c in choices}
     elif variant == "torch.compile":
         from torch._dynamo.eval_frame import OptimizedModule
         from torch._dynamo.utils import counters

@@ -14,8 +14,11 @@ each entry checked for correctness before it is timed:
    eager, graph vs graph), relative error vs the float64 reference.
 3. ``attention``: SD1.5 fp16, batch 2 (CFG), 8 heads — cross (Lk 77) and self at Lq 4096 (d 40) and
    Lq 1024 (d 80): ldm's einsum path, every SDPA backend (flash, efficient, math, cuDNN where torch has
-   it), our softmax path and our fused Triton kernel; replayed from CUDA graphs (no launch overhead for
-   anyone); relative error of each vs an fp32 reference.
+   it), our softmax path, our fused Triton kernel, and ``auto`` (``fused_attention(backend="auto")``: the
+   backend ddim_fast chooses for the shape, measured here with a fresh choice cache; the choice, its source,
+   the candidates' timings and the rejected ones are in ``attention_choices`` and on every row of the group
+   as ``chosen_backend``); replayed from CUDA graphs (no launch overhead for anyone); relative error of each
+   vs an fp32 reference. The table printed last includes the choice table.
 4. ``autocast_graph``: an 8 x Linear(4096) fp32 MLP under ``torch.autocast(fp16)``, captured with
    ``autocast_weights="recast"`` (casts in the graph) and ``"hoist"`` (``AutocastWeightCasts``): replay
    time, weight casts that ran during warm-up + capture, outputs vs eager autocast, an in-place weight
@@ -40,6 +43,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 import traceback
 
@@ -57,7 +61,7 @@ import bench_step  # noqa: E402
 from conftest import StepTimer, hardware_name, versions  # noqa: E402
 
 import ddim_fast  # noqa: E402,F401
-from ddim_fast import graphs, reference  # noqa: E402
+from ddim_fast import attention, graphs, reference  # noqa: E402
 from ddim_fast._library import has_native_kernel, triton_found  # noqa: E402
 from ddim_fast.tools.figures import compare_phrase  # noqa: E402
 
@@ -68,6 +72,8 @@ CPU_ATTENTION = [(64, 2, 40), (32, 2, 80)]
 ATTENTION_TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float32: 1e-5}
 ATTENTION_CALLS = 10
 REPEATS = 7
+# 'auto' is never slower than the best SDPA backend, up to the run-to-run noise of a CUDA-graph timing.
+AUTO_NOISE = 0.97
 
 
 # Share of the budget each section may use up to (cumulative): the step section cannot starve the others.
@@ -103,7 +109,7 @@ class Report:
             "args": {k: v for k, v in vars(args).items() if k != "json"},
             "l2_bytes": bench_step.l2_bytes(device),
             "sections_done": [], "complete": False,
-            "copy_ceiling": None, "step": [], "attention": [], "autocast_graph": [],
+            "copy_ceiling": None, "step": [], "attention": [], "attention_choices": [], "autocast_graph": [],
             "skipped": [], "errors": [], "goals": {},
         }
 
@@ -256,13 +262,28 @@ def attention_reference(problem: bench_attention.Problem) -> torch.Tensor:
     return torch.softmax(q @ k.transpose(-1, -2) * problem.scale, dim=-1) @ v
 
 
+def choose_attention(problem: bench_attention.Problem, group: str, report: Report) -> dict:
+    """What ``fused_attention(backend="auto")`` runs for the problem's shape: the first call chooses (on CUDA it
+    measures the candidates with CUDA events, against the float64 reference; the cache directory is this run's
+    own, so the choice is measured here, not read from an earlier run's file). Recorded in
+    ``report.data["attention_choices"]``."""
+    attention.fused_attention(problem.q, problem.k, problem.v, problem.scale)
+    shape = [list(t.shape) for t in (problem.q, problem.k, problem.v)]
+    row = next(c for c in attention.attention_choices() if [c["q"], c["k"], c["v"]] == shape and c["mask"] == "none"
+               and c["dtype"] == bench_step.dtype_name(problem.q.dtype))
+    chosen = {"group": group, **{k: row[k] for k in ("backend", "source", "seconds", "rejected")}}
+    report.data["attention_choices"].append(chosen)
+    return chosen
+
+
 def attention_section(device: torch.device, report: Report, budget: Budget, repeats: int) -> None:
     on_gpu = device.type == "cuda"
     levels = SD15_ATTENTION if on_gpu else CPU_ATTENTION
     dtype = torch.float16 if on_gpu else torch.float32
     impls = bench_attention.implementations(device.type)
     wanted = (["einsum", "sdpa_flash", "sdpa_efficient", "sdpa_math", "sdpa_cudnn", "ours_softmax", "ours_triton"]
-              if on_gpu else ["einsum", "sdpa", "ours_cpu"])
+              if on_gpu else ["einsum", "sdpa", "ours_cpu"]) + ["auto"]
+    impls = dict(impls, auto=("auto", contextlib.nullcontext))
     for lq, heads, head_dim in levels:
         for kind in ("cross", "self"):
             lk = bench_attention.TEXT_TOKENS if kind == "cross" else lq
@@ -270,6 +291,7 @@ def attention_section(device: torch.device, report: Report, budget: Budget, repe
             ref = attention_reference(problem)
             group = f"{kind} B{bench_attention.BATCH} H{heads} Lq{lq} Lk{lk} d{head_dim} {bench_step.dtype_name(dtype)}"
             rows = []
+            chosen = None
             for impl in wanted:
                 if impl not in impls:
                     report.skip("attention", f"{group} {impl}", "not available in this torch / build")
@@ -278,7 +300,15 @@ def attention_section(device: torch.device, report: Report, budget: Budget, repe
                     report.skip("attention", f"{group} {impl}", "time budget spent")
                     continue
                 method, ctx = impls[impl]
-                fn = getattr(problem, method)
+                if impl == "auto":
+                    try:
+                        chosen = choose_attention(problem, group, report)
+                    except Exception as exc:
+                        report.error("attention", f"{group} auto (choice)", exc)
+                        continue
+                    fn = lambda p=problem: attention.fused_attention(p.q, p.k, p.v, p.scale)  # noqa: E731
+                else:
+                    fn = getattr(problem, method)
                 try:
                     with ctx():
                         out = fn()
@@ -316,6 +346,8 @@ def attention_section(device: torch.device, report: Report, budget: Budget, repe
                     r["best_sdpa"] = best["impl"]
                 if einsum is not None:
                     r["speedup_vs_einsum"] = einsum["seconds"] / r["seconds"]
+                if chosen is not None:
+                    r["chosen_backend"] = chosen["backend"]
             report.data["attention"].extend(rows)
             report.write()
             del problem, ref
@@ -412,9 +444,21 @@ def goals(report: Report) -> dict:
             out[key + ": >= 2x torch.compile"] = {"value": r["speedup_vs_compile"],
                                                   "met": r["speedup_vs_compile"] >= bench_step.GOAL_VS_INDUCTOR}
     for r in report.data["attention"]:
-        if r["impl"] == "ours_triton" and r["kind"] == "cross" and r["lq"] == 4096 and "speedup_vs_best_sdpa" in r:
-            out[f"attention {r['group']}: >= 1.5x best SDPA"] = {"value": r["speedup_vs_best_sdpa"],
-                                                                 "met": r["speedup_vs_best_sdpa"] >= 1.5}
+        vs_sdpa, vs_einsum = r.get("speedup_vs_best_sdpa"), r.get("speedup_vs_einsum")
+        if r["impl"] == "ours_triton" and vs_sdpa is not None:
+            # issue 19: >= 1.0x the best SDPA backend at every SD shape, >= 1.5x at cross-attention (K/V on chip).
+            if r["kind"] == "cross":
+                out[f"attention {r['group']}: >= 1.5x best SDPA"] = {"value": vs_sdpa, "met": vs_sdpa >= 1.5}
+            else:
+                out[f"attention {r['group']}: >= 1.0x best SDPA"] = {"value": vs_sdpa, "met": vs_sdpa >= 1.0}
+        if r["impl"] == "auto" and vs_sdpa is not None:
+            # issue 18: what ddim_fast runs is never slower than SDPA's best (within the timing noise).
+            out[f"attention {r['group']} auto ({r.get('chosen_backend')}): never slower than the best SDPA "
+                f"(>= {AUTO_NOISE}x)"] = {"value": vs_sdpa, "met": vs_sdpa >= AUTO_NOISE}
+        if r["impl"] == "ours_softmax" and vs_einsum is not None:
+            # issue 19: the scale+mask+softmax launch must make its path >= 1.5x the einsum path, or nothing
+            # routes to it (nothing does: docs/design.md).
+            out[f"softmax path {r['group']}: >= 1.5x einsum"] = {"value": vs_einsum, "met": vs_einsum >= 1.5}
     return out
 
 
@@ -439,6 +483,15 @@ def format_table(data: dict) -> str:
             lines.append(f"{r['group']:<44} {r['impl']:<15} {r['seconds'] * 1e6:>9.2f} {r['tflop_per_s']:>8.2f} "
                          f"{r.get('speedup_vs_best_sdpa', float('nan')):>11.2f}x {r.get('speedup_vs_einsum', float('nan')):>8.2f}x "
                          f"{r['rel_error']:>9.1e}{'' if r['correct'] else ' WRONG'}")
+    if data.get("attention_choices"):
+        lines.append("attention choices (fused_attention backend='auto'; candidates' us/call as measured for the "
+                     "choice, eager, CUDA events):")
+        for c in data["attention_choices"]:
+            timings = ", ".join(f"{name} {sec * 1e6:.1f}" for name, sec in sorted(c["seconds"].items(),
+                                                                                  key=lambda item: item[1]))
+            lines.append(f"  {c['group']:<44} -> {c['backend']:<14} ({c['source']}){': ' + timings if timings else ''}")
+            for name, why in c["rejected"].items():
+                lines.append(f"  {'':<44}    rejected {name}: {why}")
     for r in data["autocast_graph"]:
         extra = f", replay {r['replay_seconds'] * 1e3:.3f} ms" if "replay_seconds" in r else ""
         extra += f" ({compare_phrase(r['speedup_vs_recast'], 'recast')})" if "speedup_vs_recast" in r else ""
@@ -467,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    # The attention choices printed must be measured by this run, not read from an earlier run's cache file.
+    os.environ["DDIM_FAST_CACHE_DIR"] = tempfile.mkdtemp(prefix="ddim_fast_micro_")
     budget = Budget(args.budget)
     report = Report(args.json, device, args)
     report.write()

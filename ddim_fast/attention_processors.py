@@ -1,8 +1,11 @@
-"""Fused attention inside Stable Diffusion UNets: ``patch_attention`` for ldm's ``CrossAttention`` (found by
-structure) and ``FusedAttnProcessor``, a diffusers attention processor, which ``fuse_attention`` puts on
+"""ddim_fast's attention inside Stable Diffusion UNets: ``patch_attention`` for ldm's ``CrossAttention`` (found
+by structure) and ``FusedAttnProcessor``, a diffusers attention processor, which ``fuse_attention`` puts on
 every diffusers ``Attention`` module it can serve (``unfuse_attention`` puts the original processors back).
-All of them call ``ddim_fast.attention.fused_attention``; see that module for the kernels, shapes, masks
-and precision.
+All of them call ``ddim_fast.attention.fused_attention`` with their ``backend`` (default 'auto': per call
+shape, the fastest correct of our fused kernel and the SDPA backends on CUDA, measured once and cached; SDPA on
+the CPU; so a patched UNet never runs a slower attention than SDPA's best). ``backend="fused"`` forces our
+kernel. See ``ddim_fast.attention`` for the kernels, shapes, masks and precision, and
+``ddim_fast.attention.attention_choices()`` for what ran.
 
 The way back from ``FusedAttnProcessor`` in diffusers: ``unet.set_default_attn_processor()`` refuses it
 (diffusers only accepts its own processor classes there). Use ``ddim_fast.restore(pipe)`` (after
@@ -22,7 +25,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ddim_fast.attention import ATTENTION_BACKENDS, fused_attention
+from ddim_fast.attention import ATTENTION_BACKENDS, MAX_HEAD_DIM, fused_attention
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ __all__ = ["patch_attention", "unpatch_attention", "FusedAttnProcessor", "fuse_a
 # --------------------------------------------------------------------------------------------------
 
 _ORIGINAL_FORWARD = "_ddim_fast_original_forward"
+_BACKEND = "_ddim_fast_attention_backend"
 
 
 def _is_ldm_cross_attention(module: nn.Module) -> bool:
@@ -75,31 +79,37 @@ def _fused_ldm_forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = 
         if attn_mask.dtype != torch.bool:
             attn_mask = attn_mask.bool()
         attn_mask = attn_mask.view(b, 1, 1, attn_mask.shape[-1])
-    out = fused_attention(q, k, v, scale=float(self.scale), mask=attn_mask)
+    out = fused_attention(q, k, v, scale=float(self.scale), mask=attn_mask, backend=getattr(self, _BACKEND, "auto"))
     out = out.transpose(1, 2).reshape(b, n, heads * head_dim)
     return self.to_out(out)
 
 
-def patch_attention(model: nn.Module, *, allow_none: bool = False) -> int:
+def patch_attention(model: nn.Module, *, allow_none: bool = False, backend: str = "auto") -> int:
     """Makes every ldm-style CrossAttention in ``model`` (found by structure, see
-    ``_is_ldm_cross_attention``) run the fused attention op; returns how many modules were patched
-    (already patched ones are not counted twice). ``unpatch_attention`` restores them.
+    ``_is_ldm_cross_attention``) run ``ddim_fast.attention.fused_attention(..., backend=backend)``: with 'auto'
+    the fastest correct implementation per call shape (ldm's bool masks: our fused kernel, which keeps ldm's
+    masked_fill meaning), 'fused' our kernel always. Returns how many modules were patched (already patched
+    ones are not counted twice, but take the new ``backend``). ``unpatch_attention`` restores them.
 
     Finding nothing to patch is an error (``ValueError``) unless ``allow_none``: a diffusers UNet has no
     ldm CrossAttention, and silently leaving it unfused is how a benchmark ends up measuring nothing. For
     diffusers use ``unet.set_attn_processor(FusedAttnProcessor())``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_attention: model must be a torch.nn.Module, got {type(model).__name__}")
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"patch_attention: backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
     count = 0
     already = 0
     for name, module in model.named_modules():
         if hasattr(module, _ORIGINAL_FORWARD):
+            setattr(module, _BACKEND, backend)
             already += 1
             continue
         if not _is_ldm_cross_attention(module):
             continue
         # Remember the instance attribute (if any) so unpatch restores exactly what was there.
         setattr(module, _ORIGINAL_FORWARD, module.__dict__.get("forward"))
+        setattr(module, _BACKEND, backend)
         module.forward = types.MethodType(_fused_ldm_forward, module)
         logger.debug("patch_attention: patched %s", name or type(module).__name__)
         count += 1
@@ -124,6 +134,7 @@ def unpatch_attention(model: nn.Module) -> int:
         if not hasattr(module, _ORIGINAL_FORWARD):
             continue
         original = module.__dict__.pop(_ORIGINAL_FORWARD)
+        module.__dict__.pop(_BACKEND, None)
         if original is None:
             module.__dict__.pop("forward", None)
         else:
@@ -139,10 +150,12 @@ def unpatch_attention(model: nn.Module) -> int:
 
 class FusedAttnProcessor:
     """A diffusers attention processor (``unet.set_attn_processor(FusedAttnProcessor())``) that gives
-    ``AttnProcessor2_0``'s outputs with the fused op, for self- and cross-attention. It handles
-    spatial_norm, 4-D inputs, group_norm, norm_cross, norm_q/norm_k, attention masks (via
-    ``attn.prepare_attention_mask``), residual_connection and rescale_output_factor. Like
-    AttnProcessor2_0 the softmax scale is 1/sqrt(head_dim). ``backend`` is passed to ``fused_attention``.
+    ``AttnProcessor2_0``'s outputs through ``ddim_fast.attention.fused_attention``, for self- and
+    cross-attention. It handles spatial_norm, 4-D inputs, group_norm, norm_cross, norm_q/norm_k, attention masks
+    (via ``attn.prepare_attention_mask``), residual_connection and rescale_output_factor. Like AttnProcessor2_0
+    the softmax scale is 1/sqrt(head_dim). ``backend`` is passed to ``fused_attention``: 'auto' (default) runs,
+    per call shape, the fastest correct of our fused kernel and the SDPA backends (measured on CUDA; SDPA on the
+    CPU), so it is never slower than the SDPA that AttnProcessor2_0 runs; 'fused' always runs our kernel.
 
     Shapes: hidden_states [B, L, C] or [B, C, H, W], encoder_hidden_states [B, Lk, Ck], attention_mask
     [B, Lk] / [B, 1 or Lq, Lk] (diffusers' conventions) -> hidden_states' shape.
@@ -228,9 +241,6 @@ class FusedAttnProcessor:
 # --------------------------------------------------------------------------------------------------
 # Putting FusedAttnProcessor on the modules it serves, and taking it off again
 # --------------------------------------------------------------------------------------------------
-
-# Largest head dim the fused kernels take (the Triton kernel's limit; SD uses 40 to 160).
-MAX_HEAD_DIM = 256
 
 # diffusers processors whose outputs FusedAttnProcessor reproduces (the same math: projections, softmax(q k^T /
 # sqrt(d) + mask) v, output projection, residual, rescale). Looked up by name: not every diffusers version has all.

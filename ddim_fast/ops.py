@@ -1,6 +1,7 @@
-"""Typed front door of the ``torch.ops.ddim_fast`` step operators: input checks with clear errors and the
-backend choice (C++ CPU, CUDA C++, Triton, reference). The ops themselves, their fake kernels and the Triton
-registrations are set up by ``import ddim_fast`` (``ddim_fast._library``); schemas live in csrc/ops.cpp.
+"""Typed front door of the ``torch.ops.ddim_fast`` step operators: input checks with clear errors, dtype
+promotion, and the call of the backend that ``ddim_fast.backends`` chooses (C++ CPU, CUDA C++, Triton,
+reference). The ops themselves, their fake kernels and the Triton registrations are set up by
+``import ddim_fast`` (``ddim_fast._library``); schemas live in csrc/ops.cpp.
 """
 
 from __future__ import annotations
@@ -9,13 +10,13 @@ from typing import Literal
 
 import torch
 
-from ddim_fast import _checks, reference
+from ddim_fast import _checks, backends, reference
 from ddim_fast._checks import allocate_step_outputs, canonical_prediction_type  # noqa: F401  (public)
 from ddim_fast import _library
 from ddim_fast._library import has_native_kernel, triton_found
 
 Backend = Literal["auto", "native", "triton", "reference"]
-BACKENDS = ("auto", "native", "triton", "reference")
+BACKENDS = backends.STEP_BACKENDS
 
 
 def triton_available() -> bool:
@@ -23,48 +24,9 @@ def triton_available() -> bool:
     return triton_found()
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
-    """The backend that runs a step on ``device`` with storage ``dtype``.
-
-    'auto': the C++ kernel when the extension has one for the device, else Triton on CUDA, else the
-    reference (pure PyTorch: float64, and devices without kernels such as MPS). On ``meta`` tensors the op
-    itself runs (its fake kernel gives shapes only). An explicit backend that cannot run raises."""
-    if backend not in BACKENDS:  # before the lookup: an unhashable backend gets this message too
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    key = (backend, device.type, dtype)
-    resolved = _RESOLVED.get(key)
-    if resolved is None:
-        resolved = _resolve_backend(backend, device, dtype)  # raises for a backend that cannot run
-        _RESOLVED[key] = resolved
-    return resolved
-
-
-# (backend, device type, dtype) -> resolved backend. The answer depends only on the key and on what was built
-# and installed (fixed at import), so a step pays one dict lookup instead of re-deriving it.
-_RESOLVED: dict = {}
-
-
-def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    kernel_dtype = dtype in _checks.KERNEL_DTYPES
-    if backend == "native":
-        if not has_native_kernel(device.type) and device.type != "meta":
-            raise RuntimeError(
-                f"backend='native': the ddim_fast C++ extension has no {device.type} kernel "
-                "(for CUDA, build on a machine whose torch has CUDA and nvcc; see setup.py)")
-    if backend in ("native", "triton") and not kernel_dtype:
-        raise TypeError(f"ddim_step: backend={backend!r} supports float32/float16/bfloat16, got {dtype} "
-                        "(backend='auto' or 'reference' computes float64 in PyTorch)")
-    if backend == "triton" and not triton_found():
-        raise RuntimeError("backend='triton': the triton package is not installed (pip install triton==3.6.0)")
-    if backend != "auto":
-        return backend
-    if not kernel_dtype:
-        return "reference"
-    if device.type == "meta" or has_native_kernel(device.type):
-        return "native"
-    if device.type == "cuda" and triton_found():
-        return "triton"
-    return "reference"
+# The step's backend choice lives with every other op's in ddim_fast.backends (the one resolver); this is the
+# same function under its public name here.
+resolve_backend = backends.resolve_step_backend
 
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

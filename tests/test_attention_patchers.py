@@ -1,5 +1,7 @@
 """patch_attention (ldm CrossAttention, found by structure) and FusedAttnProcessor (diffusers) give the
-original modules' outputs (fp32: relative error <= 1e-5, docs/design.md's drop-in tolerance)."""
+original modules' outputs (fp32: relative error <= 1e-5, docs/design.md's drop-in tolerance), with the backend
+'auto' chooses (SDPA on the CPU; our C++ kernel for ldm's bool masks) and with our fused kernel forced
+('fused'). Which backend each call runs is tested in tests/test_attention_choice.py."""
 
 from __future__ import annotations
 
@@ -65,7 +67,11 @@ class TinyLdmBlock(nn.Module):
         return self.attn2(x, context=context, mask=mask) + x
 
 
-def test_patch_ldm_cross_attention():
+BACKENDS = ["auto", "fused"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_patch_ldm_cross_attention(backend):
     torch.manual_seed(0)
     model = TinyLdmBlock().eval()
     x, context = torch.randn(2, 70, 32), torch.randn(2, 77, 24)
@@ -75,8 +81,8 @@ def test_patch_ldm_cross_attention():
         expected = model(x, context, mask)
         expected_no_mask = model(x, context)
         original_forward = model.attn1.forward
-        assert ddim_fast.patch_attention(model) == 2
-        assert ddim_fast.patch_attention(model) == 0  # idempotent
+        assert ddim_fast.patch_attention(model, backend=backend) == 2
+        assert ddim_fast.patch_attention(model, backend=backend) == 0  # idempotent
         assert "forward" in model.attn1.__dict__ and "forward" in model.attn2.__dict__
         got = model(x, context, mask)
         got_no_mask = model(x, context)
@@ -88,13 +94,14 @@ def test_patch_ldm_cross_attention():
         assert torch.equal(model(x, context, mask), expected)
 
 
-def test_patch_ldm_fp16_storage():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_patch_ldm_fp16_storage(backend):
     torch.manual_seed(1)
     model = CrossAttention(32, context_dim=24, heads=2, dim_head=40).eval()
     x, context = torch.randn(2, 40, 32), torch.randn(2, 77, 24)
     with torch.no_grad():
         expected = model(x, context)
-        ddim_fast.patch_attention(model.half())
+        ddim_fast.patch_attention(model.half(), backend=backend)
         got = model(x.half(), context.half())
     assert got.dtype == torch.float16
     assert_rel_close(got, expected, 5e-3, "patched ldm fp16")
@@ -108,20 +115,23 @@ def test_patch_skips_diffusers_attention_and_rejects_non_modules():
     assert ddim_fast.patch_attention(model, allow_none=True) == 0
     with pytest.raises(TypeError, match="torch.nn.Module"):
         ddim_fast.patch_attention("not a model")
+    with pytest.raises(ValueError, match="patch_attention: backend must be one of"):
+        ddim_fast.patch_attention(TinyLdmBlock(), backend="flash")
 
 
-def _compare_processors(attn: Attention, *args, **kwargs):
+def _compare_processors(attn: Attention, *args, backend="auto", **kwargs):
     attn.eval()
     with torch.no_grad():
         attn.set_processor(AttnProcessor2_0())
         expected = attn(*args, **kwargs)
-        attn.set_processor(ddim_fast.FusedAttnProcessor())
+        attn.set_processor(ddim_fast.FusedAttnProcessor(backend))
         got = attn(*args, **kwargs)
     assert_rel_close(got, expected, SAMPLER_RTOL, "FusedAttnProcessor")
     return got
 
 
-def test_fused_processor_attention_features():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_processor_attention_features(backend):
     torch.manual_seed(0)
     # 4-D input, group_norm, norm_cross, residual_connection, rescale_output_factor, a float mask.
     attn = Attention(query_dim=32, cross_attention_dim=24, heads=2, dim_head=40, norm_num_groups=8,
@@ -130,19 +140,20 @@ def test_fused_processor_attention_features():
     context = torch.randn(2, 77, 24)
     mask = torch.zeros(2, 1, 77)
     mask[1, :, 50:] = -10000.0
-    _compare_processors(attn, hidden, encoder_hidden_states=context, attention_mask=mask)
+    _compare_processors(attn, hidden, encoder_hidden_states=context, attention_mask=mask, backend=backend)
     # Self-attention on 3-D input with spatial_norm (VAE decoder style) and a key-padding mask.
     attn = Attention(query_dim=32, heads=4, dim_head=8, spatial_norm_dim=4)
     hidden = torch.randn(2, 32, 4, 4)
     temb = torch.randn(2, 4, 2, 2)
-    _compare_processors(attn, hidden, temb=temb)
+    _compare_processors(attn, hidden, temb=temb, backend=backend)
     attn = Attention(query_dim=32, heads=4, dim_head=8)
     self_mask = torch.zeros(2, 1, 20)
     self_mask[0, :, 15:] = -10000.0
-    _compare_processors(attn, torch.randn(2, 20, 32), attention_mask=self_mask)
+    _compare_processors(attn, torch.randn(2, 20, 32), attention_mask=self_mask, backend=backend)
 
 
-def test_fused_processor_unet():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_processor_unet(backend):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -159,7 +170,7 @@ def test_fused_processor_unet():
         unet.set_attn_processor(AttnProcessor2_0())
         expected = unet(sample, 10, context).sample
         expected_masked = unet(sample, 10, context, encoder_attention_mask=encoder_mask).sample
-        unet.set_attn_processor(ddim_fast.FusedAttnProcessor())
+        unet.set_attn_processor(ddim_fast.FusedAttnProcessor(backend))
         got = unet(sample, 10, context).sample
         got_masked = unet(sample, 10, context, encoder_attention_mask=encoder_mask).sample
     assert_rel_close(got, expected, SAMPLER_RTOL, "UNet with FusedAttnProcessor")
@@ -208,7 +219,7 @@ def test_fuse_attention_serves_what_it_reproduces_and_names_the_rest():
     args = {"classic": dict(encoder_hidden_states=context)}
     with torch.no_grad():
         expected = {name: zoo[name](x, **args.get(name, {})) for name in ("sdpa", "classic", "sliced", "sdpa_scale_one")}
-        fused = ddim_fast.fuse_attention(zoo)
+        fused = ddim_fast.fuse_attention(zoo, backend="fused")  # our kernel, so that it visibly ran
         got = {name: zoo[name](x, **args.get(name, {})) for name in expected}
     assert sorted(fused.originals) == sorted(expected)
     assert fused.count == 4 and fused.already == 0
@@ -244,3 +255,24 @@ def test_fuse_attention_serves_what_it_reproduces_and_names_the_rest():
 def test_fuse_attention_rejects_non_modules():
     with pytest.raises(TypeError, match="fuse_attention: model must be a torch.nn.Module"):
         ddim_fast.fuse_attention("unet")
+
+
+def test_fused_backend_in_an_sd_pipeline():
+    """Our fused kernel (backend='fused') inside a whole tiny SD pipeline: within the drop-in tolerance of
+    diffusers' own processors, and visibly run (its rounding differs from SDPA's). 'auto' runs SDPA on the CPU
+    (tests/test_optimize_pipeline.py checks that its images match diffusers' bit for bit)."""
+    import tiny_pipelines as tp
+
+    pipe = tp.sd()
+
+    def run():
+        return pipe(**tp.prompt_embeds(), height=32, width=32, num_inference_steps=3, guidance_scale=7.5,
+                    generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+    with torch.no_grad():
+        expected = run()
+        fused = ddim_fast.fuse_attention(pipe.unet, backend="fused")
+        got = run()
+    assert fused.count == len(pipe.unet.attn_processors) > 0
+    assert not torch.equal(got, expected), "our kernel did not run"
+    assert_rel_close(got, expected, SAMPLER_RTOL, "SD pipeline with backend='fused'")

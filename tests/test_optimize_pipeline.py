@@ -212,8 +212,9 @@ def test_fused_attention_within_drop_in_tolerance(case):
     state = runs["attn_state"]
     assert state.fused_attention_count > 0
     assert all(not fused.unserved for fused in state.attention.values()), "every SD attention module is servable"
-    # The fused kernels round differently from SDPA: bit-equality would mean they never ran.
-    assert not torch.equal(runs["attn"], runs["sched"]), f"{case}: fused attention changed nothing"
+    # 'auto' (ddim_fast.backends): on the CPU the processors run SDPA, the kernel diffusers runs, so the bits match;
+    # our kernel inside a pipeline: tests/test_attention_patchers.py::test_fused_backend_in_an_sd_pipeline.
+    assert torch.equal(runs["attn"], runs["sched"]), f"{case}: the CPU attention processors did not run SDPA"
     tolerance = SAMPLER_RTOL
     if case in ILL_CONDITIONED:
         spread = ddim_fast.reference.relative_error(runs["classic_processor"], runs["base"])

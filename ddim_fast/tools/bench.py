@@ -6,8 +6,9 @@ Loops compared (same UNet weights, same x_T, same conditioning, same steps):
   ``DDIMScheduler.step`` (SD's scheduler config);
 * ``fast``: ``FastDDIMSampler`` (ldm API) on the UNet wrapped as an ldm-style model;
 * ``fast+graph``: the same with ``cuda_graph=True`` (GPU only);
-* ``fast+attn``: the same with ``FusedAttnProcessor`` on every attention module of (a copy of) the UNet,
-  with the CUDA graph on GPU.
+* ``fast+attn``: the same with ``FusedAttnProcessor(backend="fused")`` (our fused attention kernel, not the
+  per-shape choice of ``backend="auto"``, which may be SDPA) on every attention module of (a copy of) the
+  UNet, with the CUDA graph on GPU.
 
 Each variant proves what its name says before it is timed (``report['proofs']``; see
 :func:`run_bench`): fused step ops counted at the dispatcher, one per UNet forward; a ddim_fast attention op
@@ -607,17 +608,19 @@ def attention_modules(unet) -> dict[str, Any]:
 
 
 def fuse_attention(unet) -> int:
-    """Puts ``FusedAttnProcessor`` on every attention module of a diffusers UNet (ldm-style models:
-    ``patch_attention``); returns how many modules now run the fused op. Raises when there are none."""
+    """Puts ``FusedAttnProcessor(backend="fused")`` on every attention module of a diffusers UNet (ldm-style
+    models: ``patch_attention(backend="fused")``); returns how many modules now run the fused op. Raises when
+    there are none. "fused", not the product's default "auto": auto runs SDPA wherever that measured faster, and
+    this variant's name (and its proof) is about our kernel."""
     from ddim_fast.attention_processors import FusedAttnProcessor, patch_attention
 
     if hasattr(unet, "set_attn_processor") and hasattr(unet, "attn_processors"):
         n = len(unet.attn_processors)
         if n == 0:
             raise ValueError(f"{type(unet).__name__} has no attention module to fuse")
-        unet.set_attn_processor(FusedAttnProcessor())
+        unet.set_attn_processor(FusedAttnProcessor(backend="fused"))
         return n
-    return patch_attention(unet)
+    return patch_attention(unet, backend="fused")
 
 
 def check_fused_processors(unet) -> list[str]:
