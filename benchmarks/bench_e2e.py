@@ -14,7 +14,8 @@ Every loop proves what its name says before it is timed, with ``ddim_fast.tools.
 same proofs as ``python -m ddim_fast bench``): its first call runs under a dispatcher-level op counter
 and a UNet forward counter — "fast" loops one ``torch.ops.ddim_fast`` step op per UNet forward,
 "+attn" a ddim_fast attention op for every attention module of every forward and no SDPA/softmax
-(``FusedAttnProcessor`` on every module of a diffusers UNet), "+graph" only captured CUDA graphs — and
+(``FusedAttnProcessor(backend="fused")`` on every module of a diffusers UNet: our kernel, pinned, whatever the
+measured "auto" choice would pick), "+graph" only captured CUDA graphs — and
 every timed call is checked again (forwards, graph replays per step). Its output is checked against
 the baseline's.
 
