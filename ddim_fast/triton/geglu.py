@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 import ddim_fast  # noqa: F401  (registers torch.ops.ddim_fast.*)
 from ddim_fast._checks import allocate_geglu_output, check_geglu_args
@@ -37,14 +38,6 @@ _SQRT1_2 = tl.constexpr(0.7071067811865476)
 
 
 @triton.jit
-def _hinted(value, ALIGN: tl.constexpr):
-    """`value` with its divisibility by ALIGN visible to the compiler (host-guaranteed; see group_norm._hinted)."""
-    if ALIGN > 1:
-        value = (value // ALIGN) * ALIGN
-    return value
-
-
-@triton.jit
 def _geglu_kernel(
     h_ptr, out_ptr,
     rows, D, stride_h, stride_out,
@@ -52,9 +45,13 @@ def _geglu_kernel(
 ):
     r0 = tl.program_id(0) * BLOCK_R
     d0 = tl.program_id(1) * BLOCK_D
-    D = _hinted(D, ALIGN)
-    stride_h = _hinted(stride_h, ALIGN)
-    stride_out = _hinted(stride_out, ALIGN)
+    if ALIGN > 1:
+        # Host-guaranteed multiples of ALIGN (elements per 16 bytes): (v // A) * A is how Triton's alignment
+        # analysis learns it (the JIT only hints integers divisible by 16). No @triton.jit helper for this: under
+        # the interpreter every helper call costs milliseconds.
+        D = (D // ALIGN) * ALIGN
+        stride_h = (stride_h // ALIGN) * ALIGN
+        stride_out = (stride_out // ALIGN) * ALIGN
     r = tl.arange(0, BLOCK_R)
     d = tl.arange(0, BLOCK_D)
     mask = ((r0 + r) < rows)[:, None] & ((d0 + d) < D)[None, :]
@@ -68,13 +65,18 @@ def _geglu_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def launch_config(rows: int, d: int) -> dict:
+# Whether @triton.jit built an interpreter function (TRITON_INTERPRET=1 when triton was imported): CPU tensors.
+_INTERPRETED = isinstance(_geglu_kernel, InterpretedFunction)
+
+
+def launch_config(rows: int, d: int, min_programs: int = _MIN_PROGRAMS) -> dict:
     """BLOCK_R x BLOCK_D tile and warps from the shape alone (scripts/triton_aot_check.py compiles the same):
     up to 256 columns (SD's D = 1280 / 2560 / 5120 split into 5 / 10 / 20 blocks, no idle lanes) by as many rows
-    as fill _TILE; grids under _MIN_PROGRAMS programs halve the rows (then the columns) down to _MIN_TILE."""
+    as fill _TILE; grids under ``min_programs`` programs halve the rows (then the columns) down to _MIN_TILE (the
+    interpreter passes 1: it pays per program)."""
     block_d = min(triton.next_power_of_2(max(d, 1)), 256)
     block_r = min(triton.next_power_of_2(max(rows, 1)), max(1, _TILE // block_d))
-    while (triton.cdiv(rows, block_r) * triton.cdiv(d, block_d) < _MIN_PROGRAMS
+    while (triton.cdiv(rows, block_r) * triton.cdiv(d, block_d) < min_programs
            and block_r * block_d > _MIN_TILE):
         if block_r > 1:
             block_r //= 2
@@ -104,7 +106,7 @@ def kernel_arguments(h: torch.Tensor, out: torch.Tensor, row_stride: int) -> tup
     packing of the launch: scripts/triton_aot_check.py compiles exactly what this returns (with meta tensors)."""
     d = int(out.shape[-1])
     rows = out.numel() // d
-    cfg = launch_config(rows, d)
+    cfg = launch_config(rows, d, 1 if _INTERPRETED else _MIN_PROGRAMS)
     vec = 16 // h.element_size()
     aligned = (h.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0 and d % vec == 0 and row_stride % vec == 0)
     grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(d, cfg["BLOCK_D"]))
