@@ -185,7 +185,7 @@ def _fused_resnet_forward(self, input_tensor: torch.Tensor, temb: Optional[torch
             else:  # type promotion or broadcasting the op does not do: diffusers' own add
                 hidden_states = hidden_states + (temb[:, :, None, None] if projected else temb)
         hidden_states = _normalize(self, self.norm2, hidden_states, True, add)
-    else:  # "scale_shift" (fuse_unet_body admits no other)
+    elif self.time_embedding_norm == "scale_shift":
         if temb is None:
             raise ValueError(
                 f" `temb` should not be None when `time_embedding_norm` is {self.time_embedding_norm}"
@@ -196,6 +196,8 @@ def _fused_resnet_forward(self, input_tensor: torch.Tensor, temb: Optional[torch
         hidden_states = _normalize(self, self.norm2, hidden_states, False)
         hidden_states = hidden_states * (1 + time_scale) + time_shift
         hidden_states = self.nonlinearity(hidden_states)
+    else:  # e.g. the VAE decoder's "group" (no time embedding): norm2 alone, as diffusers does
+        hidden_states = _normalize(self, self.norm2, hidden_states, True)
 
     hidden_states = self.dropout(hidden_states)
     hidden_states = self.conv2(hidden_states)
@@ -285,8 +287,6 @@ def _resnet_reason(module: nn.Module, resnet_cls) -> Optional[str]:
         return f"nonlinearity {type(module.nonlinearity).__name__} (the fused op applies SiLU only)"
     if _hooked(module.nonlinearity):
         return "nonlinearity has forward hooks"
-    if module.time_embedding_norm not in ("default", "scale_shift"):
-        return f"time_embedding_norm {module.time_embedding_norm!r}"
     return _params_reason(module.norm1) or _params_reason(module.norm2)
 
 
