@@ -4,9 +4,10 @@
 tree) and gives, by instance-level ``forward`` overrides (the classes and the module tree are untouched):
 
 * every ``ResnetBlock2D``: norm1 + SiLU as one ``group_norm_silu``, and norm2 with the time-embedding add before
-  it and the SiLU after it as another (``channel_add``); ``scale_shift`` blocks fuse norm2 without the add and SiLU.
-  A block's ``nonlinearity`` is also applied to the time embedding, so the block's forward is overridden rather
-  than its modules replaced;
+  it and the SiLU after it as another (``channel_add``); ``scale_shift`` blocks fuse norm2 without the add and SiLU;
+  the residual sum skips diffusers' division by an ``output_scale_factor`` of 1 (a pass over the output that
+  changes no bit). A block's ``nonlinearity`` is also applied to the time embedding, so the block's forward is
+  overridden rather than its modules replaced;
 * every diffusers ``GEGLU`` (the transformer blocks' feed-forward): ``proj`` then ``geglu`` in one pass;
 * every other ``torch.nn.GroupNorm`` (Transformer2DModel's ``norm``, ``conv_norm_out``, the VAE attention's
   ``group_norm``): ``group_norm_silu(..., apply_silu=False)``. The SiLU after ``conv_norm_out`` stays separate: it
@@ -70,11 +71,15 @@ _KNOWN_DIGESTS = {
 
 @dataclasses.dataclass
 class _Fusion:
-    """What a fused module carries: its kind, the backend, and the instance-level forward it had (None: none)."""
+    """What a fused module carries: its kind, the backend's ops, and the instance-level forward it had (None: none).
+    The ops are held as objects (not looked up by name per call): torch.compile traces the fused forwards as plain
+    attribute reads."""
 
     kind: str
     backend: str
     original_forward: object
+    group_norm: object = None
+    geglu: object = None
 
 
 @dataclasses.dataclass
@@ -134,8 +139,7 @@ def _normalize(module: nn.Module, norm: nn.GroupNorm, x: torch.Tensor, silu: boo
     """norm(x + add[:, :, None, ...]) (then the block's SiLU when ``silu``) through the fused op, or unfused when
     the op does not take these tensors. ``add`` [B, C] or None."""
     if _ops_take(x, norm.weight, norm.bias, add) and x.dim() >= 2:
-        op = getattr(torch.ops.ddim_fast, _GROUP_NORM_OPS[module.__dict__[_STATE].backend])
-        return op(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu, add)
+        return getattr(module, _STATE).group_norm(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu, add)
     if add is not None:
         x = x + add.reshape(tuple(add.shape) + (1,) * (x.dim() - 2))
     y = norm(x)
@@ -207,7 +211,12 @@ def _fused_resnet_forward(self, input_tensor: torch.Tensor, temb: Optional[torch
             input_tensor = input_tensor.contiguous()
         input_tensor = self.conv_shortcut(input_tensor)
 
-    return (input_tensor + hidden_states) / self.output_scale_factor
+    output_tensor = input_tensor + hidden_states
+    # diffusers divides by output_scale_factor even when it is 1.0 (every SD UNet block): one more full pass over the
+    # block's output for a division that changes no bit.
+    if self.output_scale_factor != 1:
+        output_tensor = output_tensor / self.output_scale_factor
+    return output_tensor
 
 
 def _fused_geglu_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -218,15 +227,14 @@ def _fused_geglu_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> 
     if not _ops_take(h) or h.dim() < 1:
         values, gate = h.chunk(2, dim=-1)
         return values * self.gelu(gate)
-    return getattr(torch.ops.ddim_fast, _GEGLU_OPS[self.__dict__[_STATE].backend])(h)
+    return getattr(self, _STATE).geglu(h)
 
 
 def _fused_group_norm_forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.GroupNorm's name
     """nn.GroupNorm.forward through ``group_norm_silu(..., apply_silu=False)``: [B, C, *] -> [B, C, *]."""
     if not _ops_take(input, self.weight, self.bias) or input.dim() < 2:
         return nn.GroupNorm.forward(self, input)
-    op = getattr(torch.ops.ddim_fast, _GROUP_NORM_OPS[self.__dict__[_STATE].backend])
-    return op(input, self.weight, self.bias, self.num_groups, self.eps, False, None)
+    return getattr(self, _STATE).group_norm(input, self.weight, self.bias, self.num_groups, self.eps, False, None)
 
 
 _FORWARDS = {"resnet": _fused_resnet_forward, "geglu": _fused_geglu_forward, "group_norm": _fused_group_norm_forward}
@@ -355,7 +363,9 @@ def fuse_unet_body(model: nn.Module, *, backend: str = "auto") -> FusedUnetBody:
     for name, module, kind in candidates:
         if kind == "group_norm" and id(module) in covered:
             continue  # its block's fused forward normalizes with the op
-        module.__dict__[_STATE] = _Fusion(kind, backend, module.__dict__.get("forward"))
+        module.__dict__[_STATE] = _Fusion(kind, backend, module.__dict__.get("forward"),
+                                          getattr(torch.ops.ddim_fast, _GROUP_NORM_OPS[backend]),
+                                          getattr(torch.ops.ddim_fast, _GEGLU_OPS[backend]))
         module.forward = types.MethodType(_FORWARDS[kind], module)
         patched[name] = kind
         logger.debug("fuse_unet_body: fused %s (%s)", name or type(module).__name__, kind)

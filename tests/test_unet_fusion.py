@@ -233,3 +233,26 @@ def test_unknown_diffusers_version_is_skipped(monkeypatch):
     assert set(record.counts) == {"group_norm"}
     assert all("is not the one the fused forward reproduces" in reason for reason in record.skipped.values())
     assert len(record.skipped) == 12
+
+
+def test_fused_blocks_trace_with_torch_compile():
+    """The fused forwards and the ops' fake kernels go through torch.compile without graph breaks (AOT autograd's
+    eager backend: Dynamo and the fake kernels, no Inductor compile); the compiled blocks give the eager fused
+    outputs."""
+    torch._dynamo.reset()
+    unet = tp.tiny_unet()
+    fuse_unet_body(unet)
+    resnet = next(m for m in unet.modules() if isinstance(m, ResnetBlock2D) and m.time_emb_proj is not None)
+    transformer = next(m for m in unet.modules() if type(m).__name__ == "Transformer2DModel")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, resnet.in_channels, 8, 8, generator=gen).to(memory_format=torch.channels_last)
+    temb = torch.randn(2, resnet.time_emb_proj.in_features, generator=gen)
+    h = torch.randn(2, transformer.in_channels, 4, 4, generator=gen).to(memory_format=torch.channels_last)
+    tokens = torch.randn(2, 16, transformer.inner_dim, generator=gen)
+    feed_forward = transformer.transformer_blocks[0].ff  # GEGLU inside
+    # (Transformer2DModel.forward itself breaks the graph in diffusers 0.42: a deprecation warning.)
+    with torch.no_grad():
+        for module, args in ((resnet, (x, temb)), (transformer.norm, (h,)), (feed_forward, (tokens,))):
+            compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+            assert torch.equal(compiled(*args), module(*args)), type(module).__name__
+    torch._dynamo.reset()

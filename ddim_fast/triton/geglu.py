@@ -23,7 +23,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
 import ddim_fast  # noqa: F401  (registers torch.ops.ddim_fast.*)
 from ddim_fast._checks import allocate_geglu_output, check_geglu_args
@@ -32,12 +31,12 @@ from ddim_fast._library import interpreting as _interpreting
 __all__ = ["geglu_triton", "geglu_triton_impl", "launch_config"]
 
 _TILE = 4096  # elements of the output tile: 32 per thread on 4 warps (values and gates: 64 fp32 registers)
-_MIN_PROGRAMS = 264  # smaller grids shrink their tiles (rows first) down to _MIN_TILE elements
-_MIN_TILE = 1024
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 
 
-@triton.jit
+# Integer arguments are not specialized: ALIGN carries the divisibility that matters, so one compile per constexpr
+# combination serves every shape (see group_norm.py).
+@triton.jit(do_not_specialize=["rows", "D", "stride_h", "stride_out"])
 def _geglu_kernel(
     h_ptr, out_ptr,
     rows, D, stride_h, stride_out,
@@ -65,25 +64,17 @@ def _geglu_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# Whether @triton.jit built an interpreter function (TRITON_INTERPRET=1 when triton was imported): CPU tensors.
-_INTERPRETED = isinstance(_geglu_kernel, InterpretedFunction)
-
-
-def launch_config(rows: int, d: int, min_programs: int = _MIN_PROGRAMS) -> dict:
-    """BLOCK_R x BLOCK_D tile and warps from the shape alone (scripts/triton_aot_check.py compiles the same):
-    up to 256 columns (SD's D = 1280 / 2560 / 5120 split into 5 / 10 / 20 blocks, no idle lanes) by as many rows
-    as fill _TILE; grids under ``min_programs`` programs halve the rows (then the columns) down to _MIN_TILE (the
-    interpreter passes 1: it pays per program)."""
+def launch_config(rows: int, d: int, element_size: int = 2) -> dict:
+    """BLOCK_R x BLOCK_D tile and warps from the shape alone (scripts/triton_aot_check.py compiles the same): up to 256
+    columns (SD's D = 1280 / 2560 / 5120 split into 5 / 10 / 20 blocks, no idle lanes) by as many rows as fill _TILE.
+    Every SD shape takes the same tile: one JIT compile per dtype."""
     block_d = min(triton.next_power_of_2(max(d, 1)), 256)
     block_r = min(triton.next_power_of_2(max(rows, 1)), max(1, _TILE // block_d))
-    while (triton.cdiv(rows, block_r) * triton.cdiv(d, block_d) < min_programs
-           and block_r * block_d > _MIN_TILE):
-        if block_r > 1:
-            block_r //= 2
-        else:
-            block_d //= 2
     tile = block_r * block_d
-    return dict(BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4 if tile >= 2048 else (2 if tile >= 1024 else 1))
+    num_warps = 4 if tile >= 2048 else (2 if tile >= 1024 else 1)
+    if element_size >= 4 and tile >= 4096:
+        num_warps = 8  # fp32: 16 values and 16 gates per thread (106 registers at 4 warps on sm_90)
+    return dict(BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps)
 
 
 def _row_stride(h: torch.Tensor):
@@ -106,13 +97,17 @@ def kernel_arguments(h: torch.Tensor, out: torch.Tensor, row_stride: int) -> tup
     packing of the launch: scripts/triton_aot_check.py compiles exactly what this returns (with meta tensors)."""
     d = int(out.shape[-1])
     rows = out.numel() // d
-    cfg = launch_config(rows, d, 1 if _INTERPRETED else _MIN_PROGRAMS)
+    cfg = launch_config(rows, d, h.element_size())
     vec = 16 // h.element_size()
     aligned = (h.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0 and d % vec == 0 and row_stride % vec == 0)
+    num_warps = cfg["num_warps"]
+    if not aligned and num_warps == 4:
+        # Element-wise accesses keep one 64-bit address per element in registers: 166 registers at 4 warps left 12
+        # warps per SM (offline ptxas -v); twice the warps for the same tile.
+        num_warps = 8
     grid = (triton.cdiv(rows, cfg["BLOCK_R"]), triton.cdiv(d, cfg["BLOCK_D"]))
     args = [h, out, rows, d, row_stride, d]
-    kwargs = dict(ALIGN=vec if aligned else 1, BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"],
-                  num_warps=cfg["num_warps"])
+    kwargs = dict(ALIGN=vec if aligned else 1, BLOCK_R=cfg["BLOCK_R"], BLOCK_D=cfg["BLOCK_D"], num_warps=num_warps)
     return grid, args, kwargs
 
 

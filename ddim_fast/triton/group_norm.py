@@ -60,12 +60,8 @@ __all__ = ["group_norm_silu_triton", "group_norm_silu_triton_impl", "launch_conf
 LAYOUT_STRIDED, LAYOUT_CHANNELS, LAYOUT_PIXELS = 0, 1, 2
 # Elements per statistics/apply tile: 32 per thread on 4 warps (four 16-byte fp16 vectors, eight fp32 ones).
 _TILE = 4096
-# Grids smaller than this (programs) shrink their tiles (down to _MIN_TILE elements) to spread small levels over
-# the SMs (an H100/H200 has 132; two waves of programs hide the tile loads' latency).
-_MIN_PROGRAMS = 264
-_MIN_TILE = 512
-# The finalize tile: [BLOCK_K chunks, BLOCK_G channels of the group] fp32 values.
-_FINALIZE_TILE = 2048
+# The finalize tile: [BLOCK_K chunks, BLOCK_GROUPS groups, BLOCK_G channels] fp32 values.
+_FINALIZE_TILE = 1024  # 8 values per thread on 4 warps
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -78,7 +74,16 @@ _FINALIZE_TILE = 2048
 # ~100 ms. The finalize kernel (one program per group: few) keeps its tile and store helpers.
 
 
-@triton.jit
+# Integer arguments are not specialized (no "== 1" constants, no divisibility-by-16 variants): the kernels learn the
+# divisibility that matters from ALIGN, so one compile per constexpr combination serves every shape (the JIT's
+# hints made SD's shapes 100+ compiles per kernel: seconds each on a fresh process's first UNet call).
+_STATS_INTS = ["C", "HW", "num_chunks", "stride_b", "stride_c", "stride_p"]
+_FINALIZE_INTS = ["C", "HW", "chunk_size", "num_chunks", "num_groups", "group_size", "group_blocks", "stride_w",
+                  "stride_bias", "stride_add_b", "stride_add_c"]
+_APPLY_INTS = ["C", "HW", "num_chunks", "stride_xb", "stride_xc", "stride_xp", "stride_yb", "stride_yc", "stride_yp"]
+
+
+@triton.jit(do_not_specialize=_STATS_INTS)
 def _group_norm_stats_kernel(
     x_ptr, part_ptr,
     C, HW, num_chunks,
@@ -134,8 +139,8 @@ def _group_norm_stats_kernel(
 
 
 @triton.jit
-def _sweep_tile(total, rows, add_row, stride_add_c, C, HW, num_chunks, num_groups, group_size, g0, j0, k0, mean,
-                WITH_M2: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+def _sweep_tile(total, rows, add_row, stride_add_c, C, HW, chunk_size, num_chunks, num_groups, group_size, g0, j0,
+                k0, mean, WITH_M2: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_K: tl.constexpr,
                 BLOCK_GROUPS: tl.constexpr, BLOCK_G: tl.constexpr):
     """total + the [BLOCK_K chunks, BLOCK_GROUPS groups, BLOCK_G channels] tile of partials at (k0, g0, j0):
     n_k * mean_kc (the mean sweep) or M2_kc + n_k * (mean_kc - mean_g)^2 (the M2 sweep; mean [BLOCK_GROUPS]), with
@@ -146,7 +151,7 @@ def _sweep_tile(total, rows, add_row, stride_add_c, C, HW, num_chunks, num_group
     ch = gi[:, None] * group_size + j[None, :]
     cmask = (gi < num_groups)[:, None] & (j < group_size)[None, :]
     m = (kk < num_chunks)[:, None, None] & cmask[None, :, :]
-    n_k = tl.minimum(HW - kk * BLOCK_P, BLOCK_P).to(tl.float32)[:, None, None]
+    n_k = tl.minimum(HW - kk * chunk_size, chunk_size).to(tl.float32)[:, None, None]
     at = rows + kk[:, None, None] * (2 * C) + ch[None, :, :]
     means = tl.load(at, mask=m, other=0.0)
     if HAS_ADD:
@@ -182,80 +187,71 @@ def _store_coefficients(coef, weight_ptr, bias_ptr, add_row, stride_w, stride_bi
     tl.store(coef + 2 * C + ch, shift, mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_FINALIZE_INTS)
 def _group_norm_finalize_kernel(
     part_ptr, weight_ptr, bias_ptr, add_ptr, coef_ptr,
-    C, HW, num_chunks, num_groups, group_size, group_blocks,
+    C, HW, chunk_size, num_chunks, num_groups, group_size, group_blocks,
     stride_w, stride_bias, stride_add_b, stride_add_c,
-    eps,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr, IEEE_MATH: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_GROUPS: tl.constexpr, BLOCK_G: tl.constexpr,
+    inv_count, eps,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_GROUPS: tl.constexpr, BLOCK_G: tl.constexpr,
     ITERS_K: tl.constexpr, ITERS_G: tl.constexpr,
 ):
     # Program b * group_blocks + block: for BLOCK_GROUPS groups of sample b, merges the (count, mean, M2) of every
     # chunk and channel (Chan et al.'s pairwise update in two sweeps: the mean, then
     # M2 = sum M2_kc + sum n_k (mean_kc - mean)^2), then writes coef[b, 0 / 1 / 2, c] = center, scale, shift.
     #
-    # Loops: compiled kernels loop to the runtime num_chunks / group_size (ITERS_* = 0: no re-specialization per
-    # shape). Under the interpreter a runtime scalar is a 1-element array that NumPy 2 refuses as a range bound, so
-    # the host passes the trip counts as constexprs (ITERS_* > 0) and the same tiles run.
+    # Loops: ITERS_G channel blocks per group (a constexpr: 1 for every group of up to 128 channels), and the chunks
+    # up to the runtime num_chunks (no re-specialization per shape). Under the interpreter a runtime scalar is a
+    # 1-element array that NumPy 2 refuses as a range bound, so there the host passes the chunk trip count as the
+    # constexpr ITERS_K (0 when compiled).
+    #
+    # No IEEE division or square root here: their slow paths are subroutine calls, around which ptxas saved live
+    # registers to the stack (4-40 B "spills" per program). The mean and variance multiply by the host's fp32
+    # 1 / (HW * group_size), and rsqrt is the hardware's (2^-22.9 relative error): both far inside the fp32 contract.
     pid = tl.program_id(0)
     b = pid // group_blocks
     g0 = (pid - b * group_blocks) * BLOCK_GROUPS
     rows = part_ptr + b.to(tl.int64) * num_chunks * (2 * C)
     add_row = add_ptr + b.to(tl.int64) * stride_add_b
-    count = HW.to(tl.float32) * group_size
 
     mean = tl.zeros([BLOCK_GROUPS], dtype=tl.float32)
     total = tl.zeros([BLOCK_K, BLOCK_GROUPS, BLOCK_G], dtype=tl.float32)
-    if ITERS_G > 0:
-        for ji in range(0, ITERS_G):
+    for ji in range(0, ITERS_G):
+        if ITERS_K > 0:
             for ki in range(0, ITERS_K):
-                total = _sweep_tile(total, rows, add_row, stride_add_c, C, HW, num_chunks, num_groups, group_size, g0,
-                                    ji * BLOCK_G, ki * BLOCK_K, mean, False, HAS_ADD, BLOCK_P, BLOCK_K, BLOCK_GROUPS,
-                                    BLOCK_G)
-    else:
-        for j0 in range(0, group_size, BLOCK_G):
+                total = _sweep_tile(total, rows, add_row, stride_add_c, C, HW, chunk_size, num_chunks, num_groups,
+                                    group_size, g0, ji * BLOCK_G, ki * BLOCK_K, mean, False, HAS_ADD, BLOCK_K,
+                                    BLOCK_GROUPS, BLOCK_G)
+        else:
             for k0 in range(0, num_chunks, BLOCK_K):
-                total = _sweep_tile(total, rows, add_row, stride_add_c, C, HW, num_chunks, num_groups, group_size, g0,
-                                    j0, k0, mean, False, HAS_ADD, BLOCK_P, BLOCK_K, BLOCK_GROUPS, BLOCK_G)
-    if IEEE_MATH:  # Triton's `/` is div.full.f32 (2 ulp) on the GPU
-        mean = tl.div_rn(tl.sum(tl.sum(total, axis=2), axis=0), count)
-    else:
-        mean = tl.sum(tl.sum(total, axis=2), axis=0) / count
+                total = _sweep_tile(total, rows, add_row, stride_add_c, C, HW, chunk_size, num_chunks, num_groups,
+                                    group_size, g0, ji * BLOCK_G, k0, mean, False, HAS_ADD, BLOCK_K, BLOCK_GROUPS,
+                                    BLOCK_G)
+    mean = tl.sum(tl.sum(total, axis=2), axis=0) * inv_count
 
     total = tl.zeros([BLOCK_K, BLOCK_GROUPS, BLOCK_G], dtype=tl.float32)
-    if ITERS_G > 0:
-        for ji in range(0, ITERS_G):
+    for ji in range(0, ITERS_G):
+        if ITERS_K > 0:
             for ki in range(0, ITERS_K):
-                total = _sweep_tile(total, rows, add_row, stride_add_c, C, HW, num_chunks, num_groups, group_size, g0,
-                                    ji * BLOCK_G, ki * BLOCK_K, mean, True, HAS_ADD, BLOCK_P, BLOCK_K, BLOCK_GROUPS,
-                                    BLOCK_G)
-    else:
-        for j0 in range(0, group_size, BLOCK_G):
+                total = _sweep_tile(total, rows, add_row, stride_add_c, C, HW, chunk_size, num_chunks, num_groups,
+                                    group_size, g0, ji * BLOCK_G, ki * BLOCK_K, mean, True, HAS_ADD, BLOCK_K,
+                                    BLOCK_GROUPS, BLOCK_G)
+        else:
             for k0 in range(0, num_chunks, BLOCK_K):
-                total = _sweep_tile(total, rows, add_row, stride_add_c, C, HW, num_chunks, num_groups, group_size, g0,
-                                    j0, k0, mean, True, HAS_ADD, BLOCK_P, BLOCK_K, BLOCK_GROUPS, BLOCK_G)
-    if IEEE_MATH:
-        rstd = tl.div_rn(tl.full([BLOCK_GROUPS], 1.0, tl.float32),
-                         tl.sqrt_rn(tl.div_rn(tl.sum(tl.sum(total, axis=2), axis=0), count) + eps))
-    else:
-        rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(total, axis=2), axis=0) / count + eps)
+                total = _sweep_tile(total, rows, add_row, stride_add_c, C, HW, chunk_size, num_chunks, num_groups,
+                                    group_size, g0, ji * BLOCK_G, k0, mean, True, HAS_ADD, BLOCK_K, BLOCK_GROUPS,
+                                    BLOCK_G)
+    rstd = tl.math.rsqrt(tl.sum(tl.sum(total, axis=2), axis=0) * inv_count + eps)
 
     coef = coef_ptr + b.to(tl.int64) * (3 * C)
-    if ITERS_G > 0:
-        for ji in range(0, ITERS_G):
-            _store_coefficients(coef, weight_ptr, bias_ptr, add_row, stride_w, stride_bias, stride_add_c, num_groups,
-                                group_size, C, g0, ji * BLOCK_G, mean, rstd, HAS_WEIGHT, HAS_BIAS, HAS_ADD,
-                                BLOCK_GROUPS, BLOCK_G)
-    else:
-        for j0 in range(0, group_size, BLOCK_G):
-            _store_coefficients(coef, weight_ptr, bias_ptr, add_row, stride_w, stride_bias, stride_add_c, num_groups,
-                                group_size, C, g0, j0, mean, rstd, HAS_WEIGHT, HAS_BIAS, HAS_ADD, BLOCK_GROUPS,
-                                BLOCK_G)
+    for ji in range(0, ITERS_G):
+        _store_coefficients(coef, weight_ptr, bias_ptr, add_row, stride_w, stride_bias, stride_add_c, num_groups,
+                            group_size, C, g0, ji * BLOCK_G, mean, rstd, HAS_WEIGHT, HAS_BIAS, HAS_ADD,
+                            BLOCK_GROUPS, BLOCK_G)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_APPLY_INTS)
 def _group_norm_apply_kernel(
     x_ptr, y_ptr, coef_ptr,
     C, HW, num_chunks,
@@ -343,55 +339,48 @@ def _channel_block(channels: int) -> int:
     return min(128, triton.next_power_of_2(max(channels, 1)))
 
 
-def launch_config(batch: int, channels: int, hw: int, layout: int, min_programs: int = _MIN_PROGRAMS) -> dict:
-    """Tiles of the statistics and apply kernels (BLOCK_P positions x BLOCK_C channels, num_warps) and of the
-    finalize kernel (BLOCK_K chunks x BLOCK_G channels, finalize_warps), from the shape and the layout alone (so
-    scripts/triton_aot_check.py compiles exactly what a launch gets).
+def launch_config(batch: int, channels: int, hw: int, layout: int, element_size: int = 2) -> dict:
+    """Tiles of the statistics and apply kernels (BLOCK_P positions x BLOCK_C channels, num_warps) from the shape and
+    the layout alone (scripts/triton_aot_check.py compiles exactly what a launch gets).
 
-    channels_last / strided: channel blocks of _channel_block(C), positions filling a _TILE-element tile; NCHW:
-    up to 1024 positions per row, channels filling the tile. Grids under ``min_programs`` programs halve the tile
-    (positions first) down to _MIN_TILE elements (the interpreter passes 1: it pays per program, not per element)."""
+    channels_last / strided: channel blocks of _channel_block(C) (64 or 128 at SD's channel counts), positions filling
+    a _TILE-element tile; NCHW: up to 1024 positions per row, channels filling the tile. Every SD shape therefore
+    takes one of two channels_last tiles (three NCHW ones) per dtype: one JIT compile each, which a fresh process
+    pays on its first UNet call. Small levels are not split further to fill the SMs (SD's smallest, 2 x 1280 x 8 x 8,
+    is 40 programs of 4096 elements: its time is launch latency either way)."""
     hw_pow2 = triton.next_power_of_2(max(hw, 1))
-    c_pow2 = triton.next_power_of_2(max(channels, 1))
     if layout == LAYOUT_PIXELS:
         block_p = min(hw_pow2, 1024)
-        block_c = min(c_pow2, max(1, _TILE // block_p))
+        block_c = min(triton.next_power_of_2(max(channels, 1)), max(1, _TILE // block_p))
     else:
         block_c = _channel_block(channels)
         block_p = min(hw_pow2, max(1, _TILE // block_c))
-
-    def programs(bp, bc):
-        return batch * triton.cdiv(hw, bp) * triton.cdiv(channels, bc)
-
-    while programs(block_p, block_c) < min_programs and block_p * block_c > _MIN_TILE:
-        if layout == LAYOUT_PIXELS and block_c > 1:
-            block_c //= 2
-        elif block_p > 1:
-            block_p //= 2
-        else:
-            block_c //= 2
     tile = block_p * block_c
     num_warps = 4 if tile >= 2048 else (2 if tile >= 1024 else 1)
-
+    if element_size >= 4 and tile >= 4096:
+        # fp32: 16 elements per thread. At 32 (4 warps) the IEEE SiLU's registers made ptxas spill 16 B on sm_80
+        # (offline ptxas -v, scripts/triton_aot_check.py).
+        num_warps = 8
     return dict(BLOCK_P=block_p, BLOCK_C=block_c, num_warps=num_warps, num_chunks=triton.cdiv(hw, block_p))
 
 
 def finalize_config(num_chunks: int, num_groups: int, group_size: int, interpreted: bool = False) -> dict:
-    """The finalize kernel's [BLOCK_K chunks, BLOCK_GROUPS groups, BLOCK_G channels] tile and warps. GPU: up to 128
-    (group, channel) columns (BLOCK_G = the group size's power of two, at most 128, times as many groups as fit: SD's
-    32 groups of 10 ... 80 channels make 4 ... 32 programs per sample) by as many chunks as fill _FINALIZE_TILE
-    values; the program loops over the rest. The interpreter pays per program and per operation, not per element:
-    one program per sample, one tile over every group, channel and chunk (capped at 2^16 values)."""
+    """The finalize kernel's [BLOCK_K chunks, BLOCK_GROUPS groups, BLOCK_G channels] tile and warps. GPU: 128 (group,
+    channel) columns (BLOCK_G = the group size's power of two, at most 128, times as many groups as fit: SD's 32
+    groups of 10 ... 80 channels make 4 ... 32 programs per sample) by _FINALIZE_TILE / 128 chunks, whatever the
+    chunk count (the program loops over more; fewer are masked), so SD's six group sizes take four compiles. The
+    interpreter pays per program and per operation, not per element: one program per sample, one tile over every
+    group, channel and chunk (capped at 2^16 values)."""
     block_g = min(128, triton.next_power_of_2(max(group_size, 1)))
     groups_pow2 = triton.next_power_of_2(max(num_groups, 1))
-    chunks_pow2 = triton.next_power_of_2(max(num_chunks, 1))
     if interpreted:
+        chunks_pow2 = triton.next_power_of_2(max(num_chunks, 1))
         block_groups = groups_pow2
         block_k = max(1, min(chunks_pow2, (1 << 16) // (block_groups * block_g)))
         return dict(BLOCK_K=block_k, BLOCK_GROUPS=block_groups, BLOCK_G=block_g, num_warps=4)
     block_g = min(block_g, _FINALIZE_TILE)
     block_groups = max(1, min(groups_pow2, 128 // block_g))
-    block_k = max(1, min(chunks_pow2, _FINALIZE_TILE // (block_groups * block_g)))
+    block_k = max(1, _FINALIZE_TILE // (block_groups * block_g))
     tile = block_k * block_groups * block_g
     return dict(BLOCK_K=block_k, BLOCK_GROUPS=block_groups, BLOCK_G=block_g,
                 num_warps=4 if tile >= 1024 else (2 if tile >= 256 else 1))
@@ -426,7 +415,7 @@ class Plan:
                  "apply_layout", "cfg", "fin", "num_chunks", "group_blocks", "stats_grid", "finalize_grid", "workspace",
                  "coef_offset")
 
-    def __init__(self, shape, x_strides, y_strides, num_groups: int):
+    def __init__(self, shape, x_strides, y_strides, num_groups: int, element_size: int):
         self.batch, self.channels = int(shape[0]), int(shape[1])
         self.copy_in = self.copy_out = False
         xs = _collapse_spatial(shape, x_strides)
@@ -448,8 +437,7 @@ class Plan:
         self.stats_layout = _layout_of(self.x_strides[1], self.x_strides[2], self.channels, self.hw)
         y_layout = _layout_of(self.y_strides[1], self.y_strides[2], self.channels, self.hw)
         self.apply_layout = self.stats_layout if y_layout == self.stats_layout else LAYOUT_STRIDED
-        self.cfg = launch_config(self.batch, self.channels, self.hw, self.stats_layout,
-                                 1 if _INTERPRETED else _MIN_PROGRAMS)
+        self.cfg = launch_config(self.batch, self.channels, self.hw, self.stats_layout, element_size)
         self.num_chunks = self.cfg["num_chunks"]
         self.fin = finalize_config(self.num_chunks, num_groups, self.channels // num_groups, _INTERPRETED)
         self.stats_grid = (self.batch * self.num_chunks, triton.cdiv(self.channels, self.cfg["BLOCK_C"]))
@@ -471,13 +459,13 @@ _PLANS: dict = {}
 _PLANS_MAX = 512  # a UNet uses a few dozen (shape, layout) keys
 
 
-def plan_launch(shape, x_strides, y_strides, num_groups: int) -> Plan:
-    key = (tuple(shape), tuple(x_strides), tuple(y_strides), num_groups)
+def plan_launch(shape, x_strides, y_strides, num_groups: int, element_size: int) -> Plan:
+    key = (tuple(shape), tuple(x_strides), tuple(y_strides), num_groups, element_size)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= _PLANS_MAX:
             _PLANS.clear()
-        plan = _PLANS[key] = Plan(tuple(int(n) for n in shape), x_strides, y_strides, num_groups)
+        plan = _PLANS[key] = Plan(tuple(int(n) for n in shape), x_strides, y_strides, num_groups, element_size)
     return plan
 
 
@@ -497,29 +485,33 @@ def kernel_arguments(x, y, workspace, weight, bias, channel_add, num_groups: int
                          [xb, yb] + ([xp, yp] if plan.apply_layout == LAYOUT_CHANNELS else [xc, yc]))
     coef = workspace[plan.coef_offset:]
     cfg, fin = plan.cfg, plan.fin
+    # Element-wise accesses (ALIGN 1: misaligned views, odd strides) keep one 64-bit address per element in
+    # registers: twice the warps for the same tile (168-185 registers at 4 warps left 8-12 warps per SM).
+    stats_warps = cfg["num_warps"] * (2 if stats_align == 1 and cfg["num_warps"] == 4 else 1)
+    apply_warps = cfg["num_warps"] * (2 if apply_align == 1 and cfg["num_warps"] == 4 else 1)
     group_size = plan.channels // num_groups
     stats = (_group_norm_stats_kernel, plan.stats_grid,
              [x, workspace, plan.channels, plan.hw, plan.num_chunks, xb, xc, xp],
              dict(LAYOUT=plan.stats_layout, ALIGN=stats_align, IEEE_MATH=ieee, BLOCK_P=cfg["BLOCK_P"],
-                  BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"]))
+                  BLOCK_C=cfg["BLOCK_C"], num_warps=stats_warps))
     finalize = (_group_norm_finalize_kernel, plan.finalize_grid,
                 [workspace, workspace if weight is None else weight, workspace if bias is None else bias,
                  workspace if channel_add is None else channel_add, coef,
-                 plan.channels, plan.hw, plan.num_chunks, num_groups, group_size, plan.group_blocks,
+                 plan.channels, plan.hw, cfg["BLOCK_P"], plan.num_chunks, num_groups, group_size, plan.group_blocks,
                  0 if weight is None else weight.stride(0), 0 if bias is None else bias.stride(0),
                  0 if channel_add is None or plan.batch == 1 else channel_add.stride(0),
-                 0 if channel_add is None else channel_add.stride(1), float(eps)],
+                 0 if channel_add is None else channel_add.stride(1),
+                 1.0 / (plan.hw * group_size), float(eps)],
                 dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_ADD=channel_add is not None,
-                     IEEE_MATH=ieee, BLOCK_P=cfg["BLOCK_P"], BLOCK_K=fin["BLOCK_K"],
-                     BLOCK_GROUPS=fin["BLOCK_GROUPS"], BLOCK_G=fin["BLOCK_G"],
-                     # The interpreter needs constexpr trip counts (see the kernel); compiled kernels take 0.
+                     BLOCK_K=fin["BLOCK_K"], BLOCK_GROUPS=fin["BLOCK_GROUPS"], BLOCK_G=fin["BLOCK_G"],
+                     ITERS_G=triton.cdiv(group_size, fin["BLOCK_G"]),
+                     # The interpreter needs a constexpr chunk trip count (see the kernel); compiled kernels 0.
                      ITERS_K=0 if compiled else triton.cdiv(plan.num_chunks, fin["BLOCK_K"]),
-                     ITERS_G=0 if compiled else triton.cdiv(group_size, fin["BLOCK_G"]),
                      num_warps=fin["num_warps"]))
     apply = (_group_norm_apply_kernel, plan.stats_grid,
              [x, y, coef, plan.channels, plan.hw, plan.num_chunks, xb, xc, xp, yb, yc, yp],
              dict(LAYOUT=plan.apply_layout, ALIGN=apply_align, APPLY_SILU=bool(apply_silu), IEEE_MATH=ieee,
-                  BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"]))
+                  BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"], num_warps=apply_warps))
     return [stats, finalize, apply]
 
 
@@ -536,7 +528,7 @@ def group_norm_silu_triton_impl(x: torch.Tensor, weight, bias, num_groups: int, 
     out = allocate_group_norm_output(x)
     if x.numel() == 0:
         return out
-    plan = plan_launch(x.shape, x.stride(), out.stride(), num_groups)
+    plan = plan_launch(x.shape, x.stride(), out.stride(), num_groups, x.element_size())
     x_in = x.contiguous() if plan.copy_in else x
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if plan.copy_out else out
     workspace = _workspace(plan.workspace, x.device)
