@@ -26,9 +26,9 @@ def group_norm_silu_composite(x: torch.Tensor, weight, bias, num_groups: int, ep
     """F.group_norm (+ SiLU in place), the output laid out like ``torch.empty_like(x)``."""
     op = "group_norm_silu"
     check_group_norm_args(op, x, weight, bias, num_groups, eps, channel_add)
-    like = allocate_group_norm_output(x)
     if x.numel() == 0:
-        return like
+        return allocate_group_norm_output(x)
+    layout = x
     if channel_add is not None:
         x = x + channel_add.to(x.dtype).reshape(tuple(channel_add.shape) + (1,) * (x.dim() - 2))
     # F.group_norm takes weight/bias in x's dtype only; the kernels take any of the three float dtypes.
@@ -39,8 +39,12 @@ def group_norm_silu_composite(x: torch.Tensor, weight, bias, num_groups: int, ep
     y = F.group_norm(x, num_groups, weight, bias, eps)
     if apply_silu:
         y = F.silu(y, inplace=True)
+    if y.stride() == layout.stride():
+        return y  # the common case (PyTorch kept x's layout), without allocating the expected layout to compare
+    like = allocate_group_norm_output(layout)
     if y.stride() != like.stride():
-        # PyTorch keeps channels_last and contiguous inputs' layouts; other views come back contiguous.
+        # PyTorch keeps most channels_last and contiguous inputs' layouts; other views (and batch-1 channels_last
+        # inputs) come back contiguous.
         return like.copy_(y)
     return y
 

@@ -801,9 +801,10 @@ _KERNEL_FNS = {"group_norm_stats": ("ddim_fast.triton.group_norm", "_group_norm_
                "attention": ("ddim_fast.triton.attention", "_attention_kernel")}
 
 
-# The kernel families --kernel selects, each with the function that enumerates its launches (in run order).
-_FAMILIES = {"ddim_step": step_variants, "attention": attention_variants, "group_norm": group_norm_variants,
-             "geglu": geglu_variants}
+# The kernel families --kernel selects, each with the name of the function that enumerates its launches (in run
+# order; looked up when main runs, so tests can replace one).
+_FAMILIES = {"ddim_step": "step_variants", "attention": "attention_variants", "group_norm": "group_norm_variants",
+             "geglu": "geglu_variants"}
 
 
 def _kernel_fn(kernel: str):
@@ -1022,7 +1023,7 @@ def main(argv: list[str] | None = None) -> int:
     variants: list[Variant] = []
     for arch in archs:
         for family in kernels:
-            variants += _FAMILIES[family](arch, args.quick)
+            variants += globals()[_FAMILIES[family]](arch, args.quick)
     unique: dict[tuple, tuple[Variant, tuple]] = {}
     for variant in variants:
         spec = specialize(variant)
