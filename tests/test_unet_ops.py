@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DTYPES, TOLERANCES, assert_fully_written, assert_rel_close, misaligned, requires_cuda
+from conftest import DTYPES, assert_fully_written, assert_rel_close, misaligned, requires_cuda
 from ddim_fast import reference, unet_ops
 from ddim_fast._library import interpreting
 
