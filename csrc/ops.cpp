@@ -54,4 +54,18 @@ TORCH_LIBRARY(ddim_fast, m) {
       "str prediction_type, float? clip_range, Tensor? x0_threshold, bool use_clipped_model_output, "
       "Tensor? noise, Tensor? rng_state, float temperature, Tensor(a!) out, Tensor(b!)? pred_x0_out) -> ()");
   m.def("attention_triton(Tensor q, Tensor k, Tensor v, float scale, Tensor? mask) -> Tensor");
+
+  // The UNet body's non-GEMM hot paths (ddim_fast/unet_ops.py). No C++ kernels: the CPU kernel is PyTorch's own
+  // composite and the CUDA kernel the Triton one, both registered from Python (ddim_fast/_library.py).
+  // GroupNorm over [B, C, *spatial] (any strides; the output is laid out like empty_like(x)), optionally with a
+  // per-(sample, channel) value channel_add [B, C] added to x first and SiLU after the affine transform.
+  m.def(
+      "group_norm_silu(Tensor x, Tensor? weight, Tensor? bias, int num_groups, float eps, bool apply_silu, "
+      "Tensor? channel_add=None) -> Tensor");
+  // diffusers' GEGLU after its projection: h [..., 2D] -> h[..., :D] * gelu(h[..., D:]) (erf GELU), [..., D].
+  m.def("geglu(Tensor h) -> Tensor");
+  m.def(
+      "group_norm_silu_triton(Tensor x, Tensor? weight, Tensor? bias, int num_groups, float eps, bool apply_silu, "
+      "Tensor? channel_add=None) -> Tensor");
+  m.def("geglu_triton(Tensor h) -> Tensor");
 }

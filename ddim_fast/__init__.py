@@ -2,7 +2,8 @@
 
 Drop-ins: ``FastDDIMSampler`` (ldm ``DDIMSampler``), ``FastDDIMScheduler`` / ``FastDDIMInverseScheduler``
 (diffusers), ``patch_attention`` / ``FusedAttnProcessor`` (fused attention); ``optimize(pipe)`` /
-``restore(pipe)`` do all of it to a diffusers pipeline in one call, CUDA-graphed UNet included. Low level: ``ddim_fast.ops``
+``restore(pipe)`` do all of it to a diffusers pipeline in one call, CUDA-graphed UNet included; ``fuse_unet_body``
+/ ``unfuse_unet_body`` put the fused GroupNorm(+SiLU) and GEGLU ops into a diffusers UNet. Low level: ``ddim_fast.ops``
 and the ``torch.ops.ddim_fast`` operators, which importing this package registers. Architecture:
 docs/design.md.
 """
@@ -28,6 +29,10 @@ _LAZY = {
     "FusedAttnProcessor": "ddim_fast.attention_processors",
     "fuse_attention": "ddim_fast.attention_processors",
     "unfuse_attention": "ddim_fast.attention_processors",
+    "fuse_unet_body": "ddim_fast.unet_fusion",
+    "unfuse_unet_body": "ddim_fast.unet_fusion",
+    "unet_fusion": "ddim_fast.unet_fusion",
+    "unet_ops": "ddim_fast.unet_ops",
     "optimize": "ddim_fast.pipeline",
     "restore": "ddim_fast.pipeline",
     "optimized_state": "ddim_fast.pipeline",

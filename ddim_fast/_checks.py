@@ -167,3 +167,68 @@ def check_mask(op: str, mask: torch.Tensor, score_shape: tuple, dtype: torch.dty
         if m != s and (last or m != 1):
             raise ValueError(f"{op}: mask shape {tuple(mask.shape)} does not fit scores {score_shape}: dim {d} "
                              f"must be {s}{'' if last else ' or 1'} (only size-1 dims are broadcast)")
+
+
+# --------------------------------------------------------------------------------------------------
+# UNet-body ops: group_norm_silu and geglu (every kernel, fake kernel and the front door)
+# --------------------------------------------------------------------------------------------------
+
+
+def _shape_str(shape) -> str:
+    return "[" + ", ".join(str(int(n)) for n in shape) + "]"
+
+
+def check_group_norm_args(op: str, x, weight, bias, num_groups, eps, channel_add) -> None:
+    """x a float32/float16/bfloat16 tensor [B, C, *spatial] (at least 2 dims, any strides); num_groups an int
+    > 0 dividing C; eps a finite float >= 0; weight and bias None or float tensors [C]; channel_add None or a
+    float tensor [B, C] (any strides, stride 0 broadcasts); all on x's device."""
+    require_float_tensor(op, "x", x)
+    if x.dim() < 2:
+        raise ValueError(f"{op}: x must be [B, C, *spatial] with at least 2 dims, got shape {_shape_str(x.shape)}")
+    channels = int(x.shape[1])
+    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
+        raise TypeError(f"{op}: num_groups must be an int, got {type(num_groups).__name__}")
+    if num_groups <= 0:
+        raise ValueError(f"{op}: num_groups must be > 0, got {num_groups}")
+    if channels % num_groups != 0:
+        raise ValueError(f"{op}: num_groups ({num_groups}) must divide the channel count C = x.shape[1] = {channels}")
+    finite_float(op, "eps", eps, minimum=0.0)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        require_float_tensor(op, name, t)
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} must be on x's device {x.device}, got {t.device}")
+        if t.dim() != 1 or t.shape[0] != channels:
+            raise ValueError(f"{op}: {name} must be [C] = [{channels}], got shape {_shape_str(t.shape)}")
+    if channel_add is not None:
+        require_float_tensor(op, "channel_add", channel_add)
+        if channel_add.device != x.device:
+            raise ValueError(f"{op}: channel_add must be on x's device {x.device}, got {channel_add.device}")
+        if tuple(channel_add.shape) != (int(x.shape[0]), channels):
+            raise ValueError(f"{op}: channel_add must be [B, C] = [{int(x.shape[0])}, {channels}] (one value per "
+                             f"sample and channel, added to x before normalizing), got shape "
+                             f"{_shape_str(channel_add.shape)}")
+
+
+def check_geglu_args(op: str, h) -> int:
+    """h a float32/float16/bfloat16 tensor [..., 2D] (at least 1 dim, even last dim). Returns D."""
+    require_float_tensor(op, "h", h)
+    if h.dim() < 1:
+        raise ValueError(f"{op}: h must be [..., 2*D] (the GEGLU projection's output), got a 0-dim tensor")
+    if h.shape[-1] % 2 != 0:
+        raise ValueError(f"{op}: h's last dim must be even ([..., 2*D]: values then gates), got shape "
+                         f"{_shape_str(h.shape)}")
+    return int(h.shape[-1]) // 2
+
+
+def allocate_group_norm_output(x: torch.Tensor) -> torch.Tensor:
+    """group_norm_silu's output: ``torch.empty_like(x)`` (channels_last stays channels_last; NCHW stays NCHW; a
+    non-dense view gets x's suggested memory format), what every backend and the fake kernel return."""
+    return torch.empty_like(x)
+
+
+def allocate_geglu_output(h: torch.Tensor) -> torch.Tensor:
+    """geglu's output: a new contiguous [..., D] tensor in h's dtype (what diffusers' ``a * gelu(gate)`` gives for
+    a contiguous projection output)."""
+    return torch.empty((*h.shape[:-1], h.shape[-1] // 2), dtype=h.dtype, device=h.device)

@@ -3,9 +3,11 @@
 * Loads the C++ extension ``ddim_fast._C``: that defines every schema (csrc/ops.cpp) and registers the C++
   CPU and CUDA kernels (csrc/cpu, csrc/cuda).
 * Registers the fake (meta) kernels of every op, for ``torch.compile``, ``opcheck`` and meta tensors.
-* Registers the Triton kernels (``ddim_step_triton``, ``ddim_step_triton_out``, ``attention_triton``, and the
-  CUDA kernel of ``attention``) as thin functions that import ``ddim_fast.triton`` on their first call:
-  importing the package does not import Triton, so it costs little more than ``import torch``.
+* Registers the Triton kernels (``ddim_step_triton``, ``ddim_step_triton_out``, ``attention_triton``,
+  ``group_norm_silu_triton``, ``geglu_triton``, and the CUDA kernels of ``attention``, ``group_norm_silu`` and
+  ``geglu``) as thin functions that import ``ddim_fast.triton`` on their first call: importing the package does
+  not import Triton, so it costs little more than ``import torch``.
+* Registers the CPU kernels of ``group_norm_silu`` and ``geglu``: PyTorch's own composites (``_composite``).
 * Answers which backends exist, as module-level constants that ``torch.compile`` reads without tracing
   the dispatcher (``has_native_kernel``, ``triton_found``).
 """
@@ -18,7 +20,9 @@ import os
 
 import torch
 
-from ddim_fast._checks import allocate_step_outputs, check_softmax_scale
+from ddim_fast import _composite
+from ddim_fast._checks import (allocate_geglu_output, allocate_group_norm_output, allocate_step_outputs,
+                               check_softmax_scale)
 
 try:
     from ddim_fast import _C  # noqa: F401  (loading the library registers the schemas and C++ kernels)
@@ -115,10 +119,27 @@ def _attention_fake(q, k, v, scale, mask):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
+def _group_norm_silu_fake(x, weight, bias, num_groups, eps, apply_silu, channel_add=None):
+    for name, t in (("weight", weight), ("bias", bias), ("channel_add", channel_add)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"group_norm_silu: {name} must be on x's device {x.device}, got {t.device}")
+    if x.dim() < 2:
+        raise ValueError(f"group_norm_silu: x must be [B, C, *spatial] with at least 2 dims, got {x.dim()} dims")
+    return allocate_group_norm_output(x)
+
+
+def _geglu_fake(h):
+    if h.dim() < 1:
+        raise ValueError("geglu: h must be [..., 2*D] (the GEGLU projection's output), got a 0-dim tensor")
+    return allocate_geglu_output(h)
+
+
 for _name, _fake in (("ddim_step", _ddim_step_fake), ("ddim_step_triton", _ddim_step_fake),
                      ("ddim_step_out", _ddim_step_out_fake), ("ddim_step_triton_out", _ddim_step_out_fake),
                      ("scaled_masked_softmax", _softmax_fake), ("scaled_masked_softmax_", _softmax_inplace_fake),
-                     ("attention", _attention_fake), ("attention_triton", _attention_fake)):
+                     ("attention", _attention_fake), ("attention_triton", _attention_fake),
+                     ("group_norm_silu", _group_norm_silu_fake), ("group_norm_silu_triton", _group_norm_silu_fake),
+                     ("geglu", _geglu_fake), ("geglu_triton", _geglu_fake)):
     torch.library.register_fake(f"ddim_fast::{_name}", _fake)
 
 
@@ -168,3 +189,26 @@ torch.library.register_kernel("ddim_fast::attention_triton", ("cpu", "cuda"), _a
 # ddim_fast::attention has a C++ CPU kernel; on CUDA its kernel is the Triton one.
 if not has_native_kernel("cuda", "attention"):
     torch.library.register_kernel("ddim_fast::attention", "cuda", _attention_triton)
+
+
+# The UNet-body ops (ddim_fast/unet_ops.py) have no C++ kernels: on the CPU PyTorch's own composite
+# (ddim_fast/_composite.py), on CUDA the Triton kernels (the composite when triton is not installed).
+def _group_norm_silu_triton(x, weight, bias, num_groups, eps, apply_silu, channel_add=None):
+    return triton_module("group_norm").group_norm_silu_triton_impl(x, weight, bias, num_groups, eps, apply_silu,
+                                                                  channel_add)
+
+
+def _geglu_triton(h):
+    return triton_module("geglu").geglu_triton_impl(h)
+
+
+torch.library.register_kernel("ddim_fast::group_norm_silu_triton", ("cpu", "cuda"), _group_norm_silu_triton)
+torch.library.register_kernel("ddim_fast::geglu_triton", ("cpu", "cuda"), _geglu_triton)
+torch.library.register_kernel("ddim_fast::group_norm_silu", "cpu", _composite.group_norm_silu_composite)
+torch.library.register_kernel("ddim_fast::geglu", "cpu", _composite.geglu_composite)
+if TRITON_FOUND:
+    torch.library.register_kernel("ddim_fast::group_norm_silu", "cuda", _group_norm_silu_triton)
+    torch.library.register_kernel("ddim_fast::geglu", "cuda", _geglu_triton)
+else:  # pragma: no cover - CUDA without triton
+    torch.library.register_kernel("ddim_fast::group_norm_silu", "cuda", _composite.group_norm_silu_composite)
+    torch.library.register_kernel("ddim_fast::geglu", "cuda", _composite.geglu_composite)

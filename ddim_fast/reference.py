@@ -231,6 +231,44 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, m
     return torch.matmul(probs, v.to(compute_dtype))
 
 
+# ----------------------------------------------------------------------------------------------------
+# UNet body: GroupNorm (+ SiLU), GEGLU
+# ----------------------------------------------------------------------------------------------------
+
+
+def group_norm_silu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, num_groups: int,
+                    eps: float, apply_silu: bool, channel_add: torch.Tensor | None = None,
+                    compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """GroupNorm over x [B, C, *spatial] with ``num_groups`` groups of C / num_groups consecutive channels:
+    per (sample, group), mean and biased variance over the group's channels and every spatial position;
+    y = (x' - mean) / sqrt(var + eps) * weight[c] + bias[c] with x' = x + channel_add[b, c] (when given, [B, C]);
+    then SiLU y * sigmoid(y) when ``apply_silu``. Returns compute_dtype, laid out like ``torch.empty_like(x)``."""
+    batch, channels = x.shape[0], x.shape[1]
+    spatial = tuple(x.shape[2:])
+    ones = (1,) * len(spatial)
+    v = x.to(compute_dtype)
+    if channel_add is not None:
+        v = v + channel_add.to(compute_dtype).reshape(batch, channels, *ones)
+    grouped = v.reshape(batch, num_groups, -1)
+    mean = grouped.mean(dim=2, keepdim=True)
+    var = ((grouped - mean) ** 2).mean(dim=2, keepdim=True)
+    y = ((grouped - mean) / torch.sqrt(var + eps)).reshape(v.shape)
+    if weight is not None:
+        y = y * weight.to(compute_dtype).reshape(channels, *ones)
+    if bias is not None:
+        y = y + bias.to(compute_dtype).reshape(channels, *ones)
+    if apply_silu:
+        y = y * torch.sigmoid(y)
+    return like_input(y, x)
+
+
+def geglu(h: torch.Tensor, compute_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """diffusers' GEGLU after its projection: h [..., 2D] = [values, gates] -> values * gelu(gates) [..., D], with
+    the exact (erf) GELU g * (1 + erf(g / sqrt(2))) / 2 (``F.gelu``'s default). Returns compute_dtype."""
+    values, gates = h.to(compute_dtype).chunk(2, dim=-1)
+    return values * (0.5 * gates * (1.0 + torch.erf(gates * (2.0 ** -0.5))))
+
+
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64 (0 for two empty tensors)."""
     out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()

@@ -14,7 +14,8 @@ What it checks (every failure is printed; exit status 1 if any):
   ``ddim_step_out``, ``scaled_masked_softmax`` and ``scaled_masked_softmax_`` have C++ kernels for CPU
   (csrc/cpu) and CUDA (csrc/cuda); ``attention`` has a C++ CPU kernel and, on CUDA, the Triton kernel
   registered from Python; the Triton ops (``ddim_step_triton``, ``ddim_step_triton_out``,
-  ``attention_triton``) are registered from Python for CPU and CUDA; every op has its fake (Meta) kernel;
+  ``attention_triton``) are registered from Python for CPU and CUDA, as are both kernels of the UNet-body ops
+  (``group_norm_silu``, ``geglu`` and their ``_triton`` twins); every op has its fake (Meta) kernel;
   the namespace holds no op this table does not know;
 * ``_library.NATIVE_KERNELS`` (what backend='native' trusts) says the same;
 * a fake-tensor pass of every op on CUDA fake tensors (``FakeTensorMode``) and a pass on meta tensors:
@@ -48,6 +49,11 @@ EXPECTED = {
     "ddim_step_triton": {"CPU": "python", "CUDA": "python", "Meta": "python"},
     "ddim_step_triton_out": {"CPU": "python", "CUDA": "python", "Meta": "python"},
     "attention_triton": {"CPU": "python", "CUDA": "python", "Meta": "python"},
+    # The UNet-body ops: PyTorch's composite on the CPU, the Triton kernels on CUDA, all registered from Python.
+    "group_norm_silu": {"CPU": "python", "CUDA": "python", "Meta": "python"},
+    "group_norm_silu_triton": {"CPU": "python", "CUDA": "python", "Meta": "python"},
+    "geglu": {"CPU": "python", "CUDA": "python", "Meta": "python"},
+    "geglu_triton": {"CPU": "python", "CUDA": "python", "Meta": "python"},
 }
 
 _REGISTERED = re.compile(r"^(\w+): registered at (\S+?)(?::\d+)? \[(?:default backend )?kernel\]", re.M)
@@ -137,6 +143,13 @@ def op_calls(torch, device) -> list[tuple[str, tuple, list[tuple]]]:
         calls.append((op, (q, k, k, 40 ** -0.5, None), [((2, 8, 64, 40), half)]))
         mask3 = torch.empty(16, 1, 77, device=device, dtype=torch.bool)  # ldm: [B*H, Lq or 1, Lk]
         calls.append((op, (q.flatten(0, 1), k.flatten(0, 1), k.flatten(0, 1), 0.2, mask3), [((16, 64, 40), half)]))
+    h = torch.empty(2, 5, 8, 8, device=device, dtype=half).to(memory_format=torch.channels_last)
+    weight = torch.empty(5, device=device, dtype=half)
+    for op in ("group_norm_silu", "group_norm_silu_triton"):
+        calls.append((op, (h, weight, weight, 5, 1e-5, True, torch.empty(2, 5, device=device, dtype=half)),
+                      [((2, 5, 8, 8), half)]))
+    for op in ("geglu", "geglu_triton"):
+        calls.append((op, (torch.empty(2, 7, 16, device=device, dtype=half),), [((2, 7, 8), half)]))
     return calls
 
 

@@ -480,6 +480,169 @@ def attention_variants(arch: int, quick: bool) -> list[Variant]:
 
 
 # ----------------------------------------------------------------------------------------------------
+# group_norm / geglu variants (the UNet body's kernels)
+# ----------------------------------------------------------------------------------------------------
+
+# Every GroupNorm input an SD UNet has: the channel counts its blocks normalize (320 / 640 / 1280 down and mid,
+# 960 / 1920 / 2560 the up blocks' skip concatenations) at every level size of SD1.5/SD2 at 512 px (latents 64 ... 8)
+# and SDXL at 1024 px (128 ... 32), 32 groups, CFG batches of 1 and 4 images, channels_last (the layout optimize
+# runs) and NCHW. The launcher's tiles depend on (batch, C, size, layout) only: the shapes dedupe to a few
+# configurations per dtype.
+_GN_CHANNELS = (320, 640, 960, 1280, 1920, 2560)
+_GN_SIZES = (8, 16, 32, 64, 128)
+_GN_BATCHES = (2, 8)
+_GN_GROUPS = 32
+# The SD call sites' options: ResnetBlock2D norm1 (SiLU), norm2 (time-embedding add + SiLU), Transformer2DModel's
+# norm and conv_norm_out (plain GroupNorm); all with affine parameters of the activations' dtype.
+_GN_OPTIONS = (("norm1", True, False), ("norm2", True, True), ("norm", False, False))
+# A memory-bound stream: every compile must leave room for 16 resident warps per SM (as the step kernel).
+_STREAM_EXPECT = dict(min_warps_per_sm=16)
+_GN_KERNELS = ("stats", "finalize", "apply")
+
+
+def _gn_launches(gn, torch, dtype, shape, channels_last: bool, silu: bool, add: bool, affine_dtype=None,
+                 misaligned: bool = False, channel_stride: int = 1, groups: int = _GN_GROUPS):
+    """The three launches group_norm_silu_triton_impl makes for meta tensors of this shape (the launcher's own
+    plan and packing), and whether the plan aligned x/y for 16-byte accesses."""
+    batch, channels = shape[0], shape[1]
+    meta = dict(device="meta", dtype=dtype)
+    if channel_stride > 1:  # a channel-sliced view: neither axis unit-stride (LAYOUT 0)
+        x = torch.empty(batch, channels * channel_stride, *shape[2:], **meta)[:, ::channel_stride]
+    elif misaligned:  # storage offset of one element: no 16-byte alignment
+        numel = 1
+        for n in shape:
+            numel *= n
+        x = torch.empty(numel + 1, **meta)[1:].view(shape)
+        if channels_last:
+            x = torch.empty(numel + 1, **meta)[1:].view(shape[0], *shape[2:], shape[1]).permute(0, 3, 1, 2)
+    else:
+        x = torch.empty(shape, **meta)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+    y = torch.empty_like(x)
+    plan = gn.plan_launch(x.shape, x.stride(), y.stride(), groups, x.element_size())
+    if plan.copy_in or plan.copy_out:
+        raise RuntimeError(f"group_norm {shape}: the launcher copies this layout (pick another)")
+    workspace = torch.empty(plan.workspace, device="meta", dtype=torch.float32)
+    params = dict(device="meta", dtype=affine_dtype or dtype)
+    weight, bias = torch.empty(channels, **params), torch.empty(channels, **params)
+    channel_add = torch.empty(batch, channels, **meta) if add else None
+    launches = gn.kernel_arguments(x, y, workspace, weight, bias, channel_add, groups, 1e-5, silu, plan)
+    return plan, launches
+
+
+def group_norm_variants(arch: int, quick: bool) -> list[Variant]:
+    import torch
+
+    from ddim_fast.triton import group_norm as gn
+
+    expected = {"stats": ["x_ptr", "part_ptr", "C", "HW", "num_chunks"],
+                "finalize": ["part_ptr", "weight_ptr", "bias_ptr", "add_ptr", "coef_ptr"],
+                "apply": ["x_ptr", "y_ptr", "coef_ptr", "C", "HW", "num_chunks"]}
+    for name, prefix in expected.items():
+        fn = getattr(gn, f"_group_norm_{name}_kernel")
+        if fn.arg_names[:len(prefix)] != prefix:
+            raise RuntimeError(f"group_norm._group_norm_{name}_kernel parameters changed ({fn.arg_names}); update "
+                               "scripts/triton_aot_check.py group_norm_variants to the launcher's argument order")
+    dtypes = (torch.float16,) if quick else (torch.float16, torch.bfloat16, torch.float32)
+    layouts = (True,) if quick else (True, False)
+    variants = []
+
+    def add_launches(dname, layout_label, user, plan, launches, sd: bool):
+        for kind, (kernel, _grid, args, kwargs) in zip(_GN_KERNELS, launches):
+            expect = dict(_STREAM_EXPECT)
+            # The SD paths (aligned, channels or positions unit-stride) must move 16 bytes per x / y access; the
+            # finalize kernel reads a few KiB of fp32 partials per program and has no width requirement.
+            if sd and kind != "finalize" and kwargs.get("ALIGN", 1) > 1:
+                expect["load_bytes"] = 16
+                if kind == "apply":
+                    expect["store_bytes"] = 16
+            if kind == "finalize":
+                config = (f"BK={kwargs['BLOCK_K']} BGr={kwargs['BLOCK_GROUPS']} BG={kwargs['BLOCK_G']} "
+                          f"w={kwargs['num_warps']}")
+            else:
+                config = (f"L={kwargs['LAYOUT']} A={kwargs['ALIGN']} BP={kwargs['BLOCK_P']} BC={kwargs['BLOCK_C']} "
+                          f"w={kwargs['num_warps']}")
+            group = f"{dname} {kind} {config}"
+            variants.append(Variant(f"group_norm_{kind}", arch, group, f"{layout_label} {user}", list(args),
+                                    dict(kwargs), [user], expect))
+
+    for dtype in dtypes:
+        dname = DTYPE_NAMES[str(dtype).removeprefix("torch.")]
+        for channels_last in layouts:
+            layout_label = "channels_last" if channels_last else "nchw"
+            for batch, channels, size in itertools.product(_GN_BATCHES, _GN_CHANNELS, _GN_SIZES):
+                shape = (batch, channels, size, size)
+                for option, silu, add in _GN_OPTIONS:
+                    plan, launches = _gn_launches(gn, torch, dtype, shape, channels_last, silu, add)
+                    add_launches(dname, layout_label, f"{option} {batch}x{channels}x{size}x{size}", plan, launches,
+                                 sd=True)
+        if quick:
+            continue
+        # fp32 parameters under fp16/bf16 activations (autocast's fp32 master weights): the finalize kernel's
+        # pointer types change.
+        if dtype != torch.float32:
+            plan, launches = _gn_launches(gn, torch, dtype, (2, 320, 64, 64), True, True, True, torch.float32)
+            add_launches(dname, "channels_last", "fp32-params 2x320x64x64", plan, launches, sd=True)
+        # Off the SD paths (element-wise accesses, correct and compiled clean): misaligned views, a channel-sliced
+        # view (neither axis unit-stride), small groups (3 channels), channels not a multiple of 16 bytes (20 in 4
+        # groups), a [B, C, L] view (the VAE's attention norm), a single pixel ([N, C]).
+        edge = [("misaligned", dict(shape=(2, 320, 64, 64), channels_last=True, misaligned=True)),
+                ("misaligned nchw", dict(shape=(2, 320, 64, 64), channels_last=False, misaligned=True)),
+                ("channel-sliced", dict(shape=(2, 320, 32, 32), channels_last=False, channel_stride=2)),
+                ("C=96", dict(shape=(2, 96, 16, 16), channels_last=True)),
+                ("C=20 G=4", dict(shape=(2, 20, 9, 9), channels_last=True, groups=4)),
+                ("[B, C, L] view", dict(shape=(1, 512, 4096), channels_last=False)),
+                ("[N, C]", dict(shape=(8, 1280), channels_last=False))]
+        for label, kw in edge:
+            plan, launches = _gn_launches(gn, torch, dtype, silu=True, add=True, **kw)
+            add_launches(dname, label, f"edge {label} {kw['shape']}", plan, launches, sd=False)
+    return variants
+
+
+# SD1.5 / SD2 / SDXL GEGLU inputs: [batch, tokens, 2D] with D = 4 x the transformer width (1280 / 2560 / 5120) at
+# every level's token count (64 ... 4096 at 512 px, up to 16384 at SDXL's 1024 px), CFG batches of 1 and 4 images.
+_GEGLU_WIDTHS = (1280, 2560, 5120)
+_GEGLU_TOKENS = (64, 256, 1024, 4096, 16384)
+
+
+def geglu_variants(arch: int, quick: bool) -> list[Variant]:
+    import torch
+
+    from ddim_fast.triton import geglu
+
+    if geglu._geglu_kernel.arg_names[:6] != ["h_ptr", "out_ptr", "rows", "D", "stride_h", "stride_out"]:
+        raise RuntimeError(f"geglu._geglu_kernel parameters changed ({geglu._geglu_kernel.arg_names}); update "
+                           "scripts/triton_aot_check.py geglu_variants to the launcher's argument order")
+    dtypes = (torch.float16,) if quick else (torch.float16, torch.bfloat16, torch.float32)
+    variants = []
+    for dtype in dtypes:
+        dname = DTYPE_NAMES[str(dtype).removeprefix("torch.")]
+        meta = dict(device="meta", dtype=dtype)
+        cases = [(f"{b}x{t}x{2 * d}", torch.empty(b, t, 2 * d, **meta), True)
+                 for b, t, d in itertools.product((2, 8), _GEGLU_TOKENS, _GEGLU_WIDTHS)]
+        if not quick:
+            # Element-wise paths: a misaligned projection output, an odd width, a row-strided slice.
+            cases += [("misaligned 2x4096x2560", torch.empty(2 * 4096 * 2560 + 1, **meta)[1:].view(2, 4096, 2560),
+                       False),
+                      ("odd D 2x77x(2*333)", torch.empty(2, 77, 666, **meta), False),
+                      ("row-strided 2x1024x(2*1280)", torch.empty(2, 1024, 2 * 1280 + 8, **meta)[..., :2 * 1280],
+                       True)]
+        for label, h, sd in cases:
+            row_stride = geglu._row_stride(h)
+            if row_stride is None:
+                raise RuntimeError(f"geglu {label}: the launcher copies this layout (pick another)")
+            out = torch.empty((*h.shape[:-1], h.shape[-1] // 2), **meta)
+            _grid, args, kwargs = geglu.kernel_arguments(h, out, row_stride)
+            expect = dict(_STREAM_EXPECT)
+            if sd and kwargs["ALIGN"] > 1:
+                expect.update(load_bytes=16, store_bytes=16)
+            group = f"{dname} A={kwargs['ALIGN']} BR={kwargs['BLOCK_R']} BD={kwargs['BLOCK_D']} w={kwargs['num_warps']}"
+            variants.append(Variant("geglu", arch, group, label, list(args), dict(kwargs), [label], expect))
+    return variants
+
+
+# ----------------------------------------------------------------------------------------------------
 # Code-generation properties: what decides speed, read from the PTX and TTGIR of each compile
 # ----------------------------------------------------------------------------------------------------
 
@@ -648,8 +811,18 @@ def property_problems(expect: dict, props: dict) -> list[str]:
 # Specialize, dedupe, compile, measure
 # ----------------------------------------------------------------------------------------------------
 
-_KERNEL_FNS = {"ddim_step": ("ddim_fast.triton.ddim_step", "_ddim_step_kernel"),
+_KERNEL_FNS = {"group_norm_stats": ("ddim_fast.triton.group_norm", "_group_norm_stats_kernel"),
+               "group_norm_finalize": ("ddim_fast.triton.group_norm", "_group_norm_finalize_kernel"),
+               "group_norm_apply": ("ddim_fast.triton.group_norm", "_group_norm_apply_kernel"),
+               "geglu": ("ddim_fast.triton.geglu", "_geglu_kernel"),
+               "ddim_step": ("ddim_fast.triton.ddim_step", "_ddim_step_kernel"),
                "attention": ("ddim_fast.triton.attention", "_attention_kernel")}
+
+
+# The kernel families --kernel selects, each with the name of the function that enumerates its launches (in run
+# order; looked up when main runs, so tests can replace one).
+_FAMILIES = {"ddim_step": "step_variants", "attention": "attention_variants", "group_norm": "group_norm_variants",
+             "geglu": "geglu_variants"}
 
 
 def _kernel_fn(kernel: str):
@@ -830,8 +1003,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a subset: sm_90 only; ddim_step: SD layouts with the most expensive and the all-off "
                              "options; attention: ldm's layout only")
     parser.add_argument("--arch", default=None, help="comma-separated compute capabilities (default 90,80; --quick 90)")
-    parser.add_argument("--kernel", choices=sorted(_KERNEL_FNS), action="append",
-                        help="only this kernel (repeatable; default: all)")
+    parser.add_argument("--kernel", choices=sorted(_FAMILIES), action="append",
+                        help="only this kernel (repeatable; default: all; group_norm is its three kernels)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: CPU count)")
     parser.add_argument("--verbose", action="store_true", help="list every compile, not only the failing ones")
     parser.add_argument("--dry-run", action="store_true", help="count the distinct compiles per kernel and target only")
@@ -861,16 +1034,14 @@ def main(argv: list[str] | None = None) -> int:
     for arch in archs:
         if arch not in SM_COUNTS:
             parser.error(f"--arch: expected some of {sorted(SM_COUNTS)}, got {arch}")
-    kernels = args.kernel or sorted(_KERNEL_FNS, reverse=True)
+    kernels = args.kernel or list(_FAMILIES)
     start = time.perf_counter()
 
     # Enumerate, specialize, dedupe.
     variants: list[Variant] = []
     for arch in archs:
-        if "ddim_step" in kernels:
-            variants += step_variants(arch, args.quick)
-        if "attention" in kernels:
-            variants += attention_variants(arch, args.quick)
+        for family in kernels:
+            variants += globals()[_FAMILIES[family]](arch, args.quick)
     unique: dict[tuple, tuple[Variant, tuple]] = {}
     for variant in variants:
         spec = specialize(variant)

@@ -67,7 +67,8 @@ def test_classify_registration_sites():
     assert check.classify("/tmp/x/csrc/cuda/ddim_step_cuda.cpp") == "cuda"
     assert check.classify("/work/csrc/cpu/attention_cpu.cpp") == "cpu"
     assert check.classify("/usr/lib/python3.11/site-packages/torch/library.py") == "python"
-    assert check.classify("/work/csrc/ops.cpp") == "/work/csrc/ops.cpp"  # neither: reported as is
+    assert check.classify("/work/csrc/ddim_step_args.cpp") == "shared"  # device-agnostic kernels of csrc/ itself
+    assert check.classify("/work/other/ops.cpp") == "/work/other/ops.cpp"  # none of these: reported as is
 
 
 @pytest.mark.parametrize("kind", ["cuda", "meta"])

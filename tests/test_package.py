@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "ddim_fast"
 
 OPS = ("ddim_step", "ddim_step_out", "ddim_step_triton", "ddim_step_triton_out", "scaled_masked_softmax",
-       "scaled_masked_softmax_", "attention", "attention_triton")
+       "scaled_masked_softmax_", "attention", "attention_triton", "group_norm_silu", "group_norm_silu_triton", "geglu",
+       "geglu_triton")
 
 
 def _run(code: str) -> str:
@@ -48,6 +49,8 @@ def test_public_import_paths():
         "from ddim_fast import (FastDDIMSampler, FastDDIMScheduler, FastDDIMInverseScheduler, FusedAttnProcessor,"
         " patch_attention, unpatch_attention, graphed_denoise_loop, slerp, fused_attention, ops, reference,"
         " schedule)\n"
+        "from ddim_fast import fuse_unet_body, unfuse_unet_body, unet_ops, unet_fusion\n"
+        "from ddim_fast.unet_ops import group_norm_silu, geglu\n"
         "from ddim_fast.attention_processors import FusedAttnProcessor as P, patch_attention as pa\n"
         "assert P is FusedAttnProcessor and pa is patch_attention\n"
         "assert callable(ddim_fast.ops.ddim_step)\n")

@@ -71,7 +71,7 @@ def test_spilling_kernel_fails_and_small_kernel_passes(tmp_path):
     assert "spills=0/0" in small and "verdict=''" in small and "error=''" in small, small
 
 
-def test_dry_run_enumerates_both_kernels(tmp_path):
+def test_dry_run_enumerates_every_kernel(tmp_path):
     proc = run_python([str(SCRIPT), "--quick", "--dry-run"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     counts = {}
@@ -80,6 +80,8 @@ def test_dry_run_enumerates_both_kernels(tmp_path):
             name = line.split()[1]
             counts[name] = int(line.split(":")[1].split()[0])
     assert counts.get("ddim_step", 0) > 0 and counts.get("attention", 0) > 0, proc.stdout
+    for kernel in ("group_norm_stats", "group_norm_finalize", "group_norm_apply", "geglu"):
+        assert counts.get(kernel, 0) > 0, proc.stdout
 
 
 def test_skips_without_triton(tmp_path):
@@ -241,6 +243,8 @@ run("unpipelined", 4096, dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=1
 
 # main() end to end on two of them: the summary, the exit status and the --json rows.
 check.step_variants = lambda arch, quick: []
+check.group_norm_variants = lambda arch, quick: []
+check.geglu_variants = lambda arch, quick: []
 check.attention_variants = lambda arch, quick: [variant("today", 77, dict(BLOCK_M=128, BLOCK_N=128, num_warps=8)),
                                                 variant("duplicated", 77, dict(BLOCK_M=64, BLOCK_N=128, num_warps=8))]
 print("main |", check.main(["--arch", "90", "--jobs", "1", "--json", {json_path!r}]))
