@@ -91,7 +91,7 @@ StepOptions make_step_options(std::optional<double> guidance_scale, c10::string_
 }
 
 DdimStepParams make_ddim_step_params(const at::Tensor& x, const at::Tensor& model_output,
-                                     const at::Tensor& table, const at::Tensor& step,
+                                     const at::Tensor& table, const at::Tensor& row,
                                      const StepOptions& options, const at::Tensor& out,
                                      const std::optional<at::Tensor>& pred_x0_out, bool float64_allowed,
                                      bool outputs_fresh) {
@@ -137,24 +137,24 @@ DdimStepParams make_ddim_step_params(const at::Tensor& x, const at::Tensor& mode
     p.model_uncond = strided_arg(model_output);
   }
 
-  // Coefficient table and step index.
+  // Coefficient table and the index of the row to use (read on the device by the kernels).
   TORCH_CHECK_VALUE(table.device() == x.device(), "ddim_step: table must be on x's device ", x.device(),
                     ", got ", table.device(), " (build it with ddim_fast.schedule ... .to(device))");
   TORCH_CHECK_TYPE(table.scalar_type() == at::kFloat, "ddim_step: table must be float32, got ",
                    table.scalar_type());
   TORCH_CHECK_VALUE(table.dim() == 2 && table.size(1) == kTableColumns && table.is_contiguous(),
-                    "ddim_step: table must be a contiguous [num_steps, ", kTableColumns, "] tensor, got ",
+                    "ddim_step: table must be a contiguous [num_rows, ", kTableColumns, "] tensor, got ",
                     table.sizes());
   TORCH_CHECK_VALUE(table.size(0) > 0, "ddim_step: table has no rows");
-  TORCH_CHECK_VALUE(step.device() == x.device(), "ddim_step: step must be on x's device ", x.device(),
-                    ", got ", step.device());
-  TORCH_CHECK_TYPE(step.scalar_type() == at::kLong, "ddim_step: step must be an int64 tensor, got ",
-                   step.scalar_type());
-  TORCH_CHECK_VALUE(step.numel() == 1, "ddim_step: step must hold exactly one index, got ", step.numel(),
+  TORCH_CHECK_VALUE(row.device() == x.device(), "ddim_step: row must be on x's device ", x.device(),
+                    ", got ", row.device());
+  TORCH_CHECK_TYPE(row.scalar_type() == at::kLong, "ddim_step: row must be an int64 tensor, got ",
+                   row.scalar_type());
+  TORCH_CHECK_VALUE(row.numel() == 1, "ddim_step: row must hold exactly one index, got ", row.numel(),
                     " elements");
   p.table = pointer_of<float>(table);
   p.num_rows = table.size(0);
-  p.step = pointer_of<int64_t>(step);
+  p.table_row = pointer_of<int64_t>(row);
 
   p.prediction = parse_prediction(options.prediction_type);
 
@@ -253,7 +253,7 @@ namespace {
 // `out` the outputs are taken to be fresh empty_like(x) buffers (nothing to check for overlap; laid out like x
 // when x is dense, which is when the memory-order path can apply).
 std::vector<int64_t> ddim_step_check(const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& table,
-                                     const at::Tensor& step, std::optional<double> guidance_scale,
+                                     const at::Tensor& row, std::optional<double> guidance_scale,
                                      c10::string_view prediction_type, std::optional<double> clip_range,
                                      const std::optional<at::Tensor>& x0_threshold, bool use_clipped_model_output,
                                      const std::optional<at::Tensor>& noise,
@@ -265,7 +265,7 @@ std::vector<int64_t> ddim_step_check(const at::Tensor& x, const at::Tensor& mode
   // Without `out` the outputs are fresh empty_like(x) buffers: x stands in for them (same layout when x is
   // dense) and nothing about them is checked, since nothing can fail.
   const bool outputs_fresh = !out.has_value();
-  const DdimStepParams p = make_ddim_step_params(x, model_output, table, step, options, outputs_fresh ? x : *out,
+  const DdimStepParams p = make_ddim_step_params(x, model_output, table, row, options, outputs_fresh ? x : *out,
                                                  outputs_fresh ? std::nullopt : pred_x0_out, float64_allowed,
                                                  outputs_fresh);
   const int64_t noise_kind = noise.has_value() ? 1 : (rng_state.has_value() ? 2 : 0);

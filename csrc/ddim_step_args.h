@@ -37,7 +37,7 @@ StepOptions make_step_options(std::optional<double> guidance_scale, c10::string_
 // outputs are about to be allocated like x (empty_like), so nothing about them can fail: `out` is then only a
 // stand-in with x's layout for the memory-order decision and its overlap checks are skipped.
 DdimStepParams make_ddim_step_params(const at::Tensor& x, const at::Tensor& model_output,
-                                     const at::Tensor& table, const at::Tensor& step,
+                                     const at::Tensor& table, const at::Tensor& row,
                                      const StepOptions& options, const at::Tensor& out,
                                      const std::optional<at::Tensor>& pred_x0_out, bool float64_allowed = false,
                                      bool outputs_fresh = false);

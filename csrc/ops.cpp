@@ -18,12 +18,12 @@ TORCH_LIBRARY(ddim_fast, m) {
   // One fused DDIM step: guidance combine, x0/eps prediction, clamp, update and noise.
   // Returns (x_prev, pred_x0); pred_x0 has shape [0] unless return_pred_x0.
   m.def(
-      "ddim_step(Tensor x, Tensor model_output, Tensor table, Tensor step, float? guidance_scale, "
+      "ddim_step(Tensor x, Tensor model_output, Tensor table, Tensor row, float? guidance_scale, "
       "str prediction_type, float? clip_range, Tensor? x0_threshold, bool use_clipped_model_output, "
       "Tensor? noise, Tensor? rng_state, float temperature, bool return_pred_x0) -> (Tensor, Tensor)");
   // The same step writing into caller-owned buffers (CUDA graphs, in-place updates: out may be x).
   m.def(
-      "ddim_step_out(Tensor x, Tensor model_output, Tensor table, Tensor step, float? guidance_scale, "
+      "ddim_step_out(Tensor x, Tensor model_output, Tensor table, Tensor row, float? guidance_scale, "
       "str prediction_type, float? clip_range, Tensor? x0_threshold, bool use_clipped_model_output, "
       "Tensor? noise, Tensor? rng_state, float temperature, Tensor(a!) out, Tensor(b!)? pred_x0_out) -> ()");
 
@@ -31,7 +31,7 @@ TORCH_LIBRARY(ddim_fast, m) {
   // the reference path): raises what ddim_step raises, else returns [prediction, clamp, noise kind,
   // rng_per_row, flat]. No out: fresh outputs laid out like x.
   m.def(
-      "ddim_step_check(Tensor x, Tensor model_output, Tensor table, Tensor step, float? guidance_scale, "
+      "ddim_step_check(Tensor x, Tensor model_output, Tensor table, Tensor row, float? guidance_scale, "
       "str prediction_type, float? clip_range, Tensor? x0_threshold, bool use_clipped_model_output, "
       "Tensor? noise, Tensor? rng_state, float temperature, Tensor? out, Tensor? pred_x0_out, "
       "bool float64_allowed) -> int[]");
@@ -46,11 +46,11 @@ TORCH_LIBRARY(ddim_fast, m) {
   // The Triton kernels as ops of their own (ddim_fast/triton/*.py), with the schemas of the ops above;
   // they run on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1.
   m.def(
-      "ddim_step_triton(Tensor x, Tensor model_output, Tensor table, Tensor step, float? guidance_scale, "
+      "ddim_step_triton(Tensor x, Tensor model_output, Tensor table, Tensor row, float? guidance_scale, "
       "str prediction_type, float? clip_range, Tensor? x0_threshold, bool use_clipped_model_output, "
       "Tensor? noise, Tensor? rng_state, float temperature, bool return_pred_x0) -> (Tensor, Tensor)");
   m.def(
-      "ddim_step_triton_out(Tensor x, Tensor model_output, Tensor table, Tensor step, float? guidance_scale, "
+      "ddim_step_triton_out(Tensor x, Tensor model_output, Tensor table, Tensor row, float? guidance_scale, "
       "str prediction_type, float? clip_range, Tensor? x0_threshold, bool use_clipped_model_output, "
       "Tensor? noise, Tensor? rng_state, float temperature, Tensor(a!) out, Tensor(b!)? pred_x0_out) -> ()");
   m.def("attention_triton(Tensor q, Tensor k, Tensor v, float scale, Tensor? mask) -> Tensor");

@@ -58,6 +58,20 @@ def require_float_tensor(op: str, name: str, value, *, allow_float64: bool = Fal
     return value
 
 
+def row_from_renamed_step(op: str, row, step):
+    """The table row of a step function called with ``step=``, the row argument's name in ddim_fast 0.1
+    (a DeprecationWarning that names ``row``; removed in 0.3), or the error when neither or both are given."""
+    if step is None:
+        raise TypeError(f"{op}: missing the table row: {op}(x, model_output, table, row, ...)")
+    if row is not None:
+        raise TypeError(f"{op}: got both row and step (step is the deprecated name of row); pass row only")
+    import warnings
+
+    warnings.warn(f"{op}: the keyword `step` is deprecated and will be removed in ddim_fast 0.3; pass `row` "
+                  "(the index of the table row to use), or pass it positionally", DeprecationWarning, stacklevel=3)
+    return step
+
+
 # --------------------------------------------------------------------------------------------------
 # Python scalars
 # --------------------------------------------------------------------------------------------------

@@ -86,16 +86,16 @@ def _check_same_device(x, **tensors):
             raise ValueError(f"ddim_step: {name} must be on x's device {x.device}, got {t.device}")
 
 
-def _ddim_step_fake(x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
+def _ddim_step_fake(x, model_output, table, row, guidance_scale, prediction_type, clip_range, x0_threshold,
                     use_clipped_model_output, noise, rng_state, temperature, return_pred_x0):
-    _check_same_device(x, model_output=model_output, table=table, step=step, x0_threshold=x0_threshold,
+    _check_same_device(x, model_output=model_output, table=table, row=row, x0_threshold=x0_threshold,
                        noise=noise, rng_state=rng_state)
     return allocate_step_outputs(x, return_pred_x0)
 
 
-def _ddim_step_out_fake(x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
+def _ddim_step_out_fake(x, model_output, table, row, guidance_scale, prediction_type, clip_range, x0_threshold,
                         use_clipped_model_output, noise, rng_state, temperature, out, pred_x0_out):
-    _check_same_device(x, model_output=model_output, table=table, step=step, x0_threshold=x0_threshold,
+    _check_same_device(x, model_output=model_output, table=table, row=row, x0_threshold=x0_threshold,
                        noise=noise, rng_state=rng_state, out=out, pred_x0_out=pred_x0_out)
     return None
 
@@ -158,19 +158,19 @@ def _run_triton_step(*args, fresh_outputs: bool) -> None:
     _step_launcher(*args, fresh_outputs=fresh_outputs)
 
 
-def _ddim_step_triton(x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
+def _ddim_step_triton(x, model_output, table, row, guidance_scale, prediction_type, clip_range, x0_threshold,
                       use_clipped_model_output, noise, rng_state, temperature, return_pred_x0):
     out, pred_x0 = allocate_step_outputs(x, return_pred_x0)
     # Fresh outputs overlap nothing: the launcher skips the overlap checks that could not fail.
-    _run_triton_step(x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
+    _run_triton_step(x, model_output, table, row, guidance_scale, prediction_type, clip_range, x0_threshold,
                      use_clipped_model_output, noise, rng_state, temperature, out,
                      pred_x0 if return_pred_x0 else None, fresh_outputs=True)
     return out, pred_x0
 
 
-def _ddim_step_triton_out(x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
+def _ddim_step_triton_out(x, model_output, table, row, guidance_scale, prediction_type, clip_range, x0_threshold,
                           use_clipped_model_output, noise, rng_state, temperature, out, pred_x0_out):
-    _run_triton_step(x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
+    _run_triton_step(x, model_output, table, row, guidance_scale, prediction_type, clip_range, x0_threshold,
                      use_clipped_model_output, noise, rng_state, temperature, out, pred_x0_out, fresh_outputs=False)
 
 

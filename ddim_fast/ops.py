@@ -37,7 +37,7 @@ def ddim_step(
     x: torch.Tensor,
     model_output: torch.Tensor,
     table: torch.Tensor,
-    step: torch.Tensor | int,
+    row: torch.Tensor | int | None = None,
     *,
     guidance_scale: float | None = None,
     prediction_type: str = "epsilon",
@@ -51,16 +51,20 @@ def ddim_step(
     out: torch.Tensor | None = None,
     pred_x0_out: torch.Tensor | None = None,
     backend: Backend = "auto",
+    step: torch.Tensor | int | None = None,
 ):
     """One fused DDIM step (one kernel launch): guidance combine, x0/eps prediction, optional clamp,
     x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma * temperature * z.
 
     Shapes: x [B, ...]; model_output [B, ...], or [2B, ...] = cat([uncond, cond]) with ``guidance_scale``;
-    table [S, 8] fp32 (``ddim_fast.schedule.coefficient_table``) and step an int64 tensor holding the row
-    (both on x's device: bump ``step`` in place to advance without host work); noise [B, ...] or
+    table [R, 8] fp32 (``ddim_fast.schedule.coefficient_table``) and ``row`` the index of the table row to use,
+    an int64 tensor of one element (both on x's device: bump ``row`` in place to advance without host work) or
+    an int. What a row is depends on who built the table: ``FastDDIMSampler`` (ldm) builds one row per sampling
+    step and passes the step's index; ``FastDDIMScheduler`` / ``FastDDIMInverseScheduler`` (diffusers) build one
+    row per training timestep and pass the timestep itself. noise [B, ...] or
     rng_state int64 for in-kernel Philox normals: [2] = (seed, offset), one stream over the whole tensor, or
     [B, 2], one (seed, offset) per batch row, so that a sample's noise depends on its own seed only, not on
-    its row or the batch size (step k uses offset + k; mapping in csrc/include/ddim_fast/philox.h);
+    its place in the batch or the batch size (row k uses offset + k; mapping in csrc/include/ddim_fast/philox.h);
     x0_threshold [B] fp32 dynamic-threshold scale s (x0 -> clamp(x0, -s, s) / s) or clip_range (> 0; +inf
     clamps nothing but still re-derives eps with ``use_clipped_model_output``).
     ``prediction_type``: 'epsilon'/'eps', 'v_prediction'/'v', 'sample'/'x0'.
@@ -69,25 +73,29 @@ def ddim_step(
     Outputs are laid out like ``torch.empty_like(x)`` (channels_last x gives channels_last outputs), as
     element-wise PyTorch ops do; the kernels run dense shared layouts in memory order, as fast as contiguous.
     ``out`` (may be ``x`` itself) and ``pred_x0_out`` receive the results in place.
-    CUDA-graph capture needs a tensor ``step`` and a kernel backend: ``backend="reference"`` with ``rng_state``
-    reads the seed on the host, and an int ``step`` is copied to the device on every call.
+    CUDA-graph capture needs a tensor ``row`` and a kernel backend: ``backend="reference"`` with ``rng_state``
+    reads the seed on the host, and an int ``row`` is copied to the device on every call.
+    ``step=`` is the deprecated keyword name of ``row`` (until 0.3: a DeprecationWarning; passing the row
+    positionally works in every version).
     Returns x_prev [B, ...], or (x_prev, pred_x0) when ``return_pred_x0`` or ``pred_x0_out`` is given.
     """
     # The checks here are about Python types only (what must hold before promotion and the op call); each costs
-    # a type test in the common case (tensors of a float dtype, Python floats, a tensor step). Every rule about
+    # a type test in the common case (tensors of a float dtype, Python floats, a tensor row). Every rule about
     # values, shapes, devices and overlap is the op's (csrc/ddim_step_args.cpp, for every backend).
+    if step is not None or row is None:
+        row = _checks.row_from_renamed_step("ddim_fast.ops.ddim_step", row, step)
     if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES:
         _checks.require_float_tensor("ddim_step", "x", x, allow_float64=True)
     if not isinstance(model_output, torch.Tensor) or model_output.dtype not in _FLOAT_DTYPES:
         _checks.require_float_tensor("ddim_step", "model_output", model_output, allow_float64=True)
     if not isinstance(table, torch.Tensor):
         _checks.require_tensor("ddim_step", "table", table)
-    if not isinstance(step, torch.Tensor):
-        if isinstance(step, bool):
-            raise TypeError("ddim_step: step must be an int64 tensor or an int, got bool")
-        if not isinstance(step, int):
-            _checks.require_tensor("ddim_step", "step", step)
-        step = torch.tensor([step], dtype=torch.int64, device=x.device)
+    if not isinstance(row, torch.Tensor):
+        if isinstance(row, bool):
+            raise TypeError("ddim_step: row must be an int64 tensor or an int, got bool")
+        if not isinstance(row, int):
+            _checks.require_tensor("ddim_step", "row", row)
+        row = torch.tensor([row], dtype=torch.int64, device=x.device)
     canonical = _PREDICTIONS.get(prediction_type) if type(prediction_type) is str else None
     prediction_type = canonical if canonical is not None else canonical_prediction_type(prediction_type)
     # Scalars become Python floats here (0-dim tensors, numpy scalars, ints); their values (finite, clip_range > 0)
@@ -118,7 +126,7 @@ def ddim_step(
     want_pred_x0 = return_pred_x0 or pred_x0_out is not None
 
     if backend == "reference":
-        return _reference_step(x_in, model_output, table, step, guidance_scale, prediction_type, clip_range,
+        return _reference_step(x_in, model_output, table, row, guidance_scale, prediction_type, clip_range,
                                x0_threshold, use_clipped_model_output, noise, rng_state, temperature, out,
                                pred_x0_out, want_pred_x0)
 
@@ -133,7 +141,7 @@ def ddim_step(
     else:
         functional, out_variant = _NATIVE_STEP, _NATIVE_STEP_OUT
 
-    args = (x_in, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
+    args = (x_in, model_output, table, row, guidance_scale, prediction_type, clip_range, x0_threshold,
             bool(use_clipped_model_output), noise, rng_state, temperature)
     if out is None and pred_x0_out is None:
         x_prev, pred_x0 = functional(*args, bool(want_pred_x0))
@@ -156,21 +164,21 @@ _TRITON_STEP_OUT = torch.ops.ddim_fast.ddim_step_triton_out.default
 _CHECK = torch.ops.ddim_fast.ddim_step_check.default  # the step's argument rules, for the reference path
 
 
-def _reference_step(x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
+def _reference_step(x, model_output, table, row, guidance_scale, prediction_type, clip_range, x0_threshold,
                     use_clipped_model_output, noise, rng_state, temperature, out, pred_x0_out, want_pred_x0):
-    """backend='reference': the pure-PyTorch oracle (float64 latents, devices without kernels), with the
-    kernels' seeded noise (drawn on the host) and their output layout."""
+    """backend='reference': the PyTorch implementation (float64 latents, devices without kernels), with the
+    kernels' argument rules, their seeded noise (drawn on the host) and their output layout."""
     dtype = x.dtype
     # The kernels' argument rules and messages (csrc/ddim_step_args.cpp), float64 included. Not on meta tensors
     # (they have no data to check; the reference computes shapes alike).
     if x.device.type != "meta":
-        _CHECK(x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
+        _CHECK(x, model_output, table, row, guidance_scale, prediction_type, clip_range, x0_threshold,
                bool(use_clipped_model_output), noise, rng_state, temperature, out, pred_x0_out, True)
     ref_noise = noise
     if rng_state is not None:
-        ref_noise = reference.seeded_noise(rng_state, int(step.reshape(-1)[0]), x.shape).to(x.device)
+        ref_noise = reference.seeded_noise(rng_state, int(row.reshape(-1)[0]), x.shape).to(x.device)
     x_prev, pred_x0 = reference.ddim_step(
-        x, model_output, table, step, guidance_scale=guidance_scale, prediction_type=prediction_type,
+        x, model_output, table, row, guidance_scale=guidance_scale, prediction_type=prediction_type,
         clip_range=clip_range, x0_threshold=x0_threshold, use_clipped_model_output=use_clipped_model_output,
         noise=ref_noise, temperature=temperature,
         compute_dtype=torch.float64 if dtype == torch.float64 else torch.float32)

@@ -1,7 +1,15 @@
-"""The pure-PyTorch oracle of every ddim_fast op, written for clarity rather than speed.
+"""Every ddim_fast op in plain PyTorch, written for clarity rather than speed: the ``reference`` backend.
 
-Every kernel (C++ CPU, CUDA, Triton) is tested against these functions, computed in float64 unless a
-caller asks for another compute dtype (the benchmarks time the fp32 version as "what ldm/diffusers do").
+A production path, not the tests' oracle: ``backend="reference"`` of the step, attention and softmax runs these
+functions (float64 latents, which no kernel stores, and devices without kernels), as does the UNet-body ops'
+fallback (``ddim_fast.unet_ops``); ``attention_choice`` checks a candidate kernel against :func:`attention` in
+float64 before it trusts a timing; the drop-ins take :func:`dynamic_threshold` from here, the tools time
+:func:`ddim_step` in fp32 (``compute_dtype=None``) as "what ldm/diffusers do per step" and report
+:func:`relative_error`. The seeded noise (:func:`philox_normal`, :func:`seeded_noise`) is the kernels' Philox
+mapping in numpy, which the reference backend draws on the host.
+
+The tests hold every backend, this one included, to independent float64 formulas written from the equations in
+tests/oracles.py (docs/design.md, "Testing"), so none of these functions is checked against itself.
 """
 
 from __future__ import annotations
@@ -9,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ddim_fast import _checks
 from ddim_fast import schedule as _schedule
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -50,7 +59,7 @@ def ddim_step(
     x: torch.Tensor,
     model_output: torch.Tensor,
     table: torch.Tensor,
-    step: torch.Tensor | int,
+    row: torch.Tensor | int | None = None,
     *,
     guidance_scale: float | None = None,
     prediction_type: str = "epsilon",
@@ -60,23 +69,28 @@ def ddim_step(
     noise: torch.Tensor | None = None,
     temperature: float = 1.0,
     compute_dtype: torch.dtype | None = torch.float64,
+    step: torch.Tensor | int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM step, unfused: the semantics every kernel must reproduce.
+    """One DDIM step, unfused, with the semantics of ``ddim_fast.ops.ddim_step``.
 
-    x [B, ...]; model_output [B, ...] or [2B, ...] (uncond first) with guidance_scale; table [S, 8] from
-    ddim_fast.schedule.coefficient_table; step an int or an int64 tensor holding the row; noise [B, ...] or None;
-    x0_threshold [B] (per-sample dynamic-threshold scale s: x0 -> clamp(x0, -s, s) / s).
+    x [B, ...]; model_output [B, ...] or [2B, ...] (uncond first) with guidance_scale; table [R, 8] from
+    ddim_fast.schedule.coefficient_table; row the index of the table row to use, an int or an int64 tensor of
+    one element (``ops.ddim_step`` says what a row is for each caller); noise [B, ...] or None;
+    x0_threshold [B] (per-sample dynamic-threshold scale s: x0 -> clamp(x0, -s, s) / s). ``step=`` is the
+    deprecated keyword name of ``row`` (a DeprecationWarning until 0.3).
     Returns (x_prev, pred_x0) in compute_dtype (x's dtype when compute_dtype is None), laid out like
     ``torch.empty_like(x)`` (channels_last x gives channels_last outputs).
     """
+    if step is not None or row is None:
+        row = _checks.row_from_renamed_step("ddim_fast.reference.ddim_step", row, step)
     dtype = x.dtype if compute_dtype is None else compute_dtype
     x_layout = x  # the outputs are laid out like x (like_input), whatever the arithmetic below leaves
-    row = table[step].reshape(-1).to(dtype) if torch.is_tensor(step) else table[int(step)].to(dtype)
-    sqrt_alpha = row[_schedule.COL_SQRT_ALPHA]
-    sqrt_one_minus_alpha = row[_schedule.COL_SQRT_ONE_MINUS_ALPHA]
-    sqrt_alpha_prev = row[_schedule.COL_SQRT_ALPHA_PREV]
-    dir_coef = row[_schedule.COL_DIR_COEF]
-    sigma = row[_schedule.COL_SIGMA]
+    coefs = table[row].reshape(-1).to(dtype) if torch.is_tensor(row) else table[int(row)].to(dtype)
+    sqrt_alpha = coefs[_schedule.COL_SQRT_ALPHA]
+    sqrt_one_minus_alpha = coefs[_schedule.COL_SQRT_ONE_MINUS_ALPHA]
+    sqrt_alpha_prev = coefs[_schedule.COL_SQRT_ALPHA_PREV]
+    dir_coef = coefs[_schedule.COL_DIR_COEF]
+    sigma = coefs[_schedule.COL_SIGMA]
 
     x = x.to(dtype)
     m = model_output.to(dtype)
@@ -154,7 +168,7 @@ def philox_words(seed: int, offset: int, numel: int) -> np.ndarray:
 
 
 def philox_normal(seed: int, offset: int, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Standard normals of the seeded in-kernel draw: element i (row-major in `shape`) of step k uses
+    """Standard normals of the seeded in-kernel draw: element i (row-major in `shape`) at table row k uses
     offset = rng_offset + k. Computed in float64 from the same 24-bit uniforms as the kernels, so it
     matches them to fp32 rounding of the transcendental functions."""
     shape = tuple(int(s) for s in shape)
@@ -174,7 +188,7 @@ def philox_normal(seed: int, offset: int, shape, dtype: torch.dtype = torch.floa
 
 def philox_normal_rows(streams, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The seeded draw with one Philox stream per batch row (rng_state [B, 2]): ``streams`` holds one
-    (seed, offset) pair per row of ``shape`` (offset = that row's rng offset + step). Row b is the
+    (seed, offset) pair per batch row of ``shape`` (offset = that row's rng offset + table row). Row b is the
     one-stream draw of a single sample, ``philox_normal(seed_b, offset_b, shape[1:])``: group g = j >> 2 of
     the index j inside the row, never straddling rows, so a row's noise does not depend on b or on B."""
     shape = tuple(int(s) for s in shape)
@@ -187,18 +201,18 @@ def philox_normal_rows(streams, shape, dtype: torch.dtype = torch.float32) -> to
     return torch.stack(rows)
 
 
-def seeded_noise(rng_state, step: int, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The noise the kernels draw for ``rng_state`` at step ``step``: [2] = (seed, offset), one stream over
-    the tensor (philox_normal with offset + step), or [B, 2], one stream per batch row (philox_normal_rows).
+def seeded_noise(rng_state, row: int, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The noise the kernels draw for ``rng_state`` at table row ``row``: [2] = (seed, offset), one stream over
+    the tensor (philox_normal with offset + row), or [B, 2], one stream per batch row (philox_normal_rows).
     ``rng_state`` is a tensor or nested sequence of ints (read on the host)."""
     values = rng_state.tolist() if isinstance(rng_state, torch.Tensor) else list(rng_state)
-    step = int(step)
+    row = int(row)
     if values and isinstance(values[0], (list, tuple)):
-        return philox_normal_rows([(seed, offset + step) for seed, offset in values], shape, dtype)
+        return philox_normal_rows([(seed, offset + row) for seed, offset in values], shape, dtype)
     if len(values) == 0 and len(tuple(shape)) > 0 and int(tuple(shape)[0]) == 0:
         return torch.empty(tuple(int(s) for s in shape), dtype=dtype)  # a [0, 2] state for an empty batch
     seed, offset = (int(v) for v in values)
-    return philox_normal(seed, offset + step, shape, dtype)
+    return philox_normal(seed, offset + row, shape, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -204,15 +204,15 @@ def check_cpu_numerics() -> list[str]:
     model_output = torch.randn(4, 4, 8, 8, generator=gen)
     alphas = np.linspace(0.1, 0.9, 10)
     table = schedule.coefficient_table(np.arange(10), alphas, np.minimum(alphas + 0.05, 1.0))
-    step = schedule.step_index(3)
+    row = schedule.step_index(3)  # the table row the op reads
     calls = {
         "attention": (lambda: torch.ops.ddim_fast.attention(q, k, v, 0.2, mask),
                       lambda: reference.attention(q, k, v, 0.2, mask)),
         "scaled_masked_softmax": (lambda: torch.ops.ddim_fast.scaled_masked_softmax(scores, mask, 0.3),
                                   lambda: reference.scaled_masked_softmax(scores, mask, 0.3)),
-        "ddim_step": (lambda: torch.ops.ddim_fast.ddim_step(x, model_output, table, step, 7.5, "epsilon", None, None,
+        "ddim_step": (lambda: torch.ops.ddim_fast.ddim_step(x, model_output, table, row, 7.5, "epsilon", None, None,
                                                             False, None, None, 1.0, False)[0],
-                      lambda: reference.ddim_step(x, model_output, table, step, guidance_scale=7.5)[0]),
+                      lambda: reference.ddim_step(x, model_output, table, row, guidance_scale=7.5)[0]),
     }
     for name, (run, ref) in calls.items():
         try:

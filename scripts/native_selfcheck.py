@@ -69,7 +69,7 @@ class Case:
                 "match": self.match, "message_streams": self.streams}
 
 
-STEP_ARGS = ("x", "model_output", "table", "step", "guidance_scale", "prediction_type", "clip_range",
+STEP_ARGS = ("x", "model_output", "table", "row", "guidance_scale", "prediction_type", "clip_range",
              "x0_threshold", "use_clipped_model_output", "noise", "rng_state", "temperature")
 
 
@@ -81,7 +81,7 @@ def build_cases(torch, devices: list[str]) -> list[Case]:
         def step_args(d=d, **change):
             x = torch.zeros(2, 4, 8, 8, device=d)
             args = {"x": x, "model_output": torch.zeros_like(x), "table": torch.zeros(10, 8, device=d),
-                    "step": torch.tensor([3], device=d), "guidance_scale": None, "prediction_type": "epsilon",
+                    "row": torch.tensor([3], device=d), "guidance_scale": None, "prediction_type": "epsilon",
                     "clip_range": None, "x0_threshold": None, "use_clipped_model_output": False, "noise": None,
                     "rng_state": None, "temperature": 1.0}
             if change.get("guidance_scale") is not None:
@@ -110,17 +110,17 @@ def build_cases(torch, devices: list[str]) -> list[Case]:
         add("ddim_step", "clip_range=0", "ValueError", "clip_range must be > 0", "float", step(clip_range=0.0))
         add("ddim_step", "model_output shape", "ValueError", "model_output must be [B, ...]", "shape",
             step(model_output=torch.zeros(2, 4, 8, 9, device=d)))
-        add("ddim_step", "step numel", "ValueError", "step must hold exactly one index", "int",
-            step(step=torch.tensor([1, 2], device=d)))
+        add("ddim_step", "row numel", "ValueError", "row must hold exactly one index", "int",
+            step(row=torch.tensor([1, 2], device=d)))
         add("ddim_step", "table dtype", "TypeError", "table must be float32", "dtype",
             step(table=torch.zeros(10, 8, dtype=torch.float64, device=d)))
         add("ddim_step", "0-dim x", "ValueError", "must have a batch dimension", "literal",
             step(x=torch.zeros((), device=d), model_output=torch.zeros((), device=d)))
         add("ddim_step", "prediction_type", "ValueError", "prediction_type must be", "string",
             step(prediction_type="bogus"))
-        if d == "cpu":  # CUDA cannot tell the host about an out-of-range step without a sync: it writes NaN
-            add("ddim_step", "step out of range", "IndexError", "is outside the coefficient table", "int",
-                step(step=torch.tensor([99])))
+        if d == "cpu":  # CUDA cannot tell the host about an out-of-range row without a sync: it writes NaN
+            add("ddim_step", "row out of range", "IndexError", "is outside the coefficient table", "int",
+                step(row=torch.tensor([99])))
         add("ddim_step_out", "out shape", "ValueError", "out must have x's shape", "shape",
             step_out(lambda: torch.zeros(2, 4, 8, 7, device=d)))
         add("ddim_step_out", "out internal overlap", "ValueError", "out has internal overlap", "string",

@@ -320,7 +320,7 @@ def step_variants(arch: int, quick: bool) -> list[Variant]:
 
     kernel = step._ddim_step_kernel
     names = kernel.arg_names
-    expected_prefix = _STEP_TENSOR_ARGS + ["table_ptr", "step_ptr", "rng_ptr", "thr_ptr", "numel", "sample_numel",
+    expected_prefix = _STEP_TENSOR_ARGS + ["table_ptr", "table_row_ptr", "rng_ptr", "thr_ptr", "numel", "sample_numel",
                                            "num_rows", "size1", "size2", "size3"]
     if names[:len(expected_prefix)] != expected_prefix:
         raise RuntimeError(f"ddim_step._ddim_step_kernel parameters changed ({names}); update "

@@ -17,10 +17,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from ddim_fast.reference import relative_error  # noqa: E402
+from oracles import relative_error  # noqa: E402  (the tests' own metric, tests/oracles.py)
 
-# docs/design.md's numerical contract: relative error (||out - ref|| / ||ref||) against the fp64 reference,
-# by storage dtype. The one table every kernel test uses.
+# docs/design.md's numerical contract: relative error (||out - ref|| / ||ref||) against the float64 oracle
+# (tests/oracles.py), by storage dtype. The one table every kernel test uses.
 TOLERANCES = {
     torch.float32: 1e-6,
     torch.float16: 2e-3,

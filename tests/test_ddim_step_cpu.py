@@ -1,5 +1,5 @@
-"""The C++ CPU ddim_step op (torch.ops.ddim_fast.ddim_step / ddim_step_out, through ddim_fast.ops) against
-the fp64 oracle in ddim_fast/reference.py, with the tolerance table of tests/conftest.py.
+"""The C++ CPU ddim_step op (torch.ops.ddim_fast.ddim_step / ddim_step_out, through ddim_fast.ops) and the
+reference backend against the float64 oracle of tests/oracles.py, with the tolerance table of tests/conftest.py.
 
 Covers every option, every storage dtype, odd/empty/real sizes, non-contiguous and misaligned views of
 every argument (outputs poisoned, and their storage outside the view checked untouched), seeded Philox
@@ -15,6 +15,7 @@ import zlib
 import pytest
 import torch
 
+import oracles
 from conftest import DTYPES, assert_fully_written, assert_rel_close, misaligned, poison
 from ddim_fast import ops, reference, schedule
 
@@ -53,12 +54,13 @@ def _inputs(shape, dtype, guided: bool, seed: int = 0, x_scale: float = 1.0):
     return x, mo
 
 
-def _reference(x, mo, table, step, *, rng_state=None, noise=None, prediction_type="epsilon", **opts):
-    """fp64 oracle; seeded noise is the numpy Philox draw of step `step` ([2] or per-row [B, 2] state)."""
+def _reference(x, mo, table, row, *, rng_state=None, noise=None, prediction_type="epsilon", **opts):
+    """The float64 oracle (tests/oracles.py); seeded noise is the numpy Philox draw at table row `row` ([2] or
+    per-row [B, 2] state; reference.seeded_noise, pinned to Random123's known answers in test_reference.py)."""
     if rng_state is not None:
-        noise = reference.seeded_noise(rng_state, int(step), x.shape, dtype=torch.float64)
+        noise = reference.seeded_noise(rng_state, int(row), x.shape, dtype=torch.float64)
     prediction_type = ALIASES.get(prediction_type, prediction_type)
-    return reference.ddim_step(x, mo, table, step, noise=noise, prediction_type=prediction_type, **opts)
+    return oracles.ddim_step(x, mo, table, row, noise=noise, prediction_type=prediction_type, **opts)
 
 
 def _check(x, mo, table, step, dtype, **opts):
@@ -752,6 +754,7 @@ def test_reference_function_keeps_layout():
     assert out.stride() == _cl(x).stride() and x0.stride() == _cl(x).stride()
     want, _ = reference.ddim_step(x, mo, TABLE, 1)
     assert torch.equal(out, want)
+    assert_rel_close(out, _reference(x, mo, TABLE, 1)[0], 1e-14, "reference backend vs oracle")
 
 
 @pytest.mark.parametrize("option_set", ["guided", "noise_clip_reuse", "threshold", "rng", "rng_rows"])
@@ -963,8 +966,8 @@ def test_auto_backend_computes_float64_in_pytorch():
     out, x0 = ops.ddim_step(x, mo, TABLE, 4, guidance_scale=3.0, return_pred_x0=True)
     assert out.dtype == x0.dtype == torch.float64
     ref_out, ref_x0 = _reference(x, mo, TABLE, 4, guidance_scale=3.0)
-    assert reference.relative_error(out, ref_out) < 1e-14
-    assert reference.relative_error(x0, ref_x0) < 1e-14
+    assert oracles.relative_error(out, ref_out) < 1e-14
+    assert oracles.relative_error(x0, ref_x0) < 1e-14
 
 
 def test_meta_tensors_give_shapes():
@@ -1030,7 +1033,34 @@ def test_reference_backend_accepts_float64():
     x, mo = _inputs((2, 3, 6), torch.float64, guided=False)
     out = ops.ddim_step(x, mo, TABLE, 4, backend="reference")
     assert out.dtype == torch.float64
-    assert_rel_close(out, _reference(x, mo, TABLE, 4)[0], 1e-6)
+    assert_rel_close(out, _reference(x, mo, TABLE, 4)[0], 1e-14)
+
+
+# --------------------------------------------------------------------------------------------------
+# `row` and its deprecated keyword name `step`
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("step_fn", [ops.ddim_step, reference.ddim_step], ids=["ops", "reference"])
+def test_step_keyword_is_the_deprecated_name_of_row(step_fn):
+    """The row positionally, as row=, or (deprecated, with a warning that names `row`) as step=: one result."""
+    import warnings
+
+    x, mo = _inputs((2, 3, 6), torch.float32, guided=True)
+    want = step_fn(x, mo, TABLE, 4, guidance_scale=7.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # positional and row= warn about nothing
+        got = [step_fn(x, mo, TABLE, row, guidance_scale=7.5) for row in (4, torch.tensor([4]))]
+        got.append(step_fn(x, mo, TABLE, row=torch.tensor([4]), guidance_scale=7.5))
+    with pytest.warns(DeprecationWarning, match=r"the keyword `step` is deprecated .*pass `row`") as record:
+        got.append(step_fn(x, mo, TABLE, step=4, guidance_scale=7.5))
+    assert record[0].filename == __file__  # points at the caller's line
+    for g in got:
+        assert torch.equal(g[0] if isinstance(g, tuple) else g, want[0] if isinstance(want, tuple) else want)
+    with pytest.raises(TypeError, match="got both row and step"):
+        step_fn(x, mo, TABLE, 4, step=4, guidance_scale=7.5)
+    with pytest.raises(TypeError, match="missing the table row"):
+        step_fn(x, mo, TABLE, guidance_scale=7.5)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1039,18 +1069,18 @@ def test_reference_backend_accepts_float64():
 
 _X = torch.randn(2, 3, 5)
 _MO = torch.randn(2, 3, 5)
-_STEP = torch.tensor([3])
+_ROW = torch.tensor([3])
 
 
 def _call(**overrides):
-    kw = dict(x=_X, model_output=_MO, table=TABLE, step=_STEP)
+    kw = dict(x=_X, model_output=_MO, table=TABLE, row=_ROW)
     kw.update(overrides)
-    x, mo, table, step = kw.pop("x"), kw.pop("model_output"), kw.pop("table"), kw.pop("step")
-    return lambda: ops.ddim_step(x, mo, table, step, **kw)
+    x, mo, table, row = kw.pop("x"), kw.pop("model_output"), kw.pop("table"), kw.pop("row")
+    return lambda: ops.ddim_step(x, mo, table, row, **kw)
 
 
 def _raw(**overrides):
-    args = dict(x=_X, model_output=_MO, table=TABLE, step=_STEP, guidance_scale=None, prediction_type="epsilon",
+    args = dict(x=_X, model_output=_MO, table=TABLE, row=_ROW, guidance_scale=None, prediction_type="epsilon",
                 clip_range=None, x0_threshold=None, use_clipped_model_output=False, noise=None, rng_state=None,
                 temperature=1.0, return_pred_x0=False)
     args.update(overrides)
@@ -1069,8 +1099,8 @@ BAD_INPUTS = {
                                   "backend='triton' supports float32/float16/bfloat16"),
     "model_output_int": (_call(model_output=_MO.long()), TypeError, "model_output must be a float32"),
     "table_float64": (_call(table=TABLE.double()), TypeError, "table must be float32, got Double"),
-    "step_int32": (_call(step=_STEP.int()), TypeError, "step must be an int64 tensor, got Int"),
-    "step_float": (_call(step=_STEP.float()), TypeError, "step must be an int64 tensor, got Float"),
+    "row_int32": (_call(row=_ROW.int()), TypeError, "row must be an int64 tensor, got Int"),
+    "row_float": (_call(row=_ROW.float()), TypeError, "row must be an int64 tensor, got Float"),
     "rng_state_int32": (_call(rng_state=torch.tensor([1, 2], dtype=torch.int32)), TypeError,
                         r"rng_state must be int64 \(\[seed, offset\] or \[B, 2\]\), got Int"),
     "raw_rng_state_int32": (_raw(rng_state=torch.tensor([1, 2], dtype=torch.int32)), TypeError,
@@ -1096,18 +1126,19 @@ BAD_INPUTS = {
     "out_shape": (_call(out=torch.empty(2, 3, 6)), ValueError, "out must have x's shape"),
     "pred_x0_out_shape": (_call(pred_x0_out=torch.empty(2, 3)), ValueError, "pred_x0_out must have x's shape"),
     "table_columns": (_call(table=TABLE[:, :7].contiguous()), ValueError,
-                      r"table must be a contiguous \[num_steps, 8\] tensor, got \[10, 7\]"),
-    "table_1d": (_call(table=TABLE.reshape(-1)), ValueError, r"table must be a contiguous \[num_steps, 8\]"),
+                      r"table must be a contiguous \[num_rows, 8\] tensor, got \[10, 7\]"),
+    "table_1d": (_call(table=TABLE.reshape(-1)), ValueError, r"table must be a contiguous \[num_rows, 8\]"),
     "table_non_contiguous": (_call(table=torch.cat([TABLE, TABLE], 1)[:, ::2]), ValueError,
-                             r"table must be a contiguous \[num_steps, 8\] tensor, got \[10, 8\]"),
+                             r"table must be a contiguous \[num_rows, 8\] tensor, got \[10, 8\]"),
     "table_no_rows": (_call(table=torch.empty(0, 8)), ValueError, "table has no rows"),
-    "step_two_elements": (_call(step=torch.tensor([1, 2])), ValueError,
-                          "step must hold exactly one index, got 2 elements"),
-    "step_empty": (_call(step=torch.empty(0, dtype=torch.int64)), ValueError, "step must hold exactly one index"),
-    "step_past_end": (_call(step=torch.tensor([10])), IndexError,
-                      "step index 10 is outside the coefficient table's 10 rows"),
-    "step_negative": (_call(step=torch.tensor([-1])), IndexError, "step index -1 is outside"),
-    "step_int_past_end": (_call(step=99), IndexError, "step index 99 is outside"),
+    "row_two_elements": (_call(row=torch.tensor([1, 2])), ValueError,
+                         "row must hold exactly one index, got 2 elements"),
+    "row_empty": (_call(row=torch.empty(0, dtype=torch.int64)), ValueError, "row must hold exactly one index"),
+    "row_past_end": (_call(row=torch.tensor([10])), IndexError,
+                     "row index 10 is outside the coefficient table's 10 rows"),
+    "row_negative": (_call(row=torch.tensor([-1])), IndexError, "row index -1 is outside"),
+    "row_int_past_end": (_call(row=99), IndexError, "row index 99 is outside"),
+    "raw_row_past_end": (_raw(row=torch.tensor([10])), IndexError, "row index 10 is outside"),
     "rng_state_shape": (_call(rng_state=torch.tensor([1, 2, 3])), ValueError,
                         r"rng_state must be a contiguous int64 tensor \[seed, offset\] or \[B, 2\] = \[2, 2\] "
                         r"\(one seed and offset per batch row\), got shape \[3\]"),
@@ -1157,8 +1188,8 @@ BAD_INPUTS = {
     "x_list": (_call(x=[1.0]), TypeError, "x must be a torch.Tensor, got list"),
     "model_output_none": (_call(model_output=None), TypeError, "model_output must be a torch.Tensor, got NoneType"),
     "table_list": (_call(table=[[1.0] * 8]), TypeError, "table must be a torch.Tensor, got list"),
-    "step_str": (_call(step="3"), TypeError, "step must be a torch.Tensor, got str"),
-    "step_bool": (_call(step=True), TypeError, "step must be an int64 tensor or an int, got bool"),
+    "row_str": (_call(row="3"), TypeError, "row must be a torch.Tensor, got str"),
+    "row_bool": (_call(row=True), TypeError, "row must be an int64 tensor or an int, got bool"),
     "noise_list": (_call(noise=[0.0]), TypeError, "noise must be a torch.Tensor, got list"),
     "rng_state_tuple": (_call(rng_state=(1, 2)), TypeError, "rng_state must be a torch.Tensor, got tuple"),
     "x0_threshold_float": (_call(x0_threshold=1.5), TypeError, "x0_threshold must be a torch.Tensor, got float"),
@@ -1183,9 +1214,9 @@ def test_bad_inputs_leave_out_untouched():
     assert torch.isnan(out).all()
 
 
-@pytest.mark.parametrize("arg", ["model_output", "table", "step"])
+@pytest.mark.parametrize("arg", ["model_output", "table", "row"])
 def test_device_mismatch_meta(arg):
-    tensors = {"model_output": _MO, "table": TABLE, "step": _STEP}
+    tensors = {"model_output": _MO, "table": TABLE, "row": _ROW}
     tensors[arg] = tensors[arg].to("meta")
     with pytest.raises(ValueError, match=f"{arg} must be on x's device cpu, got meta"):
-        ops.ddim_step(_X, tensors["model_output"], tensors["table"], tensors["step"])
+        ops.ddim_step(_X, tensors["model_output"], tensors["table"], tensors["row"])

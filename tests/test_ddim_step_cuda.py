@@ -1,5 +1,5 @@
 """The CUDA ddim_step kernels (native CUDA C++ and Triton) on a GPU: the whole matrix against the
-float64 reference, against the C++ CPU op (seeded noise included), misaligned and strided views (all
+float64 oracle (tests/oracles.py), against the C++ CPU op (seeded noise included), misaligned and strided views (all
 three CUDA paths: 16-byte vector, contiguous scalar, strided), empty tensors, a tensor over 2^31 elements
 when memory allows, and opcheck. Everything here skips without a CUDA device.
 """
@@ -12,6 +12,7 @@ import torch
 import ddim_fast.ops  # noqa: F401  (loads the C++ extension)
 from conftest import DTYPES, assert_fully_written, assert_rel_close, misaligned, poison, requires_cuda
 from ddim_fast import ops, reference
+from kernel_profile import launched_kernels
 from test_ddim_step_triton import (NORMALS_ATOL, PREDICTIONS, check_case, make_case, normals_case, positional,
                                    reference_for, run_functional, run_out)
 
@@ -99,10 +100,10 @@ def test_in_place(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("bad_step", [-1, 6])
-def test_out_of_range_step_writes_nan(backend, bad_step):
+@pytest.mark.parametrize("bad_row", [-1, 6])
+def test_out_of_range_row_writes_nan(backend, bad_row):
     case = make_case((2, 4, 8, 8), torch.float32, "cuda", clamp="static")
-    case["step"].fill_(bad_step)
+    case["row"].fill_(bad_row)
     out, pred_x0 = run_functional(backend, case)
     assert torch.isnan(out).all() and torch.isnan(pred_x0).all()
 
@@ -183,19 +184,6 @@ def _cl(t):
     return t.contiguous(memory_format=torch.channels_last)
 
 
-def _kernel_names(fn) -> list[str]:
-    """Names of the CUDA kernels `fn` launches (torch.profiler); skips when the profiler sees no kernels."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    names = [e.name for e in prof.events()]
-    if not any("ddim_step" in n for n in names):
-        pytest.skip("the profiler recorded no ddim_step kernel (CUPTI unavailable?)")
-    return names
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(2, 4, 9, 7), (1, 4, 64, 64), (2, 4, 64, 64)], ids=str)
@@ -223,10 +211,10 @@ def test_channels_last_runs_the_vector_kernel(dtype):
     vector kernel, as it does a contiguous one; with Philox noise (logical indices) the strided kernel."""
     case = make_case((2, 4, 64, 64), dtype, "cuda", noise="tensor", seed=8)
     cl_case = dict(case, x=_cl(case["x"]), model_output=_cl(case["model_output"]), noise=_cl(case["noise"]))
-    names = _kernel_names(lambda: run_functional("native", cl_case))
+    names = launched_kernels(lambda: run_functional("native", cl_case), "ddim_step")
     assert any("ddim_step_vector_kernel" in n for n in names), names
     philox = dict(cl_case, noise=None, rng_state=torch.tensor([1, 2], device="cuda"))
-    names = _kernel_names(lambda: run_functional("native", philox))
+    names = launched_kernels(lambda: run_functional("native", philox), "ddim_step")
     assert any("ddim_step_scalar_kernel" in n for n in names), names
 
 
@@ -237,7 +225,7 @@ def test_channels_last_runs_the_vector_kernel(dtype):
 STREAMS = [(0xABCDEF + 7 * b + (b << 35), 11 * b) for b in range(8)]
 
 
-def _rows_case(streams, sample_shape, device, dtype=torch.float32, step=0):
+def _rows_case(streams, sample_shape, device, dtype=torch.float32):
     shape = (len(streams),) + tuple(sample_shape)
     case = normals_case(0, 0, shape, device)
     case["x"], case["model_output"] = case["x"].to(dtype), case["model_output"].to(dtype)

@@ -1,4 +1,4 @@
-"""The Triton ddim_step ops against the float64 reference and against the C++ op.
+"""The Triton ddim_step ops against the float64 oracle (tests/oracles.py) and against the C++ op.
 
 On this CPU machine the kernel runs under the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py)
 on CPU tensors, so shapes are tiny except one 2x4x64x64 case. On a GPU machine the same tests run on
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import ddim_fast.ops  # noqa: F401  (loads the C++ extension: torch.ops.ddim_fast.*)
+import oracles
 from conftest import DTYPES, assert_fully_written, assert_rel_close, misaligned, poison
 from ddim_fast import reference, schedule
 from ddim_fast.triton import ddim_step as triton_step
@@ -37,7 +38,7 @@ def make_table(device, eta: float = 0.7) -> torch.Tensor:
     return schedule.coefficient_table([981, 781, 581, 381, 181, 1], alphas, alphas_prev, sigmas, device=device)
 
 
-def make_case(shape, dtype, device, *, guided=True, noise="tensor", clamp=None, seed=0, step=2):
+def make_case(shape, dtype, device, *, guided=True, noise="tensor", clamp=None, seed=0, row=2):
     """Random inputs of one step: a dict of the op's keyword-like arguments (tensors on `device`)."""
     gen = torch.Generator().manual_seed(seed)
     batch = shape[0]
@@ -46,7 +47,7 @@ def make_case(shape, dtype, device, *, guided=True, noise="tensor", clamp=None, 
         x=torch.randn(shape, generator=gen).to(dtype).to(device),
         model_output=torch.randn(mo_shape, generator=gen).to(dtype).to(device),
         table=make_table(device),
-        step=torch.tensor([step], dtype=torch.int64, device=device),
+        row=torch.tensor([row], dtype=torch.int64, device=device),
         guidance_scale=7.5 if guided else None,
         prediction_type="epsilon",
         clip_range=None,
@@ -67,7 +68,7 @@ def make_case(shape, dtype, device, *, guided=True, noise="tensor", clamp=None, 
     return case
 
 
-ARG_ORDER = ("x", "model_output", "table", "step", "guidance_scale", "prediction_type", "clip_range",
+ARG_ORDER = ("x", "model_output", "table", "row", "guidance_scale", "prediction_type", "clip_range",
              "x0_threshold", "use_clipped_model_output", "noise", "rng_state", "temperature")
 
 
@@ -86,14 +87,14 @@ def run_out(backend: str, case, out, pred_x0_out):
 
 
 def reference_for(case):
-    """(x_prev, pred_x0) in float64, the seeded noise drawn by the reference Philox."""
+    """(x_prev, pred_x0) of the float64 oracle (tests/oracles.py), the seeded noise drawn by the numpy Philox."""
     noise = case["noise"]
     if case["rng_state"] is not None:
-        noise = reference.seeded_noise(case["rng_state"].cpu(), int(case["step"].item()), case["x"].shape,
+        noise = reference.seeded_noise(case["rng_state"].cpu(), int(case["row"].item()), case["x"].shape,
                                        torch.float64)
     cpu = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in case.items()}
-    return reference.ddim_step(
-        cpu["x"], cpu["model_output"], cpu["table"], cpu["step"], guidance_scale=cpu["guidance_scale"],
+    return oracles.ddim_step(
+        cpu["x"], cpu["model_output"], cpu["table"], cpu["row"], guidance_scale=cpu["guidance_scale"],
         prediction_type=cpu["prediction_type"], clip_range=cpu["clip_range"], x0_threshold=cpu["x0_threshold"],
         use_clipped_model_output=cpu["use_clipped_model_output"],
         noise=None if noise is None else noise.cpu(), temperature=cpu["temperature"])
@@ -154,12 +155,12 @@ def test_philox_noise_and_temperature(dtype):
     case = make_case((2, 3, 7, 5), dtype, DEVICE, noise="philox", seed=3)
     case["temperature"] = 0.6
     check_case("triton", case, "philox")
-    # Another step draws other noise (offset + step).
+    # Another row draws other noise (offset + row).
     out_a = run_functional("triton", case)[0]
     out_b = run_functional("triton", {**case, "table": case["table"][[2, 2]].contiguous(),
-                                      "step": torch.tensor([1], device=DEVICE)})[0]
+                                      "row": torch.tensor([1], device=DEVICE)})[0]
     same_row = run_functional("triton", {**case, "table": case["table"][[2, 2]].contiguous(),
-                                         "step": torch.tensor([0], device=DEVICE)})[0]
+                                         "row": torch.tensor([0], device=DEVICE)})[0]
     assert not torch.equal(out_a, out_b) and not torch.equal(same_row, out_b)
 
 
@@ -237,10 +238,10 @@ def test_pred_x0_only_when_asked():
     assert_rel_close(out, reference_for(case)[0], torch.float16)
 
 
-@pytest.mark.parametrize("bad_step", [-1, 6, 1 << 40])
-def test_out_of_range_step_writes_nan(bad_step):
+@pytest.mark.parametrize("bad_row", [-1, 6, 1 << 40])
+def test_out_of_range_row_writes_nan(bad_row):
     case = make_case((2, 3, 4, 5), torch.float32, DEVICE, clamp="static")
-    case["step"] = torch.tensor([bad_step], device=DEVICE)
+    case["row"] = torch.tensor([bad_row], device=DEVICE)
     out, pred_x0 = run_functional("triton", case)
     assert torch.isnan(out).all() and torch.isnan(pred_x0).all()
 
@@ -281,7 +282,7 @@ def normals_case(seed: int, offset: int, shape, device):
     table = schedule.coefficient_table([1], [0.5], [0.0], [1.0], device=device)
     return dict(
         x=torch.zeros(shape, device=device), model_output=torch.zeros(shape, device=device), table=table,
-        step=torch.tensor([0], device=device), guidance_scale=None, prediction_type="epsilon", clip_range=None,
+        row=torch.tensor([0], device=device), guidance_scale=None, prediction_type="epsilon", clip_range=None,
         x0_threshold=None, use_clipped_model_output=False, noise=None,
         rng_state=torch.tensor([seed, offset], dtype=torch.int64, device=device), temperature=1.0)
 
@@ -316,8 +317,8 @@ def _bad_cases():
     yield "table dtype", {"table": good()["table"].double()}
     yield "table shape", {"table": torch.zeros(3, 7, device=d)}
     yield "table rows", {"table": torch.zeros(0, 8, device=d)}
-    yield "step dtype", {"step": torch.tensor([1], dtype=torch.int32, device=d)}
-    yield "step numel", {"step": torch.tensor([1, 2], device=d)}
+    yield "row dtype", {"row": torch.tensor([1], dtype=torch.int32, device=d)}
+    yield "row numel", {"row": torch.tensor([1, 2], device=d)}
     yield "prediction", {"prediction_type": "eps"}
     yield "both clamps", {"clip_range": 1.0, "x0_threshold": torch.ones(2, device=d)}
     yield "clip_range", {"clip_range": -1.0}
@@ -409,15 +410,15 @@ def rows_state(streams, device) -> torch.Tensor:
     return torch.tensor([list(s) for s in streams], dtype=torch.int64, device=device)
 
 
-def rows_normals_case(streams, sample_shape, device, dtype=torch.float32, step=0):
+def rows_normals_case(streams, sample_shape, device, dtype=torch.float32, row=0):
     """A step whose x_prev is the per-row seeded normal z (sqrt(a_prev) = 0, dir = 0, sigma = 1)."""
     shape = (len(streams),) + tuple(sample_shape)
     case = normals_case(0, 0, shape, device)
     case["x"], case["model_output"] = case["x"].to(dtype), case["model_output"].to(dtype)
     case["rng_state"] = rows_state(streams, device)
-    case["table"] = schedule.coefficient_table([1] * (step + 1), [0.5] * (step + 1), [0.0] * (step + 1),
-                                               [1.0] * (step + 1), device=device)
-    case["step"] = torch.tensor([step], device=device)
+    case["table"] = schedule.coefficient_table([1] * (row + 1), [0.5] * (row + 1), [0.0] * (row + 1),
+                                               [1.0] * (row + 1), device=device)
+    case["row"] = torch.tensor([row], device=device)
     return case
 
 
@@ -430,16 +431,16 @@ ROW_SAMPLE_SHAPES = [(4, 6, 6), (3, 2, 2), (3, 5, 7), (1, 1, 3)]
 def test_per_row_noise_belongs_to_the_sample(dtype, sample_shape):
     """Bit-identical noise for a sample whether it is row 0 of a batch of 1 or row 5 of a batch of 8; equal to
     the per-row reference, and to the C++ op's per-row draw to fp32 rounding of the transcendentals."""
-    z8 = run_functional("triton", rows_normals_case(STREAMS, sample_shape, DEVICE, dtype, step=2))[0]
+    z8 = run_functional("triton", rows_normals_case(STREAMS, sample_shape, DEVICE, dtype, row=2))[0]
     for b in (0, 5, 7):
-        alone = run_functional("triton", rows_normals_case([STREAMS[b]], sample_shape, DEVICE, dtype, step=2))[0]
+        alone = run_functional("triton", rows_normals_case([STREAMS[b]], sample_shape, DEVICE, dtype, row=2))[0]
         assert torch.equal(alone[0], z8[b]), f"row {b} of 8 != batch of 1"
     expected = reference.philox_normal_rows([(s, o + 2) for s, o in STREAMS], z8.shape, torch.float64)
     if dtype == torch.float32:
         assert (z8.cpu().double() - expected).abs().max().item() <= NORMALS_ATOL
     else:
         assert_rel_close(z8, expected, dtype, "per-row normals")
-    z_cpp = run_functional("native", rows_normals_case(STREAMS, sample_shape, DEVICE, dtype, step=2))[0]
+    z_cpp = run_functional("native", rows_normals_case(STREAMS, sample_shape, DEVICE, dtype, row=2))[0]
     if dtype == torch.float32:
         assert (z8 - z_cpp).abs().max().item() <= NORMALS_ATOL
     else:  # one storage rounding apart at most
@@ -456,7 +457,7 @@ def test_per_row_state_of_one_row_equals_the_one_stream_state():
 @pytest.mark.parametrize("layout", ["permuted", "sliced"])
 def test_per_row_noise_strided(layout):
     sample_shape = (3, 5, 7)
-    case = rows_normals_case(STREAMS[:3], sample_shape, DEVICE, torch.float16, step=1)
+    case = rows_normals_case(STREAMS[:3], sample_shape, DEVICE, torch.float16, row=1)
     contiguous = run_functional("triton", case)[0]
     view = {"permuted": lambda t: t.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2),
             "sliced": lambda t: torch.cat([t, t], dim=-1)[..., ::2]}[layout]
@@ -517,7 +518,7 @@ def _plan_of(case, out=None, pred_x0=None):
     per_row = case["rng_state"] is not None and case["rng_state"].dim() == 2
     # The memory-order decision is the C++ rules' (ddim_step_check), as in run_ddim_step.
     flat = torch.ops.ddim_fast.ddim_step_check(
-        x, mo, case["table"], case["step"], case["guidance_scale"], case["prediction_type"], case["clip_range"],
+        x, mo, case["table"], case["row"], case["guidance_scale"], case["prediction_type"], case["clip_range"],
         case["x0_threshold"], case["use_clipped_model_output"], case["noise"], case["rng_state"],
         case["temperature"], out, pred_x0, False)[4]
     return triton_step._plan(x.shape, tuple(a.stride() for a in args), x.dtype, noise_mode, per_row, flat)

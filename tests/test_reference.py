@@ -1,6 +1,8 @@
-"""The oracle itself: reference.ddim_step against hand-written closed forms, Philox4x32-10 against the
-published Random123 known-answer vectors, the normal mapping of csrc/include/ddim_fast/philox.h, and the
-C++ Philox (seen through the op) against the numpy one."""
+"""The reference backend (ddim_fast/reference.py) and the tests' float64 oracles (tests/oracles.py), each held to
+what does not come from the other: the step against hand-written closed forms (both), the other oracles against
+hand-computed values and PyTorch's own float64 functionals, the reference backend's attention, softmax, GroupNorm
+and GEGLU against the oracles; Philox4x32-10 against the published Random123 known-answer vectors, the normal
+mapping of csrc/include/ddim_fast/philox.h, and the C++ Philox (seen through the op) against the numpy one."""
 
 from __future__ import annotations
 
@@ -9,8 +11,16 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+import oracles
+from conftest import assert_rel_close
 from ddim_fast import reference, schedule
+
+# The two step implementations the closed forms hold: the product's PyTorch backend and the tests' oracle.
+STEP_IMPLEMENTATIONS = {"reference backend": reference.ddim_step, "test oracle": oracles.ddim_step}
+step_implementations = pytest.mark.parametrize("ddim_step", list(STEP_IMPLEMENTATIONS.values()),
+                                               ids=list(STEP_IMPLEMENTATIONS))
 
 # --------------------------------------------------------------------------------------------------
 # ddim_step closed forms on a tiny case (plain Python floats, no tensors in the expected values)
@@ -22,7 +32,7 @@ DIR = math.sqrt(1 - A_PREV - SIGMA**2)
 
 
 def _tiny_table() -> torch.Tensor:
-    # Row 0 is a dummy so that the tests also check that `step` selects the row.
+    # Row 0 is a dummy so that the tests also check that `row` selects the row.
     return schedule.coefficient_table([999, 500], [0.01, A_T], [0.5, A_PREV], [0.0, SIGMA])
 
 
@@ -40,40 +50,49 @@ def _closed_form(x, m, prediction, noise=0.0, temperature=1.0, clip=None, reuse=
     return SAP * x0 + DIR * eps + SIGMA * temperature * noise, x0
 
 
-# fp32 table entries: compare the fp64 oracle (which reads the fp32 table) to fp32-level precision.
+# fp32 table entries: compare the fp64 step (which reads the fp32 table) to fp32-level precision.
 CLOSE = dict(rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("prediction", reference.PREDICTION_TYPES)
-def test_ddim_step_closed_form(prediction):
+def test_oracle_reads_the_documented_table_columns():
+    """The oracle's column numbers are written out (not imported); they must be the layout schedule builds."""
+    assert (oracles.SQRT_ALPHA, oracles.SQRT_ONE_MINUS_ALPHA, oracles.SQRT_ALPHA_PREV, oracles.DIR_COEF,
+            oracles.SIGMA) == (schedule.COL_SQRT_ALPHA, schedule.COL_SQRT_ONE_MINUS_ALPHA,
+                               schedule.COL_SQRT_ALPHA_PREV, schedule.COL_DIR_COEF, schedule.COL_SIGMA)
+    assert oracles.PREDICTION_TYPES == reference.PREDICTION_TYPES
+
+
+@step_implementations
+@pytest.mark.parametrize("prediction", oracles.PREDICTION_TYPES)
+def test_ddim_step_closed_form(ddim_step, prediction):
     xs, ms, zs = [1.0, -2.0, 0.5], [0.5, 0.25, -1.5], [0.3, -1.1, 2.0]
     x = torch.tensor([xs], dtype=torch.float64)
     m = torch.tensor([ms], dtype=torch.float64)
     z = torch.tensor([zs], dtype=torch.float64)
-    for step in (1, torch.tensor([1])):
-        out, x0 = reference.ddim_step(x, m, _tiny_table(), step, prediction_type=prediction, noise=z,
-                                      temperature=0.5)
+    for row in (1, torch.tensor([1])):
+        out, x0 = ddim_step(x, m, _tiny_table(), row, prediction_type=prediction, noise=z, temperature=0.5)
         expected = [_closed_form(a, b, prediction, c, 0.5) for a, b, c in zip(xs, ms, zs)]
         assert out.dtype == torch.float64 and out.shape == (1, 3)
         torch.testing.assert_close(out[0], torch.tensor([e[0] for e in expected], dtype=torch.float64), **CLOSE)
         torch.testing.assert_close(x0[0], torch.tensor([e[1] for e in expected], dtype=torch.float64), **CLOSE)
 
 
-def test_ddim_step_closed_form_eps_values():
+@step_implementations
+def test_ddim_step_closed_form_eps_values(ddim_step):
     # One case computed by hand: x = 1, eps = 0.5 -> x0 = (1 - 0.6*0.5)/0.8 = 0.875,
     # x_prev = 0.9*0.875 + sqrt(0.15)*0.5 (no noise).
-    out, x0 = reference.ddim_step(torch.tensor([[1.0]]), torch.tensor([[0.5]]), _tiny_table(), 1)
+    out, x0 = ddim_step(torch.tensor([[1.0]]), torch.tensor([[0.5]]), _tiny_table(), 1)
     assert x0.item() == pytest.approx(0.875, abs=1e-6)
     assert out.item() == pytest.approx(0.9 * 0.875 + math.sqrt(0.15) * 0.5, abs=1e-6)
 
 
+@step_implementations
 @pytest.mark.parametrize("reuse", [False, True])
-def test_ddim_step_guidance_and_clip(reuse):
+def test_ddim_step_guidance_and_clip(ddim_step, reuse):
     uncond, cond, xs, scale = [0.2, -3.0], [1.0, 4.0], [2.5, -0.1], 7.5
     m = torch.tensor([uncond, cond], dtype=torch.float64).reshape(2, 2)
     x = torch.tensor([xs], dtype=torch.float64)
-    out, x0 = reference.ddim_step(x, m, _tiny_table(), 1, guidance_scale=scale, clip_range=1.0,
-                                  use_clipped_model_output=reuse)
+    out, x0 = ddim_step(x, m, _tiny_table(), 1, guidance_scale=scale, clip_range=1.0, use_clipped_model_output=reuse)
     combined = [u + scale * (c - u) for u, c in zip(uncond, cond)]
     expected = [_closed_form(a, b, "epsilon", clip=1.0, reuse=reuse) for a, b in zip(xs, combined)]
     torch.testing.assert_close(out[0], torch.tensor([e[0] for e in expected], dtype=torch.float64), **CLOSE)
@@ -81,16 +100,24 @@ def test_ddim_step_guidance_and_clip(reuse):
     assert x0.abs().max().item() <= 1.0
 
 
-def test_ddim_step_dynamic_threshold_closed_form():
+@step_implementations
+def test_ddim_step_dynamic_threshold_closed_form(ddim_step):
     x = torch.tensor([[3.0, -1.0], [0.2, 0.1]], dtype=torch.float64)
     m = torch.tensor([[2.0, -0.5], [0.4, -3.0]], dtype=torch.float64)  # sample prediction: x0 = m
     s = torch.tensor([1.5, 2.0], dtype=torch.float32)
-    out, x0 = reference.ddim_step(x, m, _tiny_table(), 1, prediction_type="sample", x0_threshold=s)
+    out, x0 = ddim_step(x, m, _tiny_table(), 1, prediction_type="sample", x0_threshold=s)
     expected_x0 = [[1.5 / 1.5, -0.5 / 1.5], [0.4 / 2.0, -2.0 / 2.0]]
     torch.testing.assert_close(x0, torch.tensor(expected_x0, dtype=torch.float64), rtol=1e-12, atol=1e-12)
     # eps is NOT re-derived without use_clipped_model_output: it comes from the unclamped x0.
     eps = (x - SA * m) / S1A
     torch.testing.assert_close(out, SAP * x0 + DIR * eps, **CLOSE)
+
+
+@step_implementations
+def test_ddim_step_keeps_nan_through_the_clamp(ddim_step):
+    x = torch.tensor([[float("nan"), 1.0]], dtype=torch.float64)
+    out, x0 = ddim_step(x, torch.zeros(1, 2, dtype=torch.float64), _tiny_table(), 1, clip_range=1.0)
+    assert math.isnan(x0[0, 0].item()) and math.isnan(out[0, 0].item()) and not math.isnan(out[0, 1].item())
 
 
 def test_dynamic_threshold_scale():
@@ -104,22 +131,103 @@ def test_dynamic_threshold_scale():
     assert s[0].item() == 1.0 and s[2].item() == 4.0  # both clamps are hit
 
 
-def test_ddim_step_no_noise_ignores_sigma():
+@step_implementations
+def test_ddim_step_no_noise_ignores_sigma(ddim_step):
     x, m = torch.tensor([[1.0]]), torch.tensor([[0.5]])
-    out_none, _ = reference.ddim_step(x, m, _tiny_table(), 1)
-    out_zero, _ = reference.ddim_step(x, m, _tiny_table(), 1, noise=torch.zeros(1, 1))
+    out_none, _ = ddim_step(x, m, _tiny_table(), 1)
+    out_zero, _ = ddim_step(x, m, _tiny_table(), 1, noise=torch.zeros(1, 1))
     assert out_none.item() == out_zero.item()
 
 
-def test_predict_x0_eps_rejects_unknown():
+def test_unknown_prediction_types_are_refused():
     with pytest.raises(ValueError, match="prediction_type must be one of"):
         reference.predict_x0_eps(torch.ones(1), torch.ones(1), 1.0, 0.0, "eps")
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        oracles.ddim_step(torch.ones(1, 1), torch.ones(1, 1), _tiny_table(), 1, prediction_type="eps")
 
 
-def test_relative_error():
-    assert reference.relative_error(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.0])) == 0.0
-    assert reference.relative_error(torch.tensor([3.0, 4.5]), torch.tensor([3.0, 4.0])) == pytest.approx(0.1)
-    assert reference.relative_error(torch.empty(0), torch.empty(0)) == 0.0
+@pytest.mark.parametrize("relative_error", [reference.relative_error, oracles.relative_error],
+                         ids=["reference backend", "test oracle"])
+def test_relative_error(relative_error):
+    assert relative_error(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.0])) == 0.0
+    assert relative_error(torch.tensor([3.0, 4.5]), torch.tensor([3.0, 4.0])) == pytest.approx(0.1)
+    assert relative_error(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0])) == 1.0  # ref 0: absolute
+    assert relative_error(torch.empty(0), torch.empty(0)) == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# The other oracles against hand-computed values and PyTorch's own float64 functionals; the reference
+# backend's functions against the oracles
+# --------------------------------------------------------------------------------------------------
+
+
+def _rand(*shape, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_softmax_oracle_by_hand():
+    scores = torch.tensor([[0.0, math.log(3.0)]], dtype=torch.float64)
+    torch.testing.assert_close(oracles.scaled_masked_softmax(scores, None, 1.0),
+                               torch.tensor([[0.25, 0.75]], dtype=torch.float64))
+    keep = torch.tensor([[True, False]])
+    torch.testing.assert_close(oracles.scaled_masked_softmax(scores, keep, 1.0),
+                               torch.tensor([[1.0, 0.0]], dtype=torch.float64))
+    nothing = torch.tensor([[False, False]])  # ldm's fully masked row: uniform
+    torch.testing.assert_close(oracles.scaled_masked_softmax(scores, nothing, 1.0),
+                               torch.tensor([[0.5, 0.5]], dtype=torch.float64))
+    minus_inf = torch.full((1, 2), -math.inf, dtype=torch.float64)  # additive: NaN, as softmax gives it
+    assert torch.isnan(oracles.scaled_masked_softmax(scores, minus_inf, 1.0)).all()
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+def test_attention_oracle_matches_pytorch_sdpa_math(mask_kind):
+    q, k, v = _rand(2, 3, 5, 8, seed=1), _rand(2, 3, 7, 8, seed=2), _rand(2, 3, 7, 6, seed=3)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(2, 1, 5, 7, generator=torch.Generator().manual_seed(4)) > 0.3
+        mask[..., 0] = True  # SDPA gives NaN for a fully masked row; ldm's meaning is checked by hand above
+    elif mask_kind == "float":
+        mask = _rand(2, 1, 1, 7, seed=5)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+    torch.testing.assert_close(oracles.attention(q, k, v, 0.3, mask), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_group_norm_silu_oracle_matches_pytorch():
+    x, w, b, add = _rand(2, 8, 3, 5, seed=1), _rand(8, seed=2), _rand(8, seed=3), _rand(2, 8, seed=4)
+    expected = F.silu(F.group_norm(x + add[:, :, None, None], 4, w, b, eps=1e-5))
+    torch.testing.assert_close(oracles.group_norm_silu(x, w, b, 4, 1e-5, True, add), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(oracles.group_norm_silu(x, None, None, 2, 1e-6, False),
+                               F.group_norm(x, 2, eps=1e-6), rtol=1e-12, atol=1e-12)
+
+
+def test_geglu_oracle_matches_pytorch():
+    h = _rand(3, 4, 10, seed=6)
+    values, gates = h.chunk(2, dim=-1)
+    torch.testing.assert_close(oracles.geglu(h), values * F.gelu(gates), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+def test_reference_backend_attention_and_softmax_match_the_oracle(mask_kind):
+    q, k, v = _rand(2, 5, 8, seed=7).float(), _rand(2, 9, 8, seed=8).float(), _rand(2, 9, 8, seed=9).float()
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(2, 5, 9, generator=torch.Generator().manual_seed(10)) > 0.4
+        mask[0, 0] = False  # one fully masked row
+    elif mask_kind == "float":
+        mask = _rand(2, 1, 9, seed=11).float()
+    assert_rel_close(reference.attention(q, k, v, 0.35, mask), oracles.attention(q, k, v, 0.35, mask), 1e-14)
+    scores = q @ k.transpose(-1, -2)
+    assert_rel_close(reference.scaled_masked_softmax(scores, mask, 0.35),
+                     oracles.scaled_masked_softmax(scores, mask, 0.35), 1e-14)
+
+
+def test_reference_backend_unet_ops_match_the_oracle():
+    x, w, b, add = _rand(2, 8, 3, 5, seed=12).float(), _rand(8, seed=13).float(), None, _rand(2, 8, seed=14).float()
+    assert_rel_close(reference.group_norm_silu(x, w, b, 4, 1e-5, True, add),
+                     oracles.group_norm_silu(x, w, b, 4, 1e-5, True, add), 1e-14)
+    h = _rand(3, 10, seed=15).half()
+    assert_rel_close(reference.geglu(h), oracles.geglu(h), 1e-14)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -229,7 +337,7 @@ def test_philox_normal_rows_is_one_stream_per_row():
 
 
 def test_philox_words_of_a_row_use_the_index_within_the_row():
-    # The counter of element j of row b: (j >> 2, offset_b + step); the key: seed_b. Checked on the words.
+    # The counter of element j of row b: (j >> 2, offset_b + table row); the key: seed_b. Checked on the words.
     seed, offset, numel = 0xDEADBEEF12345, 77, 10
     words = reference.philox_words(seed, offset, numel)
     for g in range(3):

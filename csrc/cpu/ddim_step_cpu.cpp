@@ -195,7 +195,7 @@ ComputeFn pick_compute(const DdimStepParams& p) {
 // one stream over the tensor (rng_state [2]) or one per batch row (rng_state [B, 2]; the group index then
 // restarts at 0 in every row, so a row's noise does not depend on where the row sits in the batch).
 // One Philox call serves the (up to) 4 consecutive elements of a group.
-void fill_philox_normals(const DdimStepParams& p, uint64_t step, int64_t start, int64_t n, float* z) {
+void fill_philox_normals(const DdimStepParams& p, uint64_t table_row, int64_t start, int64_t n, float* z) {
   int64_t row = 0;
   int64_t j = start;  // index within the current stream
   if (p.rng_per_row) {
@@ -203,14 +203,14 @@ void fill_philox_normals(const DdimStepParams& p, uint64_t step, int64_t start, 
     j = start - row * p.sample_numel;
   }
   uint64_t seed, offset;
-  philox_stream(p.rng, row, step, &seed, &offset);
+  philox_stream(p.rng, row, table_row, &seed, &offset);
   float group_normals[4];
   int64_t cached_group = -1;
   for (int64_t i = 0; i < n; ++i, ++j) {
     if (p.rng_per_row && j == p.sample_numel) {  // the next row: its own stream, from group 0
       j = 0;
       ++row;
-      philox_stream(p.rng, row, step, &seed, &offset);
+      philox_stream(p.rng, row, table_row, &seed, &offset);
       cached_group = -1;
     }
     const int64_t group = j >> 2;
@@ -223,7 +223,7 @@ void fill_philox_normals(const DdimStepParams& p, uint64_t step, int64_t start, 
 }
 
 template <typename scalar_t>
-void run_range(const DdimStepParams& p, const StepCoefs& k, ComputeFn compute, uint64_t step, int64_t begin,
+void run_range(const DdimStepParams& p, const StepCoefs& k, ComputeFn compute, uint64_t table_row, int64_t begin,
                int64_t end) {
   constexpr bool kDirectFloat = std::is_same<scalar_t, float>::value;
   // Memory order: positions start .. start + n of every argument (row-major contiguous, or dense with one
@@ -279,7 +279,7 @@ void run_range(const DdimStepParams& p, const StepCoefs& k, ComputeFn compute, u
     }
     if (has_rng) {
       // Only reached with logical positions: the flat path draws Philox noise only when row-major.
-      fill_philox_normals(p, step, start, n, zb);
+      fill_philox_normals(p, table_row, start, n, zb);
       zs = zb;
     }
     if (p.clamp == X0Clamp::kDynamic) {
@@ -314,22 +314,22 @@ void run_range(const DdimStepParams& p, const StepCoefs& k, ComputeFn compute, u
 
 void run_ddim_step_cpu(const DdimStepParams& p) {
   if (p.numel == 0) return;
-  const int64_t step = *p.step;
-  TORCH_CHECK_INDEX(step >= 0 && step < p.num_rows, "ddim_step: step index ", step,
+  const int64_t table_row = *p.table_row;
+  TORCH_CHECK_INDEX(table_row >= 0 && table_row < p.num_rows, "ddim_step: row index ", table_row,
                     " is outside the coefficient table's ", p.num_rows, " rows");
-  const StepCoefs k = load_step_coefs(p.table + step * kTableColumns, p.temperature);
-  // The Philox counter's high half is offset + step (philox_stream), so each step draws fresh noise.
+  const StepCoefs k = load_step_coefs(p.table + table_row * kTableColumns, p.temperature);
+  // The Philox counter's high half is offset + row (philox_stream), so each row draws fresh noise.
   const ComputeFn compute = pick_compute(p);
   const auto run = [&](int64_t begin, int64_t end) {
     switch (p.dtype) {
       case ScalarKind::kFloat16:
-        run_range<c10::Half>(p, k, compute, static_cast<uint64_t>(step), begin, end);
+        run_range<c10::Half>(p, k, compute, static_cast<uint64_t>(table_row), begin, end);
         break;
       case ScalarKind::kBFloat16:
-        run_range<c10::BFloat16>(p, k, compute, static_cast<uint64_t>(step), begin, end);
+        run_range<c10::BFloat16>(p, k, compute, static_cast<uint64_t>(table_row), begin, end);
         break;
       default:
-        run_range<float>(p, k, compute, static_cast<uint64_t>(step), begin, end);
+        run_range<float>(p, k, compute, static_cast<uint64_t>(table_row), begin, end);
     }
   };
   // One parallel region on torch's own OpenMP pool (the extension's GOMP symbols bind to the libgomp torch
@@ -353,7 +353,7 @@ void run_ddim_step_cpu(const DdimStepParams& p) {
 }
 
 void ddim_step_out_cpu(const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& table,
-                       const at::Tensor& step, std::optional<double> guidance_scale,
+                       const at::Tensor& row, std::optional<double> guidance_scale,
                        c10::string_view prediction_type, std::optional<double> clip_range,
                        const std::optional<at::Tensor>& x0_threshold, bool use_clipped_model_output,
                        const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& rng_state,
@@ -361,11 +361,11 @@ void ddim_step_out_cpu(const at::Tensor& x, const at::Tensor& model_output, cons
   const StepOptions o = make_step_options(guidance_scale, prediction_type, clip_range, x0_threshold,
                                           use_clipped_model_output, noise, rng_state, temperature);
   TORCH_CHECK_VALUE(x.device().is_cpu(), "ddim_step (CPU kernel): x must be a CPU tensor, got ", x.device());
-  run_ddim_step_cpu(make_ddim_step_params(x, model_output, table, step, o, out, pred_x0_out));
+  run_ddim_step_cpu(make_ddim_step_params(x, model_output, table, row, o, out, pred_x0_out));
 }
 
 std::tuple<at::Tensor, at::Tensor> ddim_step_cpu(const at::Tensor& x, const at::Tensor& model_output,
-                                                 const at::Tensor& table, const at::Tensor& step,
+                                                 const at::Tensor& table, const at::Tensor& row,
                                                  std::optional<double> guidance_scale,
                                                  c10::string_view prediction_type, std::optional<double> clip_range,
                                                  const std::optional<at::Tensor>& x0_threshold,
@@ -374,7 +374,7 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_cpu(const at::Tensor& x, const at::
                                                  const std::optional<at::Tensor>& rng_state, double temperature,
                                                  bool return_pred_x0) {
   auto [out, pred_x0] = allocate_ddim_step_outputs(x, return_pred_x0);
-  ddim_step_out_cpu(x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
+  ddim_step_out_cpu(x, model_output, table, row, guidance_scale, prediction_type, clip_range, x0_threshold,
                     use_clipped_model_output, noise, rng_state, temperature, out,
                     return_pred_x0 ? std::optional<at::Tensor>(pred_x0) : std::nullopt);
   return {out, pred_x0};

@@ -20,7 +20,7 @@ namespace ddim_fast {
 namespace {
 
 void ddim_step_out_cuda(const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& table,
-                        const at::Tensor& step, std::optional<double> guidance_scale,
+                        const at::Tensor& row, std::optional<double> guidance_scale,
                         c10::string_view prediction_type, std::optional<double> clip_range,
                         const std::optional<at::Tensor>& x0_threshold, bool use_clipped_model_output,
                         const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& rng_state,
@@ -31,14 +31,14 @@ void ddim_step_out_cuda(const at::Tensor& x, const at::Tensor& model_output, con
   const c10::cuda::CUDAGuard device_guard(x.device());
   const StepOptions options = make_step_options(guidance_scale, prediction_type, clip_range, x0_threshold,
                                                 use_clipped_model_output, noise, rng_state, temperature);
-  const DdimStepParams params = make_ddim_step_params(x, model_output, table, step, options, out, pred_x0_out);
+  const DdimStepParams params = make_ddim_step_params(x, model_output, table, row, options, out, pred_x0_out);
   if (params.numel == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
   C10_CUDA_CHECK(launch_ddim_step(params, stream));
 }
 
 std::tuple<at::Tensor, at::Tensor> ddim_step_cuda(const at::Tensor& x, const at::Tensor& model_output,
-                                                  const at::Tensor& table, const at::Tensor& step,
+                                                  const at::Tensor& table, const at::Tensor& row,
                                                   std::optional<double> guidance_scale,
                                                   c10::string_view prediction_type, std::optional<double> clip_range,
                                                   const std::optional<at::Tensor>& x0_threshold,
@@ -49,7 +49,7 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_cuda(const at::Tensor& x, const at:
   TORCH_CHECK_VALUE(x.is_cuda(), "ddim_step (CUDA kernel): x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard device_guard(x.device());
   auto [out, pred_x0] = allocate_ddim_step_outputs(x, return_pred_x0);
-  ddim_step_out_cuda(x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
+  ddim_step_out_cuda(x, model_output, table, row, guidance_scale, prediction_type, clip_range, x0_threshold,
                      use_clipped_model_output, noise, rng_state, temperature, out,
                      return_pred_x0 ? std::optional<at::Tensor>(pred_x0) : std::nullopt);
   return {out, pred_x0};

@@ -102,24 +102,24 @@ __device__ __forceinline__ void store_vector(const void* base, int64_t vec_index
 // Per-launch state and the per-element formula
 // ------------------------------------------------------------------------------------------------
 
-// What every thread reads once from device memory before its loop: the step row and the RNG state.
+// What every thread reads once from device memory before its loop: the table row and the RNG state.
 // Reading them on the device (not on the host) is what lets one CUDA graph replay every step.
 struct StepState {
   StepCoefs coefs;
-  bool valid_step;  // false: step outside the table; every output element becomes NaN
+  bool valid_row;   // false: row index outside the table; every output element becomes NaN
   bool philox;      // seeded noise drawn in-kernel
   bool per_row;     // one noise stream per batch row (rng_state [B, 2]); else one over the tensor
-  uint64_t step;
+  uint64_t table_row;
   uint64_t seed;        // stream 0 (the only one unless per_row)
-  uint64_t rng_offset;  // stream 0's offset + step: each step draws fresh noise
+  uint64_t rng_offset;  // stream 0's offset + table_row: each row draws fresh noise
 };
 
 __device__ __forceinline__ StepState load_step_state(const DdimStepParams& p) {
   StepState s;
-  const int64_t step = *p.step;
-  s.valid_step = step >= 0 && step < p.num_rows;
-  if (s.valid_step) {
-    s.coefs = load_step_coefs(p.table + step * kTableColumns, p.temperature);
+  const int64_t table_row = *p.table_row;
+  s.valid_row = table_row >= 0 && table_row < p.num_rows;
+  if (s.valid_row) {
+    s.coefs = load_step_coefs(p.table + table_row * kTableColumns, p.temperature);
   } else {
     // No table read out of bounds; NaN coefficients, and the outputs are forced to NaN below anyway.
     const float nan = __int_as_float(0x7fc00000);
@@ -127,10 +127,10 @@ __device__ __forceinline__ StepState load_step_state(const DdimStepParams& p) {
   }
   s.philox = p.noise.data == nullptr && p.rng != nullptr;
   s.per_row = s.philox && p.rng_per_row;
-  s.step = static_cast<uint64_t>(step);
+  s.table_row = static_cast<uint64_t>(table_row);
   s.seed = 0;
   s.rng_offset = 0;
-  if (s.philox && !s.per_row) philox_stream(p.rng, 0, s.step, &s.seed, &s.rng_offset);
+  if (s.philox && !s.per_row) philox_stream(p.rng, 0, s.table_row, &s.seed, &s.rng_offset);
   return s;
 }
 
@@ -141,7 +141,7 @@ __device__ __forceinline__ void philox_locate(const DdimStepParams& p, const Ste
   if (s.per_row) {
     const int64_t row = i / p.sample_numel;
     *j = i - row * p.sample_numel;
-    philox_stream(p.rng, row, s.step, seed, offset);
+    philox_stream(p.rng, row, s.table_row, seed, offset);
   } else {
     *j = i;
     *seed = s.seed;
@@ -198,7 +198,7 @@ __device__ __forceinline__ void step_element(const DdimStepParams& p, const Step
     if (p.use_clipped_model_output) eps = eps_from_x0(x, x0, s.coefs);
   }
   float x_prev = ddim_update(x0, eps, z, s.coefs);
-  if (!s.valid_step) {
+  if (!s.valid_row) {
     // Clamping would turn a NaN x0 into +-clip_range: force the documented NaN explicitly.
     x_prev = __int_as_float(0x7fc00000);
     x0 = x_prev;
@@ -287,7 +287,7 @@ __global__ void __launch_bounds__(kThreads) ddim_step_vector_kernel(const DdimSt
 // Lean path: a sampler's common step, specialized
 // ------------------------------------------------------------------------------------------------
 
-// What a sampler's ordinary step needs and nothing else: the element pointers, the table and the step, the
+// What a sampler's ordinary step needs and nothing else: the element pointers, the table and the row, the
 // guidance scale and temperature (80 bytes of kernel parameters instead of DdimStepParams' ~600).
 struct LeanStepParams {
   const void* x;
@@ -296,7 +296,7 @@ struct LeanStepParams {
   const void* noise;       // with kNoise
   void* out;
   const float* table;
-  const int64_t* step;
+  const int64_t* table_row;
   int64_t num_rows;
   int64_t numel;
   float guidance_scale;
@@ -313,10 +313,10 @@ struct LeanStepParams {
 template <typename T, Prediction P, bool kGuided, bool kNoise>
 __global__ void __launch_bounds__(kThreads) ddim_step_lean_kernel(const LeanStepParams p) {
   constexpr int kVec = 16 / sizeof(T);
-  // As in load_step_state: an out-of-range step reads row 0 (no out-of-bounds read) and writes NaN.
-  const int64_t step = *p.step;
-  const bool valid_step = step >= 0 && step < p.num_rows;
-  const StepCoefs k = load_step_coefs(p.table + (valid_step ? step : 0) * kTableColumns, p.temperature);
+  // As in load_step_state: an out-of-range row index reads row 0 (no out-of-bounds read) and writes NaN.
+  const int64_t table_row = *p.table_row;
+  const bool valid_row = table_row >= 0 && table_row < p.num_rows;
+  const StepCoefs k = load_step_coefs(p.table + (valid_row ? table_row : 0) * kTableColumns, p.temperature);
   const float nan = __int_as_float(0x7fc00000);
   const int64_t num_vec = p.numel / kVec;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -327,7 +327,7 @@ __global__ void __launch_bounds__(kThreads) ddim_step_lean_kernel(const LeanStep
     float x0, eps;
     predict_x0_eps<P>(x, m, k, &x0, &eps);
     const float x_prev = ddim_update(x0, eps, z, k);
-    return valid_step ? x_prev : nan;
+    return valid_row ? x_prev : nan;
   };
 
   for (int64_t v = first; v < num_vec; v += stride) {
@@ -439,7 +439,7 @@ __global__ void __launch_bounds__(kThreads) ddim_step_scalar_kernel(const DdimSt
     float z[kGroup] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (s.philox) {
       uint64_t seed = s.seed, offset = s.rng_offset;
-      if (s.per_row) philox_stream(p.rng, row, s.step, &seed, &offset);
+      if (s.per_row) philox_stream(p.rng, row, s.table_row, &seed, &offset);
       philox_normal4(seed, offset, static_cast<uint64_t>(g), z);
     }
     const int n = static_cast<int>(space.stream_len - j0 < kGroup ? space.stream_len - j0 : kGroup);
@@ -550,7 +550,7 @@ void launch_lean(const DdimStepParams& p, unsigned int blocks, cudaStream_t stre
   lean.noise = p.noise.data;
   lean.out = const_cast<void*>(p.out.data);
   lean.table = p.table;
-  lean.step = p.step;
+  lean.table_row = p.table_row;
   lean.num_rows = p.num_rows;
   lean.numel = p.numel;
   lean.guidance_scale = p.guidance_scale;

@@ -13,8 +13,8 @@ namespace ddim_fast {
 // cudaGetLastError reports right after the launch). It never synchronizes and allocates nothing, so it
 // may be captured in a CUDA graph. Nothing is launched when params.numel == 0.
 //
-// Everything step-dependent is read by the kernel from device memory: the step index (*params.step),
-// the table row, the Philox seed/offset and the dynamic-threshold scales. A step index outside
+// Everything step-dependent is read by the kernel from device memory: the row index (*params.table_row),
+// that table row, the Philox seed/offset and the dynamic-threshold scales. A row index outside
 // [0, params.num_rows) is not an error the host can see without a sync: the kernel then reads no table
 // row and writes NaN to every element of out (and of pred_x0 when requested).
 //

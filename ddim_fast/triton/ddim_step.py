@@ -4,14 +4,14 @@ Two ops (schemas in csrc/ops.cpp beside the C++ ones; kernels and fake kernels r
 ddim_fast/_library.py, which imports this module on their first call), called by
 ``ddim_fast.ops.ddim_step(..., backend="triton")`` with the positional arguments of the C++ schema:
 
-* ``ddim_fast::ddim_step_triton(x, model_output, table, step, guidance_scale, prediction_type, clip_range,
+* ``ddim_fast::ddim_step_triton(x, model_output, table, row, guidance_scale, prediction_type, clip_range,
   x0_threshold, use_clipped_model_output, noise, rng_state, temperature, return_pred_x0) -> (x_prev, pred_x0)``
 * ``ddim_fast::ddim_step_triton_out(..., temperature, out, pred_x0_out) -> None`` (writes out / pred_x0_out)
 
 Semantics shared with the C++ kernels:
 * all math in fp32 whatever the storage dtype (fp32, fp16, bf16);
-* the step index and the table row are read on the device (``step`` is a tensor: bump it in place to
-  advance, no host sync); a step outside the table is never read: every output element becomes NaN;
+* the row index and that table row are read on the device (``row`` is a tensor: bump it in place to
+  advance, no host sync); a row index outside the table reads nothing: every output element becomes NaN;
 * seeded noise is Philox4x32-10 with the mapping of csrc/include/ddim_fast/philox.h, mirrored below line
   for line in uint32 arithmetic, so the integer words are bit-identical to the C++ kernels and the
   normals agree to fp32 rounding of log/sqrt/sin/cos; rng_state [2] is one stream over the tensor,
@@ -61,7 +61,7 @@ _NOISE_NONE, _NOISE_TENSOR, _NOISE_PHILOX, _NOISE_PHILOX_ROWS, _NOISE_PHILOX_ROW
 
 # Elements per Philox call: the kernel works on [groups, 4] tiles so one call serves 4 elements.
 _GROUP = 4
-# What an out-of-range step writes is a quiet NaN built from its bit pattern inside the kernel (_quiet_nan).
+# What an out-of-range row index writes is a quiet NaN built from its bit pattern inside the kernel (_quiet_nan).
 # Not a module-level tl.constexpr(float("nan")): Triton's JIT compares every global a kernel read with `!=` before
 # each GPU launch, and NaN != NaN, so such a kernel refuses to launch ("Global variable ... has changed since we
 # compiled this kernel"); the interpreter skips that check. tests/test_triton_globals.py guards every kernel.
@@ -138,7 +138,7 @@ def _strided_offsets(idx, size1, size2, size3, s0, s1, s2, s3):
 @triton.jit
 def _ddim_step_kernel(
     x_ptr, mu_ptr, mc_ptr, noise_ptr, out_ptr, x0_ptr,
-    table_ptr, step_ptr, rng_ptr, thr_ptr,
+    table_ptr, table_row_ptr, rng_ptr, thr_ptr,
     numel, sample_numel, num_rows,
     size1, size2, size3,
     sx0, sx1, sx2, sx3,
@@ -185,16 +185,16 @@ def _ddim_step_kernel(
         idx = rows[:, None] * VEC + lane[None, :]
         mask = idx < numel
 
-    # The step row, read on the device. An out-of-range step reads row 0 (always present) and the
-    # outputs are forced to NaN below, so nothing is read out of bounds.
-    step = tl.load(step_ptr)
-    valid_step = (step >= 0) & (step < num_rows)
-    row = table_ptr + tl.where(valid_step, step, 0) * 8
-    sqrt_alpha = tl.load(row + 1)
-    sqrt_one_minus_alpha = tl.load(row + 2)
-    sqrt_alpha_prev = tl.load(row + 3)
-    dir_coef = tl.load(row + 4)
-    noise_coef = tl.load(row + 5) * temperature
+    # The table row (the op's `row`), read on the device. An out-of-range index reads row 0 (always present)
+    # and the outputs are forced to NaN below, so nothing is read out of bounds.
+    table_row = tl.load(table_row_ptr)
+    valid_row = (table_row >= 0) & (table_row < num_rows)
+    coefs = table_ptr + tl.where(valid_row, table_row, 0) * 8
+    sqrt_alpha = tl.load(coefs + 1)
+    sqrt_one_minus_alpha = tl.load(coefs + 2)
+    sqrt_alpha_prev = tl.load(coefs + 3)
+    dir_coef = tl.load(coefs + 4)
+    noise_coef = tl.load(coefs + 5) * temperature
 
     if CONTIGUOUS:
         # Memory order: position idx of every argument (row-major, or one shared dense layout such as
@@ -246,14 +246,14 @@ def _ddim_step_kernel(
         z = tl.load(noise_ptr + onz, mask=mask, other=0.0).to(tl.float32)
         x_prev = x_prev + noise_coef * z
     if NOISE >= 2:
-        # philox.h: key = (lo, hi)(seed), counter = (lo, hi)(g), (lo, hi)(offset + step), for group g of a
+        # philox.h: key = (lo, hi)(seed), counter = (lo, hi)(g), (lo, hi)(offset + table_row), for group g of a
         # stream. NOISE 2: one stream over the tensor, tile row r holds its groups r * GROUPS_PER_ROW + h.
         # NOISE 3/4: one stream per batch row (rng_state [B, 2]), group gid of the tile is group g of stream
         # `stream` (3: sample_numel % 4 == 0, the padded and the global group spaces coincide; 4: padded).
         z = tl.zeros([ROWS, VEC], dtype=tl.float32)
         if NOISE == 2:
             seed0 = tl.load(rng_ptr)
-            offset0 = tl.load(rng_ptr + 1) + step
+            offset0 = tl.load(rng_ptr + 1) + table_row
         for h in tl.static_range(GROUPS_PER_ROW):
             gid_h = rows * GROUPS_PER_ROW + h
             if NOISE == 2:
@@ -266,7 +266,7 @@ def _ddim_step_kernel(
                 g = gid_h - stream_h * groups_per_stream_h
                 live = stream_h * sample_numel < numel  # tile rows past the last batch row read no seed
                 seed = tl.load(rng_ptr + 2 * stream_h, mask=live, other=0)
-                offset = tl.load(rng_ptr + 2 * stream_h + 1, mask=live, other=0) + step
+                offset = tl.load(rng_ptr + 2 * stream_h + 1, mask=live, other=0) + table_row
             k0, k1 = _split_u64(seed)
             c0, c1 = _split_u64(g)
             c2, c3 = _split_u64(offset)
@@ -282,10 +282,10 @@ def _ddim_step_kernel(
                                            tl.where(l2 == 4 * h + 3, z3[:, None], z))))
         x_prev = x_prev + noise_coef * z
 
-    x_prev = tl.where(valid_step, x_prev, _quiet_nan(x_prev))
+    x_prev = tl.where(valid_row, x_prev, _quiet_nan(x_prev))
     tl.store(out_ptr + oo, x_prev.to(out_ptr.dtype.element_ty), mask=mask)
     if WRITE_X0:
-        x0 = tl.where(valid_step, x0, _quiet_nan(x0))
+        x0 = tl.where(valid_row, x0, _quiet_nan(x0))
         tl.store(x0_ptr + op, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
@@ -416,7 +416,7 @@ def _plan(shape, arg_strides, dtype, noise_mode, per_row, flat) -> _Plan:
     return plan
 
 
-def run_ddim_step(x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
+def run_ddim_step(x, model_output, table, row, guidance_scale, prediction_type, clip_range, x0_threshold,
                   use_clipped_model_output, noise, rng_state, temperature, out, pred_x0_out,
                   fresh_outputs: bool = False) -> None:
     if x.device.type != "cuda" and not _INTERPRETED:
@@ -424,7 +424,7 @@ def run_ddim_step(x, model_output, table, step, guidance_scale, prediction_type,
                          "(CPU tensors run only under TRITON_INTERPRET=1)")
     # Fresh outputs (the functional op's empty_like(x)) overlap nothing: the check skips them.
     prediction, clamp, noise_kind, per_row, flat = _CHECK(
-        x, model_output, table, step, guidance_scale, prediction_type, clip_range, x0_threshold,
+        x, model_output, table, row, guidance_scale, prediction_type, clip_range, x0_threshold,
         use_clipped_model_output, noise, rng_state, temperature, None if fresh_outputs else out,
         None if fresh_outputs else pred_x0_out, False)
     numel = x.numel()
@@ -452,7 +452,7 @@ def run_ddim_step(x, model_output, table, step, guidance_scale, prediction_type,
         if pred_x0_out is None:
             args[5] = args[4]  # never written (WRITE_X0 is False)
 
-    pointers = (*args, table, step, step if rng_state is None else rng_state,
+    pointers = (*args, table, row, row if rng_state is None else rng_state,
                 table if x0_threshold is None else x0_threshold)
     params = (*pointers, numel, numel // x.shape[0], table.shape[0], plan.sizes[1], plan.sizes[2], plan.sizes[3],
               *plan.strides, 1.0 if guidance_scale is None else float(guidance_scale),

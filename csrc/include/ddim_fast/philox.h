@@ -7,13 +7,13 @@
 //            shape; strides do not matter) is element j = i of that stream.
 //   [B, 2] = one (seed_b, offset_b) per batch row b = 0 .. B-1: row b is a stream of its own. Element i is
 //            element j = i - b * sample_numel of stream b, b = i / sample_numel (sample_numel = numel / B).
-//            So a sample's noise is a function of its own seed_b, offset_b, the step and j only, never of b
+//            So a sample's noise is a function of its own seed_b, offset_b, the table row and j only, never of b
 //            or B: the same seed row draws the same noise as row 0 of a batch of 1 or as row 5 of a batch of 8.
 //            A [1, 2] state draws exactly what the [2] state with the same values draws.
 //
-// Within a stream (seed, offset), element j, at device step index `step`:
+// Within a stream (seed, offset), element j, at table row `table_row` (the op's `row` argument):
 //   key      = (lo32(seed), hi32(seed))
-//   counter  = (lo32(g), hi32(g), lo32(o), hi32(o))   with g = j >> 2 and o = offset + step (mod 2^64)
+//   counter  = (lo32(g), hi32(g), lo32(o), hi32(o))   with g = j >> 2 and o = offset + table_row (mod 2^64)
 //   (r0, r1, r2, r3) = Philox4x32-10(counter, key)
 //   u(r)     = (r >> 8) * 2^-24                        in [0, 1), exact in fp32 (24 bits)
 //   radius(r)= sqrt(-2 ln(u(r) + 2^-24))               u + 2^-24 in (0, 1], so the log is finite
@@ -23,7 +23,7 @@
 // Groups of 4 belong to one stream: in [B, 2] mode they never straddle two rows. When sample_numel % 4 != 0
 // the last group of each row is partial and its unused normals are dropped (the next row starts at g = 0 of
 // its own stream). In [2] mode a group may straddle two samples, as it always has.
-// `step` is read on the device, so a replayed CUDA graph draws fresh noise every step without host work, and
+// `table_row` is read on the device, so a replayed CUDA graph draws fresh noise every step without host work, and
 // the (seed, offset) rows are read on the device too (a graph may capture them; update them in place).
 // The integers (r0..r3, u) are bit-identical across backends; the normals agree to fp32 rounding of
 // log/sqrt/sin/cos, which differ by an ulp or two between libm, CUDA's libdevice and Triton.
@@ -105,10 +105,11 @@ DDIM_HD void philox_normal4(uint64_t seed, uint64_t offset, uint64_t group, floa
   box_muller(r.r[2], r.r[3], &z[2], &z[3]);
 }
 
-// The (seed, offset + step) of noise stream `row` of a [rows, 2] rng_state (row 0 for a [2] state).
-DDIM_HD void philox_stream(const int64_t* rng, int64_t row, uint64_t step, uint64_t* seed, uint64_t* offset) {
-  *seed = static_cast<uint64_t>(rng[2 * row]);
-  *offset = static_cast<uint64_t>(rng[2 * row + 1]) + step;
+// The (seed, offset + table_row) of noise stream `stream` (a batch row) of a [B, 2] rng_state (0 for a [2] state).
+DDIM_HD void philox_stream(const int64_t* rng, int64_t stream, uint64_t table_row, uint64_t* seed,
+                           uint64_t* offset) {
+  *seed = static_cast<uint64_t>(rng[2 * stream]);
+  *offset = static_cast<uint64_t>(rng[2 * stream + 1]) + table_row;
 }
 
 }  // namespace ddim_fast

@@ -1,8 +1,10 @@
 // The DDIM update for one element, in fp32, shared by the CPU and CUDA kernels (the Triton kernel
-// mirrors it). ddim_fast/reference.py is the oracle this must agree with.
+// mirrors it). The tests hold it to an independent float64 formula (tests/oracles.py).
 //
-// Coefficient table layout (one fp32 row per step, in the order the steps run; built by
-// ddim_fast/schedule.py, which mirrors these column numbers):
+// Coefficient table layout: one fp32 row per step the table describes, chosen by the op's `row` argument
+// (the ldm sampler's tables have one row per sampling step, in the order the steps run; the diffusers
+// schedulers' have one row per training timestep t, the step that starts at t). Built by
+// ddim_fast/schedule.py, which mirrors these column numbers:
 #pragma once
 
 #include <cstdint>

@@ -46,7 +46,7 @@ struct DdimStepParams {
 
   const float* table = nullptr;  // [num_rows, kTableColumns], contiguous
   int64_t num_rows = 0;
-  const int64_t* step = nullptr;  // one element: the row to use
+  const int64_t* table_row = nullptr;  // one element: the index of the table row to use (the op's `row`)
 
   // Seeded noise (used when noise.data == nullptr and rng != nullptr), see philox.h for the mapping:
   // rng_state [2]: rng[0] = seed, rng[1] = offset, one stream over the tensor (rng_per_row false);
