@@ -6,7 +6,8 @@ no per-step Python floats, one CUDA graph for every step.
 
 Names follow their upstreams: ``ldm_*`` reproduce CompVis/Stability-AI ``ldm`` (``make_beta_schedule``,
 ``make_ddim_timesteps``, ``make_ddim_sampling_parameters``); ``diffusers_*`` reproduce diffusers'
-``DDIMScheduler`` (``beta_schedule``, ``timestep_spacing``, ``steps_offset``).
+``DDIMScheduler`` grids (``timestep_spacing``, ``steps_offset``). diffusers' beta schedules and zero-SNR rescale
+run in diffusers' own fp32 arithmetic in ``ddim_fast.scheduler`` (its buffers must be bit-identical).
 """
 
 from __future__ import annotations
@@ -94,53 +95,6 @@ def ldm_betas(
     if schedule == "squaredcos_cap_v2":
         return squaredcos_cap_v2_betas(num_timesteps)
     raise ValueError(f"unknown ldm beta schedule {schedule!r}; expected one of {LDM_BETA_SCHEDULES}")
-
-
-def diffusers_betas(
-    beta_schedule: str = "linear",
-    num_train_timesteps: int = 1000,
-    beta_start: float = 1e-4,
-    beta_end: float = 0.02,
-    trained_betas: Sequence[float] | np.ndarray | torch.Tensor | None = None,
-) -> torch.Tensor:
-    """diffusers' ``beta_schedule`` names (and ``trained_betas``): float64 [T].
-
-    diffusers itself computes these in float32; ``.float()`` of the result equals its buffers to
-    within one ulp.
-    """
-    if trained_betas is not None:
-        betas = torch.as_tensor(np.asarray(trained_betas, dtype=np.float64))
-        if betas.dim() != 1 or betas.numel() == 0:
-            raise ValueError(f"trained_betas must be a non-empty 1-D sequence, got shape {tuple(betas.shape)}")
-        return betas
-    num_train_timesteps = _check_positive_int("num_train_timesteps", num_train_timesteps)
-    if beta_schedule == "linear":
-        return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
-    if beta_schedule == "scaled_linear":
-        return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
-    if beta_schedule == "squaredcos_cap_v2":
-        return squaredcos_cap_v2_betas(num_train_timesteps)
-    raise ValueError(
-        f"unknown diffusers beta_schedule {beta_schedule!r}; expected one of {DIFFUSERS_BETA_SCHEDULES} "
-        "or trained_betas"
-    )
-
-
-def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
-    """Rescale betas so the last timestep has zero SNR (Lin et al. 2023, "Common Diffusion Noise
-    Schedules and Sample Steps are Flawed", Algorithm 1). float64 [T] -> float64 [T].
-
-    The last alpha_cumprod becomes exactly 0; diffusers then replaces it by 2**-24 so x0 = (x - ...)
-    / sqrt(alpha) stays finite (``DDIMScheduler`` does this when ``rescale_betas_zero_snr``).
-    """
-    betas = torch.as_tensor(betas, dtype=torch.float64)
-    sqrt_abar = torch.cumprod(1.0 - betas, dim=0).sqrt()
-    first, last = sqrt_abar[0].clone(), sqrt_abar[-1].clone()
-    # Shift so the last is 0, then scale so the first is unchanged.
-    sqrt_abar = (sqrt_abar - last) * (first / (first - last))
-    abar = sqrt_abar**2
-    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
-    return 1.0 - alphas
 
 
 def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
@@ -278,7 +232,7 @@ def coefficient_table(
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """The device coefficient table: fp32 [S, TABLE_COLUMNS], one row per step in the order the steps
-    run (row k is read by the k-th call, ``step = k``).
+    run (row k is what the k-th step reads: ``ops.ddim_step(..., row=k)``).
 
     All inputs are per step, in run order: the model timestep, alpha_cumprod at it, the alpha_cumprod
     the step moves to (a_next for inversion) and sigma (None = 0, deterministic DDIM / inversion).
@@ -319,5 +273,6 @@ def ldm_coefficient_table(params: LdmDdimParameters, device=None) -> torch.Tenso
 
 
 def step_index(step: int = 0, device=None) -> torch.Tensor:
-    """The int64 step-index tensor the op reads (shape [1]); bump it in place to advance."""
+    """The int64 [1] tensor of the op's ``row`` argument for a table in run order (row k = step k, as
+    :func:`coefficient_table` builds them); bump it in place to advance."""
     return torch.tensor([step], dtype=torch.int64, device=device)

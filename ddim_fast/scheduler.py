@@ -110,7 +110,7 @@ def _require_diffusers(what: str) -> None:
 
 def _rescale_zero_terminal_snr_fp32(betas: torch.Tensor) -> torch.Tensor:
     """Zero-terminal-SNR rescale in the buffer's own dtype with diffusers' operation order, so the fp32
-    result is bit-identical to diffusers' (ddim_fast.schedule has the float64 version)."""
+    result is bit-identical to diffusers' (tests/test_schedule.py holds it to Lin et al.'s algorithm in float64)."""
     sqrt_abar = torch.cumprod(1.0 - betas, dim=0).sqrt()
     first, last = sqrt_abar[0].clone(), sqrt_abar[-1].clone()
     sqrt_abar = (sqrt_abar - last) * (first / (first - last))

@@ -2,7 +2,8 @@
 previous-timestep pairing and the fp32 coefficient table.
 
 Expected values come from the issue (pinned numbers), from diffusers' own DDIMScheduler (installed in
-CI), or from formulas written out here independently of ddim_fast/schedule.py.
+CI), or from formulas written out here independently of ddim_fast/schedule.py (the float64 diffusers beta
+schedules and zero-SNR rescale live here: the product runs diffusers' fp32 arithmetic, in ddim_fast/scheduler.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from ddim_fast import schedule
+from ddim_fast import scheduler as fused_scheduler
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler  # noqa: E402
@@ -150,11 +152,34 @@ def test_ldm_betas_match_independent_formula(name, n, start, end):
     np.testing.assert_allclose(ours.numpy(), _independent_ldm_betas(name, n, start, end), rtol=1e-12, atol=1e-15)
 
 
+def _diffusers_betas(beta_schedule: str, num_train_timesteps: int = 1000, beta_start: float = 1e-4,
+                     beta_end: float = 0.02) -> torch.Tensor:
+    """diffusers' beta_schedule names in float64 [T] (diffusers computes them in fp32)."""
+    if beta_schedule == "linear":
+        return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+    if beta_schedule == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    if beta_schedule == "squaredcos_cap_v2":
+        return torch.from_numpy(_independent_ldm_betas("squaredcos_cap_v2", num_train_timesteps, 0.0, 0.0))
+    raise AssertionError(beta_schedule)
+
+
+def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023 ("Common Diffusion Noise Schedules and Sample Steps are Flawed"), Algorithm 1, in float64:
+    shift sqrt(alpha_cumprod) so the last is 0, scale it so the first is unchanged, back to betas."""
+    sqrt_abar = torch.cumprod(1.0 - betas.double(), dim=0).sqrt()
+    first, last = sqrt_abar[0].item(), sqrt_abar[-1].item()
+    abar = ((sqrt_abar - last) * (first / (first - last))) ** 2
+    return 1.0 - torch.cat([abar[:1], abar[1:] / abar[:-1]])
+
+
 @pytest.mark.parametrize("name", schedule.DIFFUSERS_BETA_SCHEDULES)
 @pytest.mark.parametrize("start,end", [(SD_START, SD_END), (1e-4, 2e-2)])
-def test_diffusers_betas_match_ddim_scheduler(name, start, end):
+def test_diffusers_beta_formulas_match_ddim_scheduler(name, start, end):
+    """The float64 formulas above are diffusers' schedules (so that test_ldm_and_diffusers_names_agree holds
+    ldm_betas to diffusers' names)."""
     ref = DDIMScheduler(num_train_timesteps=T, beta_start=start, beta_end=end, beta_schedule=name)
-    ours = schedule.diffusers_betas(name, T, start, end)
+    ours = _diffusers_betas(name, T, start, end)
     assert ours.dtype == torch.float64 and ours.shape == (T,)
     # diffusers computes in fp32: equal within fp32 rounding of each beta (a few ulp).
     torch.testing.assert_close(ours.float(), ref.betas, rtol=4 * FP32_EPS, atol=0)
@@ -170,20 +195,13 @@ def test_diffusers_betas_match_ddim_scheduler(name, start, end):
 def test_ldm_and_diffusers_names_agree():
     # ldm "linear" is diffusers "scaled_linear"; ldm "sqrt_linear" is diffusers "linear".
     torch.testing.assert_close(schedule.ldm_betas("linear", T, SD_START, SD_END),
-                               schedule.diffusers_betas("scaled_linear", T, SD_START, SD_END), rtol=0, atol=0)
+                               _diffusers_betas("scaled_linear", T, SD_START, SD_END), rtol=0, atol=0)
     torch.testing.assert_close(schedule.ldm_betas("sqrt_linear", T, SD_START, SD_END),
-                               schedule.diffusers_betas("linear", T, SD_START, SD_END), rtol=0, atol=0)
+                               _diffusers_betas("linear", T, SD_START, SD_END), rtol=0, atol=0)
     torch.testing.assert_close(schedule.ldm_betas("squaredcos_cap_v2", 100),
-                               schedule.diffusers_betas("squaredcos_cap_v2", 100), rtol=0, atol=0)
-
-
-def test_trained_betas():
-    betas = np.linspace(1e-4, 0.02, 50)
-    out = schedule.diffusers_betas(trained_betas=betas)
-    assert out.dtype == torch.float64
-    np.testing.assert_array_equal(out.numpy(), betas)
-    ref = DDIMScheduler(num_train_timesteps=50, trained_betas=betas)
-    torch.testing.assert_close(out.float(), ref.betas, rtol=0, atol=0)
+                               _diffusers_betas("squaredcos_cap_v2", 100), rtol=1e-15, atol=0)
+    torch.testing.assert_close(schedule.squaredcos_cap_v2_betas(100), _diffusers_betas("squaredcos_cap_v2", 100),
+                               rtol=1e-15, atol=0)
 
 
 def test_alphas_cumprod_definition():
@@ -201,8 +219,10 @@ def test_alphas_cumprod_definition():
 
 @pytest.mark.parametrize("name", ["scaled_linear", "linear", "squaredcos_cap_v2"])
 def test_rescale_zero_terminal_snr(name):
-    betas = schedule.diffusers_betas(name, T, SD_START, SD_END)
-    rescaled = schedule.rescale_zero_terminal_snr(betas)
+    """The float64 rescale is diffusers'; the scheduler's fp32 rescale (diffusers' operation order) follows it to
+    fp32 rounding, ends at an alpha_cumprod of exactly 0 and starts where the schedule did."""
+    betas = _diffusers_betas(name, T, SD_START, SD_END)
+    rescaled = _rescale_zero_terminal_snr(betas)
     abar_before, abar_after = schedule.alphas_cumprod(betas), schedule.alphas_cumprod(rescaled)
     assert rescaled.dtype == torch.float64
     assert abar_after[-1].item() == pytest.approx(0.0, abs=1e-30)
@@ -216,6 +236,11 @@ def test_rescale_zero_terminal_snr(name):
                         rescale_betas_zero_snr=True)
     torch.testing.assert_close(abar_after.float(), ref.alphas_cumprod, rtol=T * FP32_EPS, atol=1e-6)
     assert ref.alphas_cumprod[-1].item() < 1e-6
+    fp32 = fused_scheduler._rescale_zero_terminal_snr_fp32(betas.float())
+    assert fp32.dtype == torch.float32
+    abar_fp32 = torch.cumprod(1.0 - fp32.double(), 0)
+    assert abar_fp32[-1].item() == 0.0
+    torch.testing.assert_close(abar_fp32[:-1], abar_after[:-1], rtol=T * FP32_EPS, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,9 +362,6 @@ def test_coefficient_table_device_and_step_index():
         (lambda: schedule.ldm_betas("nope"), ValueError, "unknown ldm beta schedule 'nope'"),
         (lambda: schedule.ldm_betas("linear", 0), ValueError, "num_timesteps must be > 0"),
         (lambda: schedule.ldm_betas("linear", 10.0), TypeError, "num_timesteps must be an int"),
-        (lambda: schedule.diffusers_betas("cosine"), ValueError, "unknown diffusers beta_schedule 'cosine'"),
-        (lambda: schedule.diffusers_betas(trained_betas=np.zeros((2, 2))), ValueError, "trained_betas must be"),
-        (lambda: schedule.diffusers_betas(trained_betas=[]), ValueError, "trained_betas must be"),
         (lambda: schedule.ldm_timesteps(0), ValueError, "num_ddim_steps must be > 0"),
         (lambda: schedule.ldm_timesteps(True), TypeError, "num_ddim_steps must be an int"),
         (lambda: schedule.ldm_timesteps(1001), ValueError,
