@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import ddim_fast
+import oracles
 from conftest import TOLERANCES, assert_rel_close
-from ddim_fast import _library, attention_choice, backends, ops, reference
+from ddim_fast import _library, attention_choice, backends, ops
 from ddim_fast import attention as fa
 from ddim_fast.backends import MEASURED
 
@@ -326,7 +327,7 @@ def measured_on_cpu(monkeypatch, fresh_choices):
 def test_auto_measures_once_and_runs_the_choice(measured_on_cpu):
     ran, timer, cache_dir = measured_on_cpu
     q, k, v = _qkv()
-    expected = reference.attention(q, k, v, 40 ** -0.5)
+    expected = oracles.attention(q, k, v, 40 ** -0.5)
     out = fa.fused_attention(q, k, v)
     assert_rel_close(out, expected, torch.float32, "auto")
     assert ran[-1] == "native" and "wrong" in ran  # measured every candidate, then ran the choice
@@ -368,7 +369,7 @@ def test_no_measurement_during_capture_or_compile(measured_on_cpu, monkeypatch, 
         out = fa.fused_attention(q, k, v)
         assert timer.calls == {}
         assert ran == ["sdpa"]  # the static table's answer for fp32
-        assert_rel_close(out, reference.attention(q, k, v, 40 ** -0.5), torch.float32, "static")
+        assert_rel_close(out, oracles.attention(q, k, v, 40 ** -0.5), torch.float32, "static")
         if guard == "compiling":
             assert fa.attention_choices() == []  # nothing written while tracing
         else:
@@ -397,7 +398,7 @@ def test_measurement_failure_falls_back_to_the_static_choice(measured_on_cpu, mo
     q, k, v = _qkv()
     out = fa.fused_attention(q, k, v)  # no correct candidate: the user's call still runs
     assert ran[-1] == "sdpa" and "measuring" in caplog.text
-    assert_rel_close(out, reference.attention(q, k, v, 40 ** -0.5), torch.float32, "fallback")
+    assert_rel_close(out, oracles.attention(q, k, v, 40 ** -0.5), torch.float32, "fallback")
 
 
 def test_measurement_leaves_the_users_rng_and_autocast_alone(measured_on_cpu):
@@ -415,14 +416,14 @@ def test_reference_error_check_over_heads_and_broadcast_masks():
                torch.randn(2, 3, 7, 8, generator=gen))
     for mask in (None, torch.randn(2, 1, 1, 7, generator=gen), torch.randn(1, 3, 5, 7, generator=gen)):
         check = fa._reference_error_fn(q, k, v, 0.3, mask)
-        exact = reference.attention(q, k, v, 0.3, mask)
+        exact = oracles.attention(q, k, v, 0.3, mask)
         assert check(exact) < 1e-15
         off = exact.clone()
         off[1, 2] += 0.1  # one head of one sample wrong
         assert check(off) > 1e-3
     q3, k3, v3 = (t.reshape(6, *t.shape[2:]) for t in (q, k, v))
     mask3 = torch.randn(6, 1, 7, generator=gen)
-    assert fa._reference_error_fn(q3, k3, v3, 0.3, mask3)(reference.attention(q3, k3, v3, 0.3, mask3)) < 1e-15
+    assert fa._reference_error_fn(q3, k3, v3, 0.3, mask3)(oracles.attention(q3, k3, v3, 0.3, mask3)) < 1e-15
 
 
 # --------------------------------------------------------------------------------------------------
@@ -443,7 +444,7 @@ def test_sdpa_backends_on_cpu(backend):
         m = mask if args[0].dim() == 4 else mask.reshape(2, 1, 77).repeat(2, 1, 1)
         out = fa.fused_attention(*args, mask=m, backend=backend)
         assert out.shape == args[0].shape
-        assert_rel_close(out, reference.attention(*args, 40 ** -0.5, m), 1e-5, backend)
+        assert_rel_close(out, oracles.attention(*args, 40 ** -0.5, m), 1e-5, backend)
     assert _sdp_flags() == before
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import DTYPES, assert_fully_written, assert_rel_close, misaligned
+import oracles
 from ddim_fast import attention as fa  # noqa: F401  (registers the fake kernels; loads the extension)
-from ddim_fast import reference
-from ddim_fast.reference import relative_error
+from oracles import relative_error
 
 ops = torch.ops.ddim_fast
 
@@ -27,11 +27,11 @@ def qkv(batch, lq, lk, d, dtype, seed=1):
 
 
 def check(out, q, k, v, scale, mask, dtype):
-    ref = reference.attention(q, k, v, scale, mask)
+    ref = oracles.attention(q, k, v, scale, mask)
     assert out.dtype == q.dtype and out.shape == q.shape and out.is_contiguous()
     assert_rel_close(out, ref, dtype)
     if dtype != torch.float32:  # flash-attention's rule: within 2x of a same-precision PyTorch attention
-        torch_err = relative_error(reference.attention(q, k, v, scale, mask, compute_dtype=dtype), ref)
+        torch_err = relative_error(oracles.attention(q, k, v, scale, mask, dtype=dtype), ref)
         assert relative_error(out, ref) <= 2 * torch_err + 1e-4
 
 
@@ -94,7 +94,7 @@ def test_mask_rows_in_place_and_gathered(dtype):
     minus_inf[0, 1, 4] = float("-inf")
     out = ops.attention(q, k, v, 0.25, minus_inf)
     assert torch.isnan(out[0, 1, 4]).all() and not torch.isnan(out[0, 1, :4]).any()
-    assert_rel_close(out, reference.attention(q, k, v, 0.25, minus_inf), dtype)  # NaN only where the reference has it
+    assert_rel_close(out, oracles.attention(q, k, v, 0.25, minus_inf), dtype)  # NaN only where the reference has it
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

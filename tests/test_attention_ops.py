@@ -1,4 +1,4 @@
-"""ddim_fast attention ops against the fp64 reference: scaled_masked_softmax(_) (C++ CPU, CUDA), attention
+"""ddim_fast attention ops against the float64 oracle (tests/oracles.py): scaled_masked_softmax(_) (C++ CPU, CUDA), attention
 (C++ CPU, Triton under the interpreter on CPU, Triton on CUDA), the Python front door, masks, strides,
 errors, opcheck."""
 
@@ -9,11 +9,11 @@ import itertools
 import pytest
 import torch
 
+import oracles
 from conftest import DTYPES, TOLERANCES, assert_fully_written, assert_rel_close, misaligned, poison, requires_cuda
 from ddim_fast import attention as fa
-from ddim_fast import reference
 from ddim_fast._library import interpreting
-from ddim_fast.reference import relative_error
+from oracles import relative_error
 from ddim_fast.triton import attention as triton_attention
 from ddim_fast.triton.attention import attention_triton
 
@@ -44,10 +44,10 @@ def key_padding_mask(batch_shape, lk, device="cpu", seed=1, fully_masked_first=T
 def check_flash_rule(out, q, k, v, scale, mask, dtype):
     """Table tolerance (for a reduction over the Lk keys: tests/conftest.py's `tolerance`), and (fp16/bf16)
     flash-attention's rule: error <= 2x a same-precision PyTorch one."""
-    ref = reference.attention(q, k, v, scale, mask)
+    ref = oracles.attention(q, k, v, scale, mask)
     assert_rel_close(out, ref, dtype, reduction=k.shape[-2])
     if dtype != torch.float32:
-        torch_err = relative_error(reference.attention(q, k, v, scale, mask, compute_dtype=dtype), ref)
+        torch_err = relative_error(oracles.attention(q, k, v, scale, mask, dtype=dtype), ref)
         assert relative_error(out, ref) <= 2 * torch_err + 1e-4, "worse than 2x a same-precision PyTorch attention"
 
 
@@ -86,7 +86,7 @@ def test_scaled_masked_softmax_cpu(shape, mask_shape, kind, dtype):
     scores = rand(shape, dtype) * 4
     mask = make_mask(mask_shape, kind, dtype)
     out = ops.scaled_masked_softmax(scores, mask, 0.37)
-    ref = reference.scaled_masked_softmax(scores, mask, 0.37)
+    ref = oracles.scaled_masked_softmax(scores, mask, 0.37)
     assert out.dtype == dtype and out.shape == scores.shape
     assert_fully_written(out)
     assert_rel_close(out, ref, dtype)
@@ -100,14 +100,14 @@ def test_scaled_masked_softmax_inplace_strided_misaligned(dtype):
     base = rand((2, 77, 3, 20), dtype)
     scores = base.transpose(1, 3)  # [2, 20, 3, 77], last dim strided
     mask = key_padding_mask((2, 1), 77).reshape(2, 1, 1, 77)
-    ref = reference.scaled_masked_softmax(scores, mask, 0.5)
+    ref = oracles.scaled_masked_softmax(scores, mask, 0.5)
     out = ops.scaled_masked_softmax(scores, mask, 0.5)
     assert_rel_close(out, ref, dtype)
     returned = fa.scaled_masked_softmax(scores, mask, 0.5, inplace=True)
     assert returned is scores
     assert_rel_close(scores, ref, dtype, "in-place")
     shifted = misaligned(rand((5, 9, 40), dtype))
-    assert_rel_close(ops.scaled_masked_softmax(shifted, None, 1.0), reference.scaled_masked_softmax(shifted, None, 1.0),
+    assert_rel_close(ops.scaled_masked_softmax(shifted, None, 1.0), oracles.scaled_masked_softmax(shifted, None, 1.0),
                      dtype, "misaligned")
 
 
@@ -116,16 +116,16 @@ def test_scaled_masked_softmax_minus_inf_additive_mask():
     mask = torch.zeros(2, 1, 70)
     mask[..., :40] = float("-inf")
     out = fa.scaled_masked_softmax(scores, mask, 1.0)
-    assert_rel_close(out, reference.scaled_masked_softmax(scores, mask, 1.0), torch.float32)
+    assert_rel_close(out, oracles.scaled_masked_softmax(scores, mask, 1.0), torch.float32)
     assert (out[..., :40] == 0).all()
 
 
 def test_scaled_masked_softmax_wrapper_and_errors():
     scores = rand((2, 3, 5, 8), torch.float32)
     out = fa.scaled_masked_softmax(scores, torch.zeros(2, 1, 1, 8, dtype=torch.float64), 2.0)  # float mask cast
-    assert_rel_close(out, reference.scaled_masked_softmax(scores, None, 2.0), torch.float32)
+    assert_rel_close(out, oracles.scaled_masked_softmax(scores, None, 2.0), torch.float32)
     ref_backend = fa.scaled_masked_softmax(scores, None, 2.0, backend="reference")
-    assert_rel_close(ref_backend, reference.scaled_masked_softmax(scores, None, 2.0), torch.float32)
+    assert_rel_close(ref_backend, oracles.scaled_masked_softmax(scores, None, 2.0), torch.float32)
     with pytest.raises(ValueError, match="dim 3 must be 8"):
         ops.scaled_masked_softmax(scores, torch.ones(2, 1, 1, 7, dtype=torch.bool), 1.0)
     with pytest.raises(ValueError, match="dim 1 must be 3 or 1"):
@@ -190,7 +190,7 @@ def test_attention_cpu_strided_views_and_masks(dtype):
     for mask in (None, full_float, head_bool, key_padding_mask((b, 1), lk)):
         out = ops.attention(q, k, v, 0.2, mask)
         assert out.is_contiguous() and out.shape == q.shape
-        assert_rel_close(out, reference.attention(q, k, v, 0.2, mask), dtype)
+        assert_rel_close(out, oracles.attention(q, k, v, 0.2, mask), dtype)
 
 
 def test_attention_cpu_empty_and_errors():
@@ -253,7 +253,7 @@ def test_attention_triton_strided_float_mask_and_minus_inf():
     mask = torch.randn(b, h, lq, lk).to(dev)
     mask[..., :64] = float("-inf")  # a whole first key tile of -inf: the online softmax must not NaN
     out = attention_triton(q, k, v, 0.3, mask)
-    assert_rel_close(out, reference.attention(q, k, v, 0.3, mask), torch.float32)
+    assert_rel_close(out, oracles.attention(q, k, v, 0.3, mask), torch.float32)
 
 
 @requires_triton
@@ -321,7 +321,7 @@ def test_alignment_flag_is_load_bearing():
     assert kwargs["ALIGN"] == 1
     with torch.cuda.device(q.device) if q.is_cuda else triton_attention._nullcontext():
         triton_attention._attention_kernel[grid](*args, **dict(kwargs, ALIGN=4))
-    assert relative_error(out, reference.attention(q, k, k, 0.3)) > 1e-2
+    assert relative_error(out, oracles.attention(q, k, k, 0.3)) > 1e-2
 
 
 def test_mask_row_broadcast_flag():
@@ -392,13 +392,13 @@ def test_attention_triton_layouts(dtype, layout):
                         "padding": key_padding_mask(q.shape[:1] + (1,) * (q.dim() - 3), lk, TRITON_DEVICE).reshape(
                             q.shape[:1] + (1,) * (q.dim() - 3) + (1, lk))}[kind]
                 out = attention_triton(q, k, v, 0.2, mask)
-                assert_rel_close(out, reference.attention(q, k, v, 0.2, mask), dtype, f"{name} Lk {lk} mask {kind}")
+                assert_rel_close(out, oracles.attention(q, k, v, 0.2, mask), dtype, f"{name} Lk {lk} mask {kind}")
 
 
 def test_fused_attention_front_door():
     q, k, v = rand((2, 2, 9, 40), torch.float32, seed=1), rand((2, 2, 77, 40), torch.float32, seed=2), \
         rand((2, 2, 77, 40), torch.float32, seed=3)
-    ref = reference.attention(q, k, v, 40 ** -0.5)
+    ref = oracles.attention(q, k, v, 40 ** -0.5)
     for backend in ("auto", "native", "reference"):
         assert_rel_close(fa.fused_attention(q, k, v, backend=backend), ref, torch.float32, backend)
     if TRITON_DEVICE != "cpu" or interpreting():
@@ -508,7 +508,7 @@ def test_scaled_masked_softmax_cuda(shape, mask_shape, kind, dtype):
     mask = make_mask(mask_shape, kind, dtype, "cuda")
     out = ops.scaled_masked_softmax(scores, mask, 0.37)
     assert_fully_written(out)
-    assert_rel_close(out, reference.scaled_masked_softmax(scores, mask, 0.37), dtype)
+    assert_rel_close(out, oracles.scaled_masked_softmax(scores, mask, 0.37), dtype)
     inplace = scores.clone()
     assert ops.scaled_masked_softmax_(inplace, mask, 0.37) is None
     assert torch.equal(inplace, out)

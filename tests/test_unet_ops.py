@@ -1,4 +1,4 @@
-"""The UNet-body ops (group_norm_silu, geglu) against the fp64 reference: the CPU kernels (PyTorch composites), the
+"""The UNet-body ops (group_norm_silu, geglu) against the float64 oracle (tests/oracles.py): the CPU kernels (PyTorch composites), the
 Triton kernels under the interpreter on CPU (on CUDA tensors when a device is present), every dtype, NCHW and
 channels_last, strided and misaligned views, empty tensors, poisoned outputs and workspaces, errors, opcheck.
 
@@ -13,8 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import oracles
 from conftest import DTYPES, assert_fully_written, assert_rel_close, misaligned, requires_cuda
-from ddim_fast import reference, unet_ops
+from ddim_fast import unet_ops
 from ddim_fast._library import interpreting
 
 ops = torch.ops.ddim_fast
@@ -128,7 +129,7 @@ def test_group_norm_silu_layouts_dtypes(backend, device, dtype, poisoned):
             assert y.dtype == dtype and y.shape == x.shape, what
             assert y.stride() == expected_layout(x), f"{what}: output strides {y.stride()}"
             assert_fully_written(y, what)
-            assert_rel_close(y, reference.group_norm_silu(x, weight, bias, groups, 1e-5, True), dtype, what)
+            assert_rel_close(y, oracles.group_norm_silu(x, weight, bias, groups, 1e-5, True), dtype, what)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -152,7 +153,7 @@ def test_group_norm_silu_options(backend, device, shape, groups, poisoned):
         y = op(x, w, b, groups, 1e-6, silu, add)
         what = f"{backend} {shape} affine={w is not None}/{b is not None} silu={silu} add={add is not None}"
         assert_fully_written(y, what)
-        assert_rel_close(y, reference.group_norm_silu(x, w, b, groups, 1e-6, silu, add), dtype, what)
+        assert_rel_close(y, oracles.group_norm_silu(x, w, b, groups, 1e-6, silu, add), dtype, what)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -164,7 +165,7 @@ def test_group_norm_silu_mixed_parameter_dtypes(backend, device):
     add = rand((2, 16), torch.bfloat16, device, seed=5)
     y = group_norm_op(backend)(x, weight, bias, 4, 1e-5, True, add)
     assert y.dtype == torch.float16
-    assert_rel_close(y, reference.group_norm_silu(x, weight, bias, 4, 1e-5, True, add), torch.float16)
+    assert_rel_close(y, oracles.group_norm_silu(x, weight, bias, 4, 1e-5, True, add), torch.float16)
 
 
 @requires_triton
@@ -174,7 +175,7 @@ def test_group_norm_triton_offset_mean_fp32():
     x = rand((2, 16, 6, 6), torch.float32, TRITON_DEVICE, scale=1.0, offset=4.0)
     weight = rand((16,), torch.float32, TRITON_DEVICE, seed=3)
     y = ops.group_norm_silu_triton(x, weight, None, 4, 1e-5, True, None)
-    assert_rel_close(y, reference.group_norm_silu(x, weight, None, 4, 1e-5, True), torch.float32)
+    assert_rel_close(y, oracles.group_norm_silu(x, weight, None, 4, 1e-5, True), torch.float32)
 
 
 @requires_triton
@@ -196,7 +197,7 @@ def test_group_norm_triton_finalize_loops(monkeypatch, poisoned):
     assert plan.num_chunks == 3 and fin["BLOCK_K"] < 3 and fin["BLOCK_G"] < 12 and fin["BLOCK_GROUPS"] == 2, fin
     y = ops.group_norm_silu_triton(x, None, None, 2, 1e-5, True, add)
     assert_fully_written(y)
-    assert_rel_close(y, reference.group_norm_silu(x, None, None, 2, 1e-5, True, add), torch.float32)
+    assert_rel_close(y, oracles.group_norm_silu(x, None, None, 2, 1e-5, True, add), torch.float32)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -218,7 +219,7 @@ def test_group_norm_silu_real_sd_shape_cpu():
     add = rand((2, 640), seed=5)
     y = ops.group_norm_silu(x, weight, bias, 32, 1e-6, True, add)
     assert y.is_contiguous(memory_format=torch.channels_last)
-    assert_rel_close(y, reference.group_norm_silu(x, weight, bias, 32, 1e-6, True, add), torch.float32)
+    assert_rel_close(y, oracles.group_norm_silu(x, weight, bias, 32, 1e-6, True, add), torch.float32)
 
 
 @requires_triton
@@ -229,7 +230,7 @@ def test_group_norm_triton_real_sd_channels():
     weight, bias = rand((640,), torch.float16, TRITON_DEVICE, seed=3), rand((640,), torch.float16, TRITON_DEVICE, 4)
     add = rand((1, 640), torch.float16, TRITON_DEVICE, seed=5)
     y = ops.group_norm_silu_triton(x, weight, bias, 32, 1e-6, True, add)
-    assert_rel_close(y, reference.group_norm_silu(x, weight, bias, 32, 1e-6, True, add), torch.float16)
+    assert_rel_close(y, oracles.group_norm_silu(x, weight, bias, 32, 1e-6, True, add), torch.float16)
 
 
 @requires_cuda
@@ -243,7 +244,7 @@ def test_group_norm_cuda_real_sd_shapes(dtype):
         add = rand((2, channels), dtype, "cuda", seed=5)
         y = ops.group_norm_silu(x, weight, bias, 32, 1e-5, True, add)
         assert y.is_contiguous(memory_format=torch.channels_last)
-        assert_rel_close(y, reference.group_norm_silu(x, weight, bias, 32, 1e-5, True, add), dtype,
+        assert_rel_close(y, oracles.group_norm_silu(x, weight, bias, 32, 1e-5, True, add), dtype,
                          f"{channels}x{size}x{size}")
 
 
@@ -289,7 +290,7 @@ def test_geglu_layouts_dtypes(backend, device, dtype, poisoned):
             assert out.shape == tuple(shape[:-1]) + (shape[-1] // 2,) and out.dtype == dtype, what
             assert out.is_contiguous(), what
             assert_fully_written(out, what)
-            assert_rel_close(out, reference.geglu(h), dtype, what)
+            assert_rel_close(out, oracles.geglu(h), dtype, what)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -310,14 +311,14 @@ def test_geglu_cpu_matches_diffusers():
 def test_geglu_real_sd_shape_cpu():
     """SD1.5's 8x8 level at 512 px, batch 2: [2, 64, 2 * 5120] fp32."""
     h = rand((2, 64, 2 * 5120))
-    assert_rel_close(ops.geglu(h), reference.geglu(h), torch.float32)
+    assert_rel_close(ops.geglu(h), oracles.geglu(h), torch.float32)
 
 
 @requires_triton
 def test_geglu_triton_real_sd_width():
     """SD1.5's widest GEGLU (D = 5120, the 8x8 level) on a few rows under the interpreter, fp16."""
     h = rand((1, 4, 2 * 5120), torch.float16, TRITON_DEVICE)
-    assert_rel_close(ops.geglu_triton(h), reference.geglu(h), torch.float16)
+    assert_rel_close(ops.geglu_triton(h), oracles.geglu(h), torch.float16)
 
 
 @requires_cuda
@@ -325,7 +326,7 @@ def test_geglu_triton_real_sd_width():
 def test_geglu_cuda_real_sd_shapes(dtype):
     for tokens, d in [(4096, 1280), (1024, 2560), (256, 5120), (64, 5120)]:
         h = rand((2, tokens, 2 * d), dtype, "cuda")
-        assert_rel_close(ops.geglu(h), reference.geglu(h), dtype, f"{tokens}x{d}")
+        assert_rel_close(ops.geglu(h), oracles.geglu(h), dtype, f"{tokens}x{d}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -341,10 +342,10 @@ def test_front_door_backends(backend):
     y = unet_ops.group_norm_silu(x, w, b, 2, 1e-5, channel_add=rand((2, 8), torch.float16, device, 5),
                                  backend=backend)
     assert y.stride() == x.stride()
-    assert_rel_close(y, reference.group_norm_silu(x, w, b, 2, 1e-5, True, rand((2, 8), torch.float16, device, 5)),
+    assert_rel_close(y, oracles.group_norm_silu(x, w, b, 2, 1e-5, True, rand((2, 8), torch.float16, device, 5)),
                      torch.float16)
     h = rand((3, 2 * 8), torch.bfloat16, device)
-    assert_rel_close(unet_ops.geglu(h, backend=backend), reference.geglu(h), torch.bfloat16)
+    assert_rel_close(unet_ops.geglu(h, backend=backend), oracles.geglu(h), torch.bfloat16)
 
 
 GN_ERRORS = [
