@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 
@@ -65,8 +66,6 @@ def row_from_renamed_step(op: str, row, step):
         raise TypeError(f"{op}: missing the table row: {op}(x, model_output, table, row, ...)")
     if row is not None:
         raise TypeError(f"{op}: got both row and step (step is the deprecated name of row); pass row only")
-    import warnings
-
     warnings.warn(f"{op}: the keyword `step` is deprecated and will be removed in ddim_fast 0.3; pass `row` "
                   "(the index of the table row to use), or pass it positionally", DeprecationWarning, stacklevel=3)
     return step
