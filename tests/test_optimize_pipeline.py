@@ -751,7 +751,7 @@ def _eager(unet, *args, **kwargs):
 
 @torch.no_grad()
 def test_timesteps_are_data_not_keys(unet):
-    graphed = GraphedForward(unet).install()
+    graphed = GraphedForward(unet, off_cuda="static").install()
     x, cond = _inputs()
     kinds = [901, 651, torch.tensor(401), torch.tensor(151, dtype=torch.int64), 21.0, torch.tensor([11, 11])]
     for t in kinds:
@@ -764,7 +764,7 @@ def test_timesteps_are_data_not_keys(unet):
 
 @torch.no_grad()
 def test_positional_and_keyword_calls_share_a_graph_and_outputs_are_fresh(unet):
-    graphed = GraphedForward(unet).install()
+    graphed = GraphedForward(unet, off_cuda="static").install()
     x, cond = _inputs()
     first = unet(x, 500, cond)
     second = unet(sample=x * 0.5, timestep=400, encoder_hidden_states=cond, return_dict=True)
@@ -793,7 +793,7 @@ def test_python_scalars_in_kwargs_key_separate_graphs(unet):
     level = diffusers_logger.level
     diffusers_logger.setLevel(logging.ERROR)  # "scale without the PEFT backend is ineffective", once per call
     try:
-        graphed = GraphedForward(unet).install()
+        graphed = GraphedForward(unet, off_cuda="static").install()
         x, cond = _inputs()
         for scale in (0.5, 1.0, 0.5, None, 1.0):
             kwargs = None if scale is None else {"scale": scale}
@@ -828,7 +828,7 @@ class _LoraLinear(torch.nn.Module):
 
 @torch.no_grad()
 def test_structure_changes_recapture_and_in_place_weights_do_not(unet):
-    graphed = GraphedForward(unet).install()
+    graphed = GraphedForward(unet, off_cuda="static").install()
     x, cond = _inputs()
 
     def check(expect_misses, expect_invalidations, what):
@@ -875,7 +875,7 @@ def test_structure_changes_recapture_and_in_place_weights_do_not(unet):
 @torch.no_grad()
 def test_timestep_cond_and_added_cond_kwargs_are_static_inputs():
     unet = tp.tiny_unet(sdxl=True)
-    graphed = GraphedForward(unet).install()
+    graphed = GraphedForward(unet, off_cuda="static").install()
     x, cond = _inputs()
     for seed in (0, 1):
         gen = torch.Generator().manual_seed(seed)
@@ -888,7 +888,7 @@ def test_timestep_cond_and_added_cond_kwargs_are_static_inputs():
     from diffusers import UNet2DConditionModel
 
     lcm = UNet2DConditionModel.from_config(tp.tiny_unet().config, time_cond_proj_dim=8).eval()  # LCM-style
-    graphed = GraphedForward(lcm).install()
+    graphed = GraphedForward(lcm, off_cuda="static").install()
     for w in (2.0, 6.0):
         timestep_cond = torch.full((2, 8), w)
         got = lcm(x, 500, cond, timestep_cond=timestep_cond).sample
@@ -899,8 +899,8 @@ def test_timestep_cond_and_added_cond_kwargs_are_static_inputs():
 @torch.no_grad()
 def test_controlnet_residuals_are_static_inputs(unet):
     controlnet = tp.tiny_controlnet()
-    graphed_unet = GraphedForward(unet).install()
-    graphed_cn = GraphedForward(controlnet).install()
+    graphed_unet = GraphedForward(unet, off_cuda="static").install()
+    graphed_cn = GraphedForward(controlnet, off_cuda="static").install()
     x, cond = _inputs()
     image = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     for scale in (0.8, 0.8):
@@ -921,7 +921,7 @@ def test_capture_failure_runs_eagerly_with_one_warning(unet, monkeypatch, caplog
         raise graphs.GraphCaptureError("the step's last warm-up run failed under sync debug mode: .item()")
 
     monkeypatch.setattr(graphs, "capture_step", failing_capture)
-    graphed = GraphedForward(unet).install()
+    graphed = GraphedForward(unet, off_cuda="static").install()
     x, cond = _inputs()
     with caplog.at_level(logging.WARNING, logger="ddim_fast.module_graph"):
         for t in (500, 400, 300):
@@ -932,7 +932,7 @@ def test_capture_failure_runs_eagerly_with_one_warning(unet, monkeypatch, caplog
 
 
 def test_training_and_autograd_pass_through(unet):
-    graphed = GraphedForward(unet).install()
+    graphed = GraphedForward(unet, off_cuda="static").install()
     x, cond = _inputs()
     with torch.enable_grad():
         unet(x, 500, cond)
@@ -948,17 +948,17 @@ def test_training_and_autograd_pass_through(unet):
 
 def test_uninstall_restores_the_forward_and_refuses_double_install(unet):
     own = unet.forward
-    graphed = GraphedForward(unet).install()
+    graphed = GraphedForward(unet, off_cuda="static").install()
     with pytest.raises(ValueError, match="already graphed"):
         GraphedForward(unet)
     assert graphed.uninstall() and "forward" not in unet.__dict__
     # An instance-level forward the module had before is put back as it was.
     unet.forward = own
-    graphed = GraphedForward(unet).install()
+    graphed = GraphedForward(unet, off_cuda="static").install()
     assert graphed.uninstall() and unet.__dict__["forward"] is own
     # Wrapped again by someone else after install: ours turns into a pass-through instead of unwrapping theirs.
     del unet.forward
-    graphed = GraphedForward(unet).install()
+    graphed = GraphedForward(unet, off_cuda="static").install()
     theirs = unet.forward
     unet.forward = lambda *a, **k: theirs(*a, **k)
     assert not graphed.uninstall() and not graphed.enabled
@@ -1001,7 +1001,7 @@ def test_cuda_pipeline_graph_replay_matches_eager():
 @torch.no_grad()
 def test_cuda_graph_reads_in_place_weight_updates_and_never_aliases_outputs():
     unet = tp.tiny_unet().to("cuda")
-    graphed = GraphedForward(unet).install()
+    graphed = GraphedForward(unet, off_cuda="static").install()
     x, cond = (t.cuda() for t in _inputs())
     t = torch.tensor(500, device="cuda")
     # Replays run the kernels eager runs do, but library heuristics may pick other algorithms inside a
