@@ -159,11 +159,18 @@ CHANNELS_LAST = {"img2img", "sdxl-img2img", "diffedit-inversion"}
 # For these the bound is 1.5x that spread of diffusers' own processors (measured in the same test).
 ILL_CONDITIONED = {"diffedit-inversion"}
 
+# The model options are spelled out: their "auto" defaults depend on the device (on the CPU, optimize(pipe) swaps
+# the scheduler only: the `default` variant).
+_OFF = dict(attention=False, cuda_graph=False, channels_last=False, fuse_qkv=False)
+# Everything on, whatever the device (what optimize(pipe) does on CUDA; static buffers also on the CPU).
+ALL_ON = dict(attention=True, cuda_graph=True, channels_last=True, fuse_qkv=True)
 VARIANTS = {
-    "sched": dict(attention=False, cuda_graph=False),
-    "attn": dict(cuda_graph=False),
-    "full": {},
-    "graph_only": dict(scheduler=False, attention=False),
+    "default": {},
+    "sched": _OFF,
+    "attn": dict(_OFF, attention=True),
+    "full": dict(_OFF, attention=True, cuda_graph=True),
+    "graph_only": dict(_OFF, scheduler=False, cuda_graph=True),
+    "body": dict(_OFF, cuda_graph=True, channels_last=True, fuse_qkv=True),
 }
 
 
@@ -176,13 +183,17 @@ def _runs(case: str) -> dict:
         out = {"base": call(pipe, _gen())}
         out["pipe"] = pipe
         for name, options in VARIANTS.items():
+            strides = {key: t.stride() for key, t in pipe.unet.state_dict(keep_vars=True).items()}
             ddim_fast.optimize(pipe, **options)
             state = optimized_state(pipe)
             out[name] = call(pipe, _gen())
             out[f"{name}_state"] = state
             out[f"{name}_counts"] = {k: (g.cache.misses, g.cache.hits, g.eager_calls, g.invalidations)
                                      for k, g in state.graphed.items()}
+            out[f"{name}_qkv_calls"] = sum(g.fused_calls for fused in state.qkv.values() for g in fused.groups.values())
             ddim_fast.restore(pipe)
+            out[f"{name}_strides_back"] = all(t.stride() == strides[key]
+                                              for key, t in pipe.unet.state_dict(keep_vars=True).items())
         out["restored"] = call(pipe, _gen())
         if case in ILL_CONDITIONED:
             originals = dict(pipe.unet.attn_processors)
@@ -247,6 +258,38 @@ def test_one_graph_per_signature(case):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
+def test_cpu_defaults_swap_the_scheduler_only(case):
+    """On the CPU, optimize(pipe) does only what pays there: the images are diffusers' own, bit for bit; the
+    graph wrapper is installed but passes every CPU call straight through (no static-buffer copies)."""
+    runs = _runs(case)
+    state = runs["default_state"]
+    assert torch.equal(runs["default"], runs["base"]), f"{case}: optimize(pipe)'s CPU defaults changed the output"
+    assert state.schedulers and not state.attention and not state.qkv and not state.channels_last
+    assert all(choice == dict(attention=False, cuda_graph="auto", channels_last=False, fuse_qkv=False)
+               for choice in state.choices.values()), state.choices
+    for name, (misses, hits, eager, _) in runs["default_counts"].items():
+        assert misses == hits == 0 and eager > 0, f"{case} {name}: {runs['default_counts']}"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_channels_last_and_fused_qkv_within_fp32_tolerance(case):
+    """Forced on (the CPU default is off): channels_last weights and fused QKV projections through the graph path
+    change only the rounding of convolutions and GEMMs; restore gives every weight back its strides."""
+    runs = _runs(case)
+    state = runs["body_state"]
+    assert state.channels_last["unet"] and state.qkv["unet"].count > 0 and not state.qkv["unet"].unserved
+    assert runs["body_qkv_calls"] > 0, f"{case}: the fused projections never ran"
+    tolerance = SAMPLER_RTOL
+    if case in ILL_CONDITIONED:
+        tolerance = 1.5 * ddim_fast.reference.relative_error(runs["classic_processor"], runs["base"])
+    assert_rel_close(runs["body"], runs["base"], tolerance, f"{case}: channels_last + fused QKV vs diffusers")
+    assert runs["body_strides_back"] and runs["full_strides_back"], f"{case}: restore left other strides"
+    counts = runs["body_counts"]
+    assert all(eager == 0 and invalidations == 0 and misses >= 1 for misses, _, eager, invalidations
+               in counts.values()), counts
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
 def test_restore_gives_back_diffusers_output(case):
     runs = _runs(case)
     assert torch.equal(runs["restored"], runs["base"])
@@ -277,8 +320,10 @@ def test_restore_puts_back_the_very_same_objects():
     processors = dict(pipe.unet.attn_processors)
     assert "forward" not in pipe.unet.__dict__
     signature = inspect.signature(pipe.unet.forward)
+    params = dict(pipe.unet.named_parameters())
+    strides = {name: p.stride() for name, p in params.items()}
 
-    assert ddim_fast.optimize(pipe) is pipe
+    assert ddim_fast.optimize(pipe, **ALL_ON) is pipe
     state = optimized_state(pipe)
     assert isinstance(pipe.scheduler, FastDDIMScheduler) and pipe.scheduler.config.steps_offset == 1
     assert tuple(pipe.config["scheduler"]) != config_entry
@@ -287,6 +332,11 @@ def test_restore_puts_back_the_very_same_objects():
     assert set(state.attention["unet"].originals) == {name[: -len(".processor")] for name in processors}
     assert isinstance(pipe.unet.forward, object) and "forward" in pipe.unet.__dict__
     assert inspect.signature(pipe.unet.forward) == signature  # code probing the forward's parameters sees no change
+    assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not pipe.unet.conv_in.weight.is_contiguous()
+    attn1 = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1
+    qkv = (attn1.to_q.weight, attn1.to_k.weight, attn1.to_v.weight)
+    assert len({w.untyped_storage().data_ptr() for w in qkv}) == 1, "q/k/v weights share the packed storage"
     # While optimized, diffusers' set_default_attn_processor refuses the fused processor (it accepts only its
     # own classes); set_attn_processor works.
     with pytest.raises(ValueError, match="set_default_attn_processor"):
@@ -299,6 +349,10 @@ def test_restore_puts_back_the_very_same_objects():
     assert restored.keys() == processors.keys()
     assert all(restored[name] is processors[name] for name in processors)
     assert "forward" not in pipe.unet.__dict__
+    # The very same parameters, each with its own storage and the strides it had.
+    assert all(p is params[name] and p.stride() == strides[name] for name, p in pipe.unet.named_parameters())
+    assert len({w.untyped_storage().data_ptr() for w in qkv}) == 3
+    assert not any("forward" in m.__dict__ for m in pipe.unet.modules())
     pipe.unet.set_default_attn_processor()  # works again after restore
     assert all(type(p) is AttnProcessor for p in pipe.unet.attn_processors.values())
     assert ddim_fast.restore(pipe) is pipe  # restoring a plain pipeline is a no-op
@@ -306,7 +360,7 @@ def test_restore_puts_back_the_very_same_objects():
 
 def test_restore_keeps_what_the_user_replaced():
     pipe = tp.sd()
-    ddim_fast.optimize(pipe)
+    ddim_fast.optimize(pipe, attention=True)
     mine = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.scheduler = mine
     pipe.unet.set_attn_processor(AttnProcessor())
@@ -341,10 +395,21 @@ def test_optimize_rejects_bad_arguments():
         ddim_fast.optimize(pipe, scheduler="euler")
     with pytest.raises(ValueError, match="scheduler must be True, False or 'ddim'"):
         ddim_fast.optimize(pipe, scheduler=1)
-    with pytest.raises(TypeError, match="attention must be True or False"):
-        ddim_fast.optimize(pipe, attention="yes")
-    with pytest.raises(TypeError, match="cuda_graph must be True or False"):
-        ddim_fast.optimize(pipe, cuda_graph=None)
+    for name in ("attention", "cuda_graph", "channels_last", "fuse_qkv"):
+        with pytest.raises(ValueError, match=f"{name} must be True, False or 'auto'"):
+            ddim_fast.optimize(pipe, **{name: "yes"})
+        with pytest.raises(ValueError, match=f"{name} must be True, False or 'auto'"):
+            ddim_fast.optimize(pipe, **{name: None})
+    with pytest.raises(ValueError, match="compile must be True, False, one of"):
+        ddim_fast.optimize(pipe, compile="fast")
+    with pytest.raises(TypeError, match="compile must be True, False, a mode string or a dict"):
+        ddim_fast.optimize(pipe, compile=3)
+    with pytest.raises(ValueError, match="compile dict takes"):
+        ddim_fast.optimize(pipe, compile={"modes": "default"})
+    with pytest.raises(ValueError, match="captures CUDA graphs itself"):
+        ddim_fast.optimize(pipe, compile="reduce-overhead")
+    with pytest.raises(TypeError, match="compile_cache must be True, False or a folder"):
+        ddim_fast.optimize(pipe, compile=True, compile_cache=1)
     assert optimized_state(pipe) is None and type(pipe.scheduler) is diffusers.DDIMScheduler
     ddim_fast.optimize(pipe)
     with pytest.raises(ValueError, match="optimized already; call ddim_fast.restore"):
@@ -383,7 +448,7 @@ def test_nothing_fusable_still_optimizes_the_rest(caplog, processor, reason):
     processors = dict(pipe.unet.attn_processors)
     base = _call_sd(pipe, _gen())
     with caplog.at_level(logging.INFO, logger="ddim_fast.pipeline"):
-        ddim_fast.optimize(pipe)
+        ddim_fast.optimize(pipe, attention=True, cuda_graph=True)
     state = optimized_state(pipe)
     assert type(pipe.scheduler) is FastDDIMScheduler and "unet" in state.graphed
     assert state.fused_attention_count == 0
@@ -410,7 +475,7 @@ def test_unserved_modules_are_listed_in_one_warning(caplog):
     custom = {name: (_CustomProcessor() if i % 2 else processors[name]) for i, name in enumerate(names)}
     pipe.unet.set_attn_processor(dict(custom))  # diffusers pops the entries of the dict it is given
     with caplog.at_level(logging.WARNING, logger="ddim_fast.pipeline"):
-        ddim_fast.optimize(pipe, cuda_graph=False)
+        ddim_fast.optimize(pipe, attention=True, cuda_graph=False)
     warnings = _warnings(caplog)
     assert len(warnings) == 1
     message = warnings[0].getMessage()
@@ -450,7 +515,7 @@ def test_pipeline_without_unet_needs_scheduler_only():
     pipe.register_modules(unet=None)
     with pytest.raises(ValueError, match="has no `unet`"):
         ddim_fast.optimize(pipe)
-    ddim_fast.optimize(pipe, attention=False, cuda_graph=False)
+    ddim_fast.optimize(pipe, attention=False, cuda_graph=False, channels_last=False, fuse_qkv=False)
     assert type(pipe.scheduler) is FastDDIMScheduler
     ddim_fast.restore(pipe)
     pipe.register_modules(unet=unet)
@@ -510,7 +575,7 @@ def test_summary_is_returned_and_shown_when_something_is_left_out(caplog):
     user asked for was left out or with verbose=True, and INFO otherwise."""
     pipe = tp.sd()
     with caplog.at_level(logging.INFO, logger="ddim_fast.pipeline"):
-        ddim_fast.optimize(pipe, cuda_graph=False)
+        ddim_fast.optimize(pipe, attention=True, cuda_graph=False)
     state = optimized_state(pipe)
     n = len(pipe.unet.attn_processors)
     assert state.summary == (f"scheduler: DDIMScheduler -> FastDDIMScheduler; unet attention: {n} of {n} modules "
@@ -525,7 +590,15 @@ def test_summary_is_returned_and_shown_when_something_is_left_out(caplog):
         ddim_fast.optimize(pipe, verbose=True)
     assert [r.getMessage() for r in _warnings(caplog)] == [
         f"ddim_fast.optimize(StableDiffusionPipeline): {optimized_state(pipe).summary}"]
-    assert "CUDA graphs (eager static buffers off CUDA): unet" in optimized_state(pipe).summary
+    assert optimized_state(pipe).summary == ("scheduler: DDIMScheduler -> FastDDIMScheduler; CUDA graphs (calls on "
+                                             "CUDA): unet")
+    ddim_fast.restore(pipe)
+    ddim_fast.optimize(pipe, **ALL_ON)
+    assert optimized_state(pipe).summary == (
+        f"scheduler: DDIMScheduler -> FastDDIMScheduler; unet attention: {n} of {n} modules fused; unet QKV "
+        f"projections: {n} of {n} attention modules fused; unet weights channels_last "
+        f"({len(optimized_state(pipe).channels_last['unet'])} tensors); CUDA graphs (calls on CUDA; eager static "
+        "buffers off CUDA for unet): unet")
     ddim_fast.restore(pipe)
 
     # An Euler scheduler is kept: the user must learn that the step they wanted fused is not.
@@ -707,7 +780,7 @@ def test_ledits_pp_edit_after_invert_then_optimize(ledits):
 
     # Fully optimized (invert() put diffusers' AttnProcessor on every module: it is fused like any other).
     _ledits_invert(pipe)
-    ddim_fast.optimize(pipe)
+    ddim_fast.optimize(pipe, attention=True)
     assert optimized_state(pipe).fused_attention_count > 0
     assert_rel_close(_ledits_edit(pipe), base, SAMPLER_RTOL, "LEDITS++ edit, optimize() after invert()")
     ddim_fast.restore(pipe)
