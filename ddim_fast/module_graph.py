@@ -57,6 +57,7 @@ import functools
 import inspect
 import logging
 import operator
+import weakref
 from itertools import chain, repeat
 from typing import Any, Callable
 
@@ -89,15 +90,20 @@ _FORWARD_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
 _PEFT_STATE = ("_active_adapter", "_disable_adapters", "merged_adapters", "scaling")
 _dtype_of = operator.attrgetter("dtype")
 
-# Bumped by PyTorch's global registration hooks (installed with the first ModuleWatch): every module, parameter
+# Bumped by PyTorch's global registration hooks (installed with the first ModuleWatch) for every module, parameter
 # and buffer set through nn.Module (setattr, register_*, add_module, ModuleList/ModuleDict/Sequential edits,
-# load_state_dict(assign=True), PEFT wrapping a layer) in the process, whatever the module.
+# load_state_dict(assign=True), PEFT wrapping a layer) into a module some watch has seen. Registrations into other
+# modules are not counted: diffusers' blocks build temporary containers in every forward (``self.resnets[1:]``
+# makes a new ModuleList), which would otherwise flag every check; nor are those made while Dynamo traces (it
+# would guard on the counter and recompile on every call).
 _registrations = [0]
 _registration_hooks: list = []
+_watched: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 def _count_registration(module, name, value):
-    _registrations[0] += 1
+    if not torch.compiler.is_compiling() and module in _watched:
+        _registrations[0] += 1
 
 
 def _install_registration_hooks() -> None:
@@ -141,8 +147,8 @@ class ModuleWatch:
     walk, no Python loop per module):
 
     * modules, parameters and buffers *set* through ``nn.Module`` (``setattr``, ``register_*``, ``add_module``,
-      container ``__setitem__``/``append``, ``load_state_dict(assign=True)``, PEFT's layer replacement) run
-      PyTorch's global registration hooks, which bump a process-wide counter (checked); *removals*
+      container ``__setitem__``/``append``, ``load_state_dict(assign=True)``, PEFT's layer replacement) into a
+      module some watch has walked run PyTorch's global registration hooks, which bump a counter (checked); *removals*
       (``del``, ``ModuleList.pop``) and ``ModuleList.insert`` (which writes ``_modules`` directly) change the
       size of a ``_modules`` / ``_parameters`` / ``_buffers`` dict (the total size is checked);
     * hooks: registering one anywhere creates a ``torch.utils.hooks.RemovableHandle``, which bumps the class
@@ -173,6 +179,7 @@ class ModuleWatch:
             if children:
                 stack.extend(child for child in reversed(children.values()) if child is not None)
         self.walks += 1
+        _watched.update(modules)
         dicts = [module.__dict__ for module in modules]
         self._modules = modules  # keeps every object the full snapshot holds by identity alive
         self._dicts = dicts

@@ -154,8 +154,11 @@ class QKVGroup:
             if self._fused_now(x):
                 out = F.linear(x, self.weight, self.bias)
                 parts = list(out.split(self.sizes, dim=-1))
-                self._stash = [x, None if torch.compiler.is_compiling() else x._version, *parts]
-                self.fused_calls += 1
+                if torch.compiler.is_compiling():  # no counter inside traced code: Dynamo would guard on it
+                    self._stash = [x, None, *parts]
+                else:
+                    self._stash = [x, x._version, *parts]
+                    self.fused_calls += 1
                 return parts[0]
         else:
             stash = self._stash
