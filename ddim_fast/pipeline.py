@@ -1,6 +1,6 @@
 """One call for diffusers users: ``ddim_fast.optimize(pipe)`` makes an existing pipeline's own ``pipe(...)``
-fast — fused DDIM step, fused attention, CUDA-graphed UNet — with the same images; ``ddim_fast.restore(pipe)``
-undoes it exactly. Nothing of the pipeline's ``__call__`` is changed: progress bars, callbacks,
+fast — fused DDIM step, fused attention and projections, channels_last, CUDA-graphed UNet — with the same
+images; ``ddim_fast.restore(pipe)`` undoes it exactly. Nothing of the pipeline's ``__call__`` is changed: progress bars, callbacks,
 ``output_type``, ``num_images_per_prompt`` and generators behave as before.
 
 What it does per component:
@@ -15,16 +15,27 @@ What it does per component:
   after construction is kept (the fused tables come from the config). Any other scheduler is kept too;
   ``scheduler="ddim"`` switches the main one to ``FastDDIMScheduler`` from its current config, as
   ``DDIMScheduler.from_config(pipe.scheduler.config)`` would.
-* **attention** (the UNet's, and the ControlNet's when the pipeline has one): every diffusers ``Attention``
-  module whose processor the fused kernels reproduce gets ``FusedAttnProcessor`` (self- and cross-attention,
-  masks); the rest (IP-Adapter, added-KV, joint attention, head dims > 256, a pipeline's own processors
-  such as pix2pix-zero's, subclasses of diffusers' processors, ...) keep their processors, with the reason
-  in the summary. Fusing nothing is not an error: the rest is still optimized.
-* **cuda_graph**: the UNet's (and ControlNet's) ``forward`` is replaced by a
-  :class:`ddim_fast.module_graph.GraphedForward` that replays a CUDA graph captured per call signature
-  (shapes, dtypes, keyword structure, Python scalars such as a LoRA scale), recaptures when the model's
-  structure changes, copies its outputs out (never aliased by the next replay) and runs eagerly, with one
-  warning, when the model cannot be captured. On a CPU pipeline the same static-buffer path runs eagerly.
+* **the models** (the UNet, and the ControlNet(s) when the pipeline has them). Each option is True, False or
+  ``"auto"`` (the default), decided per model by the device its weights are on at ``optimize`` time: on CUDA
+  everything below is on; on the CPU none of it (measured: no gain there, see docs/design.md "optimize on the
+  CPU"), so a CPU pipeline gets the fused scheduler only and diffusers' images bit for bit.
+
+  - ``attention``: every diffusers ``Attention`` module whose processor the fused kernels reproduce gets
+    ``FusedAttnProcessor`` (self- and cross-attention, masks); the rest (IP-Adapter, added-KV, joint attention,
+    head dims > 256, a pipeline's own processors such as pix2pix-zero's, subclasses of diffusers' processors,
+    ...) keep their processors, with the reason in the summary. Fusing nothing is not an error.
+  - ``fuse_qkv``: one GEMM for each module's q/k/v (k/v) projections over a buffer that is the weights' own
+    storage (``ddim_fast.qkv_projections``): LoRA and in-place weight updates keep working.
+  - ``channels_last``: 4-D weights in ``torch.channels_last``; restore gives each its strides back.
+  - ``compile`` (default False): ``torch.compile`` of the forward (``ddim_fast.compiled``), run inside the graphs.
+  - ``cuda_graph``: the forward is replaced by a :class:`ddim_fast.module_graph.GraphedForward` that replays a
+    CUDA graph captured per call signature (shapes, dtypes, keyword structure, Python scalars such as a LoRA
+    scale), recaptures when the model's structure changes, copies its outputs out (never aliased by the next
+    replay) and runs eagerly, with one warning, when the model cannot be captured. ``"auto"``: calls off CUDA
+    pass straight through; True: they run the static-buffer path eagerly (testing without a GPU).
+
+  The order: processors, (the UNet-body fusion's place,) fused projections, layout, then what wraps the forward
+  (compile inside, graphs outside); ``restore`` undoes it in reverse.
 
 What was done and what was kept, and why, is one line: ``optimized_state(pipe).summary``. It is logged as a
 warning (shown without any logging setup, like diffusers' own warnings) when something was left out (a
