@@ -30,6 +30,7 @@ the pipeline's Python). The ratios to plain are printed at the end with the hard
 from __future__ import annotations
 
 import os
+import statistics
 import time
 
 import pytest
@@ -134,6 +135,11 @@ class _Summary:
             rows = [r for r in RESULTS if r["group"] == group]
             base = next((r for r in rows if r["variant"] == "plain"), None)
             tr.write_line(f"[{group}] on {rows[0]['hardware']}")
+            if "vs_plain_wall" in rows[0]:  # the interleaved CPU group: medians, and ratios with their noise
+                for r in rows:
+                    tr.write_line(f"  {r['variant']:<18} {r['ms_per_step']:8.3f} ms/step wall, {r['cpu_ms_per_step']:8.3f} "
+                                  f"ms/step CPU  vs plain: wall {r['vs_plain_wall']}; CPU {r['vs_plain_cpu']}")
+                continue
             for r in rows:
                 ratio = f"{base['ms_per_step'] / r['ms_per_step']:5.2f}x plain's it/s" if base else ""
                 tr.write_line(f"  {r['variant']:<14} {r['it_per_s']:8.1f} it/s  {r['ms_per_step']:8.3f} ms/step  "
@@ -174,14 +180,19 @@ def _prepare(setup: Setup, variant: str) -> dict:
 def _check_ran(setup: Setup, variant: str, proof: dict) -> None:
     pipe = setup.pipe
     if variant == "optimize":
-        graphed = ddim_fast.optimized_state(pipe).graphed["unet"]
+        state = ddim_fast.optimized_state(pipe)
+        graphed = state.graphed["unet"]
+        proof["choices"] = {k: str(v) for k, v in state.choices["unet"].items()}
+        assert proof["scheduler"] == "FastDDIMScheduler"
+        if setup.device.type != "cuda":
+            _check_cpu_defaults(state)
+            return
         assert graphed.eager_calls == 0 and graphed.cache.misses >= 1, "optimize: UNet calls passed through"
         captured = [graphed.cache.get(key).captured for key in graphed.cache.keys()]
-        assert proof["fused_attention_modules"] > 0 and proof["scheduler"] == "FastDDIMScheduler"
-        if setup.device.type == "cuda":
-            assert all(captured), "optimize: the UNet was not captured into a CUDA graph (see the warning logged)"
+        assert proof["fused_attention_modules"] > 0
+        assert all(captured), "optimize: the UNet was not captured into a CUDA graph (see the warning logged)"
         proof["cuda_graph_entries"] = len(captured)
-        proof["cuda_graph_captured"] = all(captured) and setup.device.type == "cuda"
+        proof["cuda_graph_captured"] = all(captured)
         # What the fused processors ran, per attention shape of the UNet (chosen per shape: our kernel or SDPA).
         choices = ddim_fast.attention.attention_choices()
         assert choices, "optimize: no attention call went through FusedAttnProcessor"
@@ -249,6 +260,96 @@ def tiny_setup():
 def test_pipeline_cpu_tiny(benchmark, request, tiny_setup, variant):
     _bench(benchmark, request, tiny_setup, variant, "pipeline cpu tiny-sd fp32 32px cfg7.5 10 steps",
            rounds=5 if IN_CI else 15)
+
+
+def _check_cpu_defaults(state) -> None:
+    """optimize(pipe)'s CPU defaults: the fused scheduler only; the graph wrapper passes CPU calls straight through."""
+    graphed = state.graphed["unet"]
+    assert not state.attention and not state.qkv and not state.channels_last, state.summary
+    assert graphed.cache.misses == 0 and graphed.eager_calls > 0, "optimize: CPU calls went through static buffers"
+
+
+def _noise_phrase(ratio: float, spread: float) -> str:
+    """'the same' when the ratio of medians is inside the measured spread, else 'N.NNx faster/slower'."""
+    from ddim_fast.tools.figures import ratio_phrase
+
+    if abs(ratio - 1.0) <= spread:
+        return f"the same (ratio {ratio:.3f}, noise +-{spread:.1%})"
+    return f"{ratio_phrase(ratio).strip()} (noise +-{spread:.1%})"
+
+
+CPU_OPTIMIZE_GROUP = "pipeline cpu tiny-sd fp32 32px cfg7.5 10 steps: optimize(pipe) vs plain, interleaved"
+# What optimize(pipe) does on the CPU, and what its CUDA defaults would do there (for the record: the reason they
+# are off on the CPU).
+CPU_INTERLEAVED = {
+    "plain": None,
+    "optimize": {},
+    "optimize(all on)": dict(attention=True, cuda_graph=True, channels_last=True, fuse_qkv=True),
+}
+
+
+def test_pipeline_cpu_tiny_optimize_vs_plain(benchmark, request, tiny_setup):
+    """Never slower than plain on the CPU: plain and optimize(pipe) alternate round by round in one process (a
+    shared machine's load drifts over minutes), wall and CPU-thread time per step. The summary prints each
+    variant's ratio to plain as "the same" when it is inside the noise (the larger relative interquartile
+    half-range of the two), else N.NNx faster / slower. optimize(all on) is optimize's CUDA defaults forced on
+    the CPU: why they are off there."""
+    _register_summary(request.config)
+    setup = tiny_setup
+    pipe = setup.pipe
+    rounds = 5 if IN_CI else 15
+    wall: dict[str, list] = {name: [] for name in CPU_INTERLEAVED}
+    cpu: dict[str, list] = {name: [] for name in CPU_INTERLEAVED}
+    proof: dict = {}
+
+    def one_round():
+        for name, options in CPU_INTERLEAVED.items():
+            if options is not None:
+                ddim_fast.optimize(pipe, **options)
+            try:
+                setup.run()  # warm-up of this variant's state (first call after optimize)
+                t0, c0 = time.perf_counter(), time.thread_time()
+                out = setup.run()
+                wall[name].append((time.perf_counter() - t0) / setup.steps)
+                cpu[name].append((time.thread_time() - c0) / setup.steps)
+                if options is not None:
+                    state = ddim_fast.optimized_state(pipe)
+                    if name == "optimize":
+                        _check_cpu_defaults(state)
+                    proof[name] = {"summary": state.summary,
+                                   "rel_error_vs_plain": relative_error(out, proof["plain_out"])}
+                else:
+                    proof["plain_out"] = out
+            finally:
+                if ddim_fast.optimized_state(pipe) is not None:
+                    ddim_fast.restore(pipe)
+
+    benchmark.group = CPU_OPTIMIZE_GROUP
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=0)
+    proof.pop("plain_out")
+    assert proof["optimize"]["rel_error_vs_plain"] == 0.0, "optimize(pipe)'s CPU defaults must give plain's latents"
+    assert proof["optimize(all on)"]["rel_error_vs_plain"] <= TOLERANCES[setup.dtype]
+
+    def stats(samples):
+        ordered = sorted(samples)
+        median = statistics.median(ordered)
+        q1, q3 = ordered[len(ordered) // 4], ordered[(3 * len(ordered)) // 4]
+        return median, (q3 - q1) / 2 / median
+
+    base_wall, base_wall_spread = stats(wall["plain"])
+    base_cpu, base_cpu_spread = stats(cpu["plain"])
+    for name in CPU_INTERLEAVED:
+        med_wall, spread_wall = stats(wall[name])
+        med_cpu, spread_cpu = stats(cpu[name])
+        row = {"group": CPU_OPTIMIZE_GROUP, "variant": name, "hardware": hardware_name(setup.device),
+               "it_per_s": 1 / med_wall, "ms_per_step": med_wall * 1e3, "cpu_ms_per_step": med_cpu * 1e3,
+               "vs_plain_wall": _noise_phrase(base_wall / med_wall, max(spread_wall, base_wall_spread)),
+               "vs_plain_cpu": _noise_phrase(base_cpu / med_cpu, max(spread_cpu, base_cpu_spread))}
+        RESULTS.append(row)
+        benchmark.extra_info[name] = {**{k: v for k, v in row.items() if k != "group"}, **proof.get(name, {})}
+    benchmark.extra_info.update({"hardware": hardware_name(setup.device), "rounds": rounds, "steps": setup.steps,
+                                 "torch_threads": torch.get_num_threads(),
+                                 **{f"{k}_version": v for k, v in versions().items()}})
 
 
 # --------------------------------------------------------------------------------------------------

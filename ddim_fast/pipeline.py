@@ -1,6 +1,6 @@
 """One call for diffusers users: ``ddim_fast.optimize(pipe)`` makes an existing pipeline's own ``pipe(...)``
-fast — fused DDIM step, fused attention, CUDA-graphed UNet — with the same images; ``ddim_fast.restore(pipe)``
-undoes it exactly. Nothing of the pipeline's ``__call__`` is changed: progress bars, callbacks,
+fast — fused DDIM step, fused attention and projections, channels_last, CUDA-graphed UNet — with the same
+images; ``ddim_fast.restore(pipe)`` undoes it exactly. Nothing of the pipeline's ``__call__`` is changed: progress bars, callbacks,
 ``output_type``, ``num_images_per_prompt`` and generators behave as before.
 
 What it does per component:
@@ -15,16 +15,27 @@ What it does per component:
   after construction is kept (the fused tables come from the config). Any other scheduler is kept too;
   ``scheduler="ddim"`` switches the main one to ``FastDDIMScheduler`` from its current config, as
   ``DDIMScheduler.from_config(pipe.scheduler.config)`` would.
-* **attention** (the UNet's, and the ControlNet's when the pipeline has one): every diffusers ``Attention``
-  module whose processor the fused kernels reproduce gets ``FusedAttnProcessor`` (self- and cross-attention,
-  masks); the rest (IP-Adapter, added-KV, joint attention, head dims > 256, a pipeline's own processors
-  such as pix2pix-zero's, subclasses of diffusers' processors, ...) keep their processors, with the reason
-  in the summary. Fusing nothing is not an error: the rest is still optimized.
-* **cuda_graph**: the UNet's (and ControlNet's) ``forward`` is replaced by a
-  :class:`ddim_fast.module_graph.GraphedForward` that replays a CUDA graph captured per call signature
-  (shapes, dtypes, keyword structure, Python scalars such as a LoRA scale), recaptures when the model's
-  structure changes, copies its outputs out (never aliased by the next replay) and runs eagerly, with one
-  warning, when the model cannot be captured. On a CPU pipeline the same static-buffer path runs eagerly.
+* **the models** (the UNet, and the ControlNet(s) when the pipeline has them). Each option is True, False or
+  ``"auto"`` (the default), decided per model by the device its weights are on at ``optimize`` time: on CUDA
+  everything below is on; on the CPU none of it (measured: no gain there, see docs/design.md "optimize on the
+  CPU"), so a CPU pipeline gets the fused scheduler only and diffusers' images bit for bit.
+
+  - ``attention``: every diffusers ``Attention`` module whose processor the fused kernels reproduce gets
+    ``FusedAttnProcessor`` (self- and cross-attention, masks); the rest (IP-Adapter, added-KV, joint attention,
+    head dims > 256, a pipeline's own processors such as pix2pix-zero's, subclasses of diffusers' processors,
+    ...) keep their processors, with the reason in the summary. Fusing nothing is not an error.
+  - ``fuse_qkv``: one GEMM for each module's q/k/v (k/v) projections over a buffer that is the weights' own
+    storage (``ddim_fast.qkv_projections``): LoRA and in-place weight updates keep working.
+  - ``channels_last``: 4-D weights in ``torch.channels_last``; restore gives each its strides back.
+  - ``compile`` (default False): ``torch.compile`` of the forward (``ddim_fast.compiled``), run inside the graphs.
+  - ``cuda_graph``: the forward is replaced by a :class:`ddim_fast.module_graph.GraphedForward` that replays a
+    CUDA graph captured per call signature (shapes, dtypes, keyword structure, Python scalars such as a LoRA
+    scale), recaptures when the model's structure changes, copies its outputs out (never aliased by the next
+    replay) and runs eagerly, with one warning, when the model cannot be captured. ``"auto"``: calls off CUDA
+    pass straight through; True: they run the static-buffer path eagerly (testing without a GPU).
+
+  The order: processors, (the UNet-body fusion's place,) fused projections, layout, then what wraps the forward
+  (compile inside, graphs outside); ``restore`` undoes it in reverse.
 
 What was done and what was kept, and why, is one line: ``optimized_state(pipe).summary``. It is logged as a
 warning (shown without any logging setup, like diffusers' own warnings) when something was left out (a
@@ -37,7 +48,9 @@ scheduler other than DDIM (they keep working, unchanged).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,7 +58,9 @@ from torch import nn
 
 from ddim_fast import graphs
 from ddim_fast.attention_processors import FusedAttention, fuse_attention, unfuse_attention
+from ddim_fast.compiled import CompiledForward, cache_dir, cache_key, compile_options, uses_cuda_graphs
 from ddim_fast.module_graph import GraphedForward
+from ddim_fast.qkv_projections import FusedQKV, fuse_qkv, unfuse_qkv
 
 logger = logging.getLogger(__name__)
 
@@ -65,16 +80,24 @@ class OptimizeState:
     kept_schedulers: component name -> why it was kept.
     attention: model name -> ``FusedAttention`` (fused module names with their original processors, and
     the modules left alone with the reason).
+    qkv: model name -> ``qkv_projections.FusedQKV`` (fused projection groups, modules left alone with the reason).
+    channels_last: model name -> [(tensor, strides it had)] for every weight made channels_last.
+    compiled: model name (as in ``graphed``) -> its ``compiled.CompiledForward``.
     graphed: model name (``"unet"``, ``"controlnet"``, ``"controlnet.nets.0"`` ...) -> its ``GraphedForward``.
     models: the model objects acted on (restore reverts those, even if the pipeline holds others by then).
+    choices: model name -> what each option resolved to for it (``"auto"`` decided by its device).
     summary: one line saying what was swapped, fused and graphed, and what was kept and why.
     """
 
     schedulers: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     kept_schedulers: dict[str, str] = field(default_factory=dict)
     attention: dict[str, FusedAttention] = field(default_factory=dict)
+    qkv: dict[str, FusedQKV] = field(default_factory=dict)
+    channels_last: dict[str, list] = field(default_factory=dict)
+    compiled: dict[str, CompiledForward] = field(default_factory=dict)
     graphed: dict[str, GraphedForward] = field(default_factory=dict)
     models: dict[str, nn.Module] = field(default_factory=dict)
+    choices: dict[str, dict[str, Any]] = field(default_factory=dict)
     summary: str = ""
 
     @property
@@ -249,13 +272,53 @@ def _swap_schedulers(pipe, mode, state: OptimizeState) -> None:
         state.schedulers[name] = (component, replacement)
 
 
-def optimize(pipe, *, scheduler: bool | str = True, attention: bool = True, cuda_graph: bool = True,
-             verbose: bool = False):
-    """Makes the diffusers pipeline ``pipe`` fast in place and returns it: fused DDIM scheduler(s), fused
-    attention in the UNet (and ControlNet), UNet (and ControlNet) forward replayed from CUDA graphs. The
-    images stay the same (fp32 on CPU: the scheduler swap alone is bit-identical, with fused attention
-    within 1e-5 relative; the graph path equals the eager path). See the module docstring for what each
-    component gets, and :func:`restore` for the way back.
+_AUTO = "auto"
+
+
+def _check_choice(name: str, value) -> bool | str:
+    if value is True or value is False or value == _AUTO:
+        return value
+    raise ValueError(f"optimize: {name} must be True, False or 'auto', got {value!r}")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _resolve(model: nn.Module, *, attention, cuda_graph, channels_last, fuse_qkv) -> dict[str, Any]:
+    """What each option means for one model: ``"auto"`` decided by the device its weights are on now.
+
+    The CPU defaults do only what was measured to pay there (``benchmarks/bench_pipeline.py``, group
+    ``pipeline cpu tiny-sd``; docs/design.md "optimize on the CPU"): the fused scheduler. Fused attention is
+    slower than PyTorch's SDPA on the CPU at small head dims, CUDA graphs do nothing there (the static-buffer
+    copies and checks were pure cost), channels_last and fused QKV projections measured no gain."""
+    cuda = _device_of(model).type == "cuda"
+    return {
+        "attention": cuda if attention == _AUTO else attention,
+        # "auto" installs the wrapper everywhere (a pipeline moved to CUDA later gets its graphs); off CUDA its
+        # calls pass straight through. True also runs the static-buffer path off CUDA (testing without a GPU).
+        "cuda_graph": cuda_graph,
+        "channels_last": cuda if channels_last == _AUTO else channels_last,
+        "fuse_qkv": cuda if fuse_qkv == _AUTO else fuse_qkv,
+    }
+
+
+def optimize(pipe, *, scheduler: bool | str = True, attention: bool | str = _AUTO, cuda_graph: bool | str = _AUTO,
+             channels_last: bool | str = _AUTO, fuse_qkv: bool | str = _AUTO, compile: Any = False,
+             compile_cache: bool | str | os.PathLike = True, verbose: bool = False):
+    """Makes the diffusers pipeline ``pipe`` fast in place and returns it: fused DDIM scheduler(s), and for the
+    UNet (and ControlNet): fused attention, fused QKV projections, channels_last weights, optionally
+    ``torch.compile``, and its forward replayed from CUDA graphs. The images stay the same (fp32 on CPU: the
+    scheduler swap alone is bit-identical, with fused attention within 1e-5 relative; the graph path equals the
+    eager path; channels_last and fused QKV change only the rounding of convolutions and GEMMs). See the module
+    docstring for what each component gets, and :func:`restore` for the way back.
+
+    Each model option takes True, False or ``"auto"`` (the default), which decides by the device the model's
+    weights are on when ``optimize`` is called (move the pipeline to its device first): on CUDA everything is on;
+    on the CPU only what was measured to pay there (the fused scheduler; see ``_resolve``).
 
     pipe: a ``DiffusionPipeline`` with a ``unet`` (StableDiffusion*, SDXL, ControlNet, DiffEdit, LEDITS++, ...).
     scheduler: True (DDIM schedulers become the fused ones, carrying their state over; others are kept),
@@ -263,30 +326,52 @@ def optimize(pipe, *, scheduler: bool | str = True, attention: bool = True, cuda
     (schedulers untouched).
     attention: fuse every attention module the kernels can serve; the others keep their processors (named,
     with the reason, in the summary warning), even when that is all of them: the rest is optimized anyway.
-    cuda_graph: graph the forward passes (eager static buffers off CUDA).
+    cuda_graph: replay the forward passes from CUDA graphs. ``"auto"``: graphs for calls on CUDA, other calls
+    pass straight through; True: also the static-buffer path off CUDA (eager, for testing); False: none.
+    channels_last: the models' 4-D weights in ``torch.channels_last`` (convolutions then run NHWC; restore gives
+    each weight back the strides it had).
+    fuse_qkv: one GEMM for the q/k/v (k/v for cross-attention) projections of each attention module, over a
+    buffer that *is* the projection weights' storage (``ddim_fast.qkv_projections``: LoRA and in-place updates
+    keep working).
+    compile: False (default), True (``torch.compile``, Inductor's default mode), a mode string
+    (``"max-autotune-no-cudagraphs"``, ...) or a dict of ``torch.compile`` arguments: compiles the models' forward,
+    which then runs inside our CUDA graphs (modes that capture CUDA graphs themselves are refused while
+    ``cuda_graph`` is on). See ``ddim_fast.compiled``.
+    compile_cache: with ``compile``, save the compiled artifacts to (and load them from) a file per model
+    configuration in the user cache folder (True), in the given folder, or not at all (False).
     verbose: log the one-line summary as a warning even when nothing was left out (it is a warning anyway
     when something was: a scheduler or attention modules kept as they were).
 
-    Raises ValueError when ``pipe`` is optimized already (``restore(pipe)`` first) or has no ``unet`` while
-    attention or cuda_graph is asked for. The state, and its ``summary``, are in ``optimized_state(pipe)``.
+    Raises ValueError when ``pipe`` is optimized already (``restore(pipe)`` first) or has no ``unet`` while a
+    model option is on. The state, and its ``summary``, are in ``optimized_state(pipe)``.
     """
     _check_pipeline(pipe, "optimize")
     if not (scheduler is True or scheduler is False or scheduler == "ddim"):
         raise ValueError(f"optimize: scheduler must be True, False or 'ddim', got {scheduler!r}")
-    attention = _check_flag("attention", attention)
-    cuda_graph = _check_flag("cuda_graph", cuda_graph)
+    choices = {name: _check_choice(name, value) for name, value in (
+        ("attention", attention), ("cuda_graph", cuda_graph), ("channels_last", channels_last),
+        ("fuse_qkv", fuse_qkv))}
+    options = compile_options(compile)
+    if options is not None and cuda_graph is not False and uses_cuda_graphs(options):
+        raise ValueError(f"optimize: compile mode {options.get('mode')!r} captures CUDA graphs itself, which cannot "
+                         "run inside optimize's graphs: pass compile=True or 'max-autotune-no-cudagraphs', or "
+                         "cuda_graph=False")
+    if not (compile_cache is True or compile_cache is False or isinstance(compile_cache, (str, os.PathLike))):
+        raise TypeError(f"optimize: compile_cache must be True, False or a folder, got {compile_cache!r}")
     verbose = _check_flag("verbose", verbose)
     if optimized_state(pipe) is not None:
         raise ValueError(f"optimize: this {type(pipe).__name__} is optimized already; call ddim_fast.restore(pipe) "
                          "first to optimize it again with other options")
     models = _models(pipe)
-    if (attention or cuda_graph) and "unet" not in models:
-        raise ValueError(f"optimize: {type(pipe).__name__} has no `unet` (attention and cuda_graph act on the UNet; "
-                         "pass attention=False, cuda_graph=False to swap the scheduler alone)")
+    wants_model = any(value is not False for value in choices.values()) or options is not None
+    if wants_model and "unet" not in models:
+        raise ValueError(f"optimize: {type(pipe).__name__} has no `unet` (attention, cuda_graph, channels_last, "
+                         "fuse_qkv and compile act on the UNet; pass them as False to swap the scheduler alone)")
 
     state = OptimizeState(models=models)
+    state.choices = {name: _resolve(model, **choices) for name, model in models.items()}
     try:
-        _apply(pipe, models, state, scheduler=scheduler, attention=attention, cuda_graph=cuda_graph)
+        _apply(pipe, models, state, scheduler=scheduler, compile_options=options, compile_cache=compile_cache)
     except BaseException:
         _undo(pipe, state)  # a failed optimize leaves the pipeline as it was
         raise
@@ -299,33 +384,98 @@ def optimize(pipe, *, scheduler: bool | str = True, attention: bool = True, cuda
     return pipe
 
 
-def _apply(pipe, models: dict, state: OptimizeState, *, scheduler, attention: bool, cuda_graph: bool) -> None:
+def _to_channels_last(model: nn.Module) -> list:
+    """Every 4-D parameter and buffer of ``model`` that is not channels_last already gets a channels_last copy
+    as its data (the same tensor objects). Returns [(tensor, its strides before)] for restore."""
+    changed = []
+    seen: set[int] = set()
+    with torch.no_grad():
+        for module in model.modules():
+            for tensors in (module._parameters, module._buffers):
+                for tensor in tensors.values():
+                    if tensor is None or tensor.dim() != 4 or id(tensor) in seen:
+                        continue
+                    seen.add(id(tensor))
+                    if tensor.is_contiguous(memory_format=torch.channels_last):
+                        continue
+                    changed.append((tensor, tensor.stride()))
+                    tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
+    return changed
+
+
+def _restore_layout(changed: list) -> None:
+    """Gives each tensor back the strides it had (its current values copied), unless its layout was changed
+    since by someone else (then it is left as it is)."""
+    with torch.no_grad():
+        for tensor, stride in changed:
+            if tensor.stride() == stride or not tensor.is_contiguous(memory_format=torch.channels_last):
+                continue
+            tensor.data = torch.empty_strided(tensor.shape, stride, dtype=tensor.dtype,
+                                              device=tensor.device).copy_(tensor.data)
+
+
+def _cache_file(model: nn.Module, options: dict, compile_cache, state: OptimizeState, name: str):
+    if compile_cache is False:
+        return None
+    folder = cache_dir() if compile_cache is True else Path(compile_cache)
+    choices = dict(state.choices.get(name.split(".")[0], {}))
+    choices["processors"] = sorted({type(p).__name__ for p in getattr(model, "attn_processors", {}).values()})
+    return folder / f"{type(model).__name__}-{cache_key(model, options, choices)}.bin"
+
+
+def _apply(pipe, models: dict, state: OptimizeState, *, scheduler, compile_options: dict | None,
+           compile_cache) -> None:
     """The work of optimize, recording every change in `state` as it is made (so that _undo can revert a
-    partial run)."""
-    if attention:
-        # Modules the kernels cannot serve keep their processors (the summary names them and says why); even
-        # when none can be served, the scheduler and the graphs are still worth having.
-        for name, model in models.items():
+    partial run). Order: what changes a model's body (processors, fused projections, layouts) before what
+    wraps its forward (compile, graphs)."""
+    for name, model in models.items():
+        choice = state.choices[name]
+        if choice["attention"]:
+            # Modules the kernels cannot serve keep their processors (the summary names them and says why); even
+            # when none can be served, the scheduler and the graphs are still worth having.
             state.attention[name] = fuse_attention(model)
+        # (The UNet-body fusion, e.g. fused GroupNorm+SiLU / GEGLU modules, belongs here: after the processors,
+        # before the fused projections and the layout, recorded in `state` and undone in `_undo`.)
+        if choice["fuse_qkv"]:
+            state.qkv[name] = fuse_qkv(model)
+        if choice["channels_last"]:
+            state.channels_last[name] = _to_channels_last(model)
 
     if scheduler is not False:
         _swap_schedulers(pipe, scheduler, state)
 
-    if cuda_graph:
-        pools = graphs.GraphPools()  # one memory pool per device for every graphed model of this pipeline
-        for name, model in models.items():
-            for target_name, target in _graph_targets(name, model).items():
-                if _is_graphed(target):
-                    logger.info("ddim_fast.optimize: %s is graphed already (shared with another optimized "
-                                "pipeline); leaving it as it is", target_name)
-                    continue
-                state.graphed[target_name] = GraphedForward(target, pools=pools).install()
+    pools = graphs.GraphPools()  # one memory pool per device for every graphed model of this pipeline
+    for name, model in models.items():
+        choice = state.choices[name]
+        if choice["cuda_graph"] is False and compile_options is None:
+            continue
+        for target_name, target in _graph_targets(name, model).items():
+            if _is_wrapped(target):
+                logger.info("ddim_fast.optimize: %s is graphed or compiled already (shared with another optimized "
+                            "pipeline); leaving it as it is", target_name)
+                continue
+            forward = None
+            if compile_options is not None:
+                qkv = state.qkv.get(name)
+                compiled = CompiledForward(target, compile_options,
+                                           before_call=[qkv.revalidate] if qkv is not None and qkv.count else [],
+                                           cache_file=_cache_file(target, compile_options, compile_cache, state,
+                                                                  target_name))
+                state.compiled[target_name] = compiled
+                forward = compiled
+            if choice["cuda_graph"] is False:
+                compiled.install()
+                continue
+            off_cuda = "static" if choice["cuda_graph"] is True else "passthrough"
+            state.graphed[target_name] = GraphedForward(target, pools=pools, off_cuda=off_cuda,
+                                                        forward=forward).install()
 
 
-def _is_graphed(module: nn.Module) -> bool:
+def _is_wrapped(module: nn.Module) -> bool:
     from ddim_fast.module_graph import _InstalledForward
 
-    return isinstance(module.__dict__.get("forward"), _InstalledForward)
+    forward = module.__dict__.get("forward")
+    return isinstance(forward, _InstalledForward) or getattr(forward, "_ddim_fast_compiled", False)
 
 
 def _summary(state: OptimizeState) -> str:
@@ -340,8 +490,23 @@ def _summary(state: OptimizeState) -> str:
         if fused.unserved:
             part += f", {len(fused.unserved)} keep their processors ({fused.unserved_summary()})"
         parts.append(part)
+    for name, fused in state.qkv.items():
+        total = fused.count + len(fused.unserved)
+        part = f"{name} QKV projections: {fused.count} of {total} attention modules fused"
+        if fused.unserved:
+            part += f" ({fused.unserved_summary()})"
+        parts.append(part)
+    for name, changed in state.channels_last.items():
+        parts.append(f"{name} weights channels_last ({len(changed)} tensors)")
+    if state.compiled:
+        options = next(iter(state.compiled.values())).options
+        parts.append(f"torch.compile({', '.join(f'{k}={v!r}' for k, v in options.items())}): "
+                     + ", ".join(state.compiled))
     if state.graphed:
-        parts.append("CUDA graphs (eager static buffers off CUDA): " + ", ".join(state.graphed))
+        static = [name for name, graphed in state.graphed.items() if graphed.off_cuda == "static"]
+        parts.append("CUDA graphs (calls on CUDA"
+                     + (f"; eager static buffers off CUDA for {', '.join(static)}" if static else "")
+                     + "): " + ", ".join(state.graphed))
     return "; ".join(parts) or "nothing to do"
 
 
@@ -374,9 +539,16 @@ def restore(pipe):
 
 
 def _undo(pipe, state: OptimizeState) -> None:
-    """Reverts what `state` records, last change first: graphs, attention processors, schedulers."""
+    """Reverts what `state` records, last change first: graphs, compiled forwards, layouts, fused projections,
+    attention processors, schedulers."""
     for graphed in state.graphed.values():
         graphed.uninstall()
+    for compiled in state.compiled.values():
+        compiled.uninstall()
+    for changed in state.channels_last.values():
+        _restore_layout(changed)
+    for name, fused in state.qkv.items():
+        unfuse_qkv(state.models[name], fused)
     for name, fused in state.attention.items():
         unfuse_attention(state.models[name], fused.originals)
     for name, (original, replacement) in state.schedulers.items():

@@ -159,11 +159,18 @@ CHANNELS_LAST = {"img2img", "sdxl-img2img", "diffedit-inversion"}
 # For these the bound is 1.5x that spread of diffusers' own processors (measured in the same test).
 ILL_CONDITIONED = {"diffedit-inversion"}
 
+# The model options are spelled out: their "auto" defaults depend on the device (on the CPU, optimize(pipe) swaps
+# the scheduler only: the `default` variant).
+_OFF = dict(attention=False, cuda_graph=False, channels_last=False, fuse_qkv=False)
+# Everything on, whatever the device (what optimize(pipe) does on CUDA; static buffers also on the CPU).
+ALL_ON = dict(attention=True, cuda_graph=True, channels_last=True, fuse_qkv=True)
 VARIANTS = {
-    "sched": dict(attention=False, cuda_graph=False),
-    "attn": dict(cuda_graph=False),
-    "full": {},
-    "graph_only": dict(scheduler=False, attention=False),
+    "default": {},
+    "sched": _OFF,
+    "attn": dict(_OFF, attention=True),
+    "full": dict(_OFF, attention=True, cuda_graph=True),
+    "graph_only": dict(_OFF, scheduler=False, cuda_graph=True),
+    "body": dict(_OFF, cuda_graph=True, channels_last=True, fuse_qkv=True),
 }
 
 
@@ -176,13 +183,17 @@ def _runs(case: str) -> dict:
         out = {"base": call(pipe, _gen())}
         out["pipe"] = pipe
         for name, options in VARIANTS.items():
+            strides = {key: t.stride() for key, t in pipe.unet.state_dict(keep_vars=True).items()}
             ddim_fast.optimize(pipe, **options)
             state = optimized_state(pipe)
             out[name] = call(pipe, _gen())
             out[f"{name}_state"] = state
             out[f"{name}_counts"] = {k: (g.cache.misses, g.cache.hits, g.eager_calls, g.invalidations)
                                      for k, g in state.graphed.items()}
+            out[f"{name}_qkv_calls"] = sum(g.fused_calls for fused in state.qkv.values() for g in fused.groups.values())
             ddim_fast.restore(pipe)
+            out[f"{name}_strides_back"] = all(t.stride() == strides[key]
+                                              for key, t in pipe.unet.state_dict(keep_vars=True).items())
         out["restored"] = call(pipe, _gen())
         if case in ILL_CONDITIONED:
             originals = dict(pipe.unet.attn_processors)
@@ -248,6 +259,38 @@ def test_one_graph_per_signature(case):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
+def test_cpu_defaults_swap_the_scheduler_only(case):
+    """On the CPU, optimize(pipe) does only what pays there: the images are diffusers' own, bit for bit; the
+    graph wrapper is installed but passes every CPU call straight through (no static-buffer copies)."""
+    runs = _runs(case)
+    state = runs["default_state"]
+    assert torch.equal(runs["default"], runs["base"]), f"{case}: optimize(pipe)'s CPU defaults changed the output"
+    assert state.schedulers and not state.attention and not state.qkv and not state.channels_last
+    assert all(choice == dict(attention=False, cuda_graph="auto", channels_last=False, fuse_qkv=False)
+               for choice in state.choices.values()), state.choices
+    for name, (misses, hits, eager, _) in runs["default_counts"].items():
+        assert misses == hits == 0 and eager > 0, f"{case} {name}: {runs['default_counts']}"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_channels_last_and_fused_qkv_within_fp32_tolerance(case):
+    """Forced on (the CPU default is off): channels_last weights and fused QKV projections through the graph path
+    change only the rounding of convolutions and GEMMs; restore gives every weight back its strides."""
+    runs = _runs(case)
+    state = runs["body_state"]
+    assert state.channels_last["unet"] and state.qkv["unet"].count > 0 and not state.qkv["unet"].unserved
+    assert runs["body_qkv_calls"] > 0, f"{case}: the fused projections never ran"
+    tolerance = SAMPLER_RTOL
+    if case in ILL_CONDITIONED:
+        tolerance = 1.5 * ddim_fast.reference.relative_error(runs["classic_processor"], runs["base"])
+    assert_rel_close(runs["body"], runs["base"], tolerance, f"{case}: channels_last + fused QKV vs diffusers")
+    assert runs["body_strides_back"] and runs["full_strides_back"], f"{case}: restore left other strides"
+    counts = runs["body_counts"]
+    assert all(eager == 0 and invalidations == 0 and misses >= 1 for misses, _, eager, invalidations
+               in counts.values()), counts
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
 def test_restore_gives_back_diffusers_output(case):
     runs = _runs(case)
     assert torch.equal(runs["restored"], runs["base"])
@@ -278,8 +321,10 @@ def test_restore_puts_back_the_very_same_objects():
     processors = dict(pipe.unet.attn_processors)
     assert "forward" not in pipe.unet.__dict__
     signature = inspect.signature(pipe.unet.forward)
+    params = dict(pipe.unet.named_parameters())
+    strides = {name: p.stride() for name, p in params.items()}
 
-    assert ddim_fast.optimize(pipe) is pipe
+    assert ddim_fast.optimize(pipe, **ALL_ON) is pipe
     state = optimized_state(pipe)
     assert isinstance(pipe.scheduler, FastDDIMScheduler) and pipe.scheduler.config.steps_offset == 1
     assert tuple(pipe.config["scheduler"]) != config_entry
@@ -288,6 +333,11 @@ def test_restore_puts_back_the_very_same_objects():
     assert set(state.attention["unet"].originals) == {name[: -len(".processor")] for name in processors}
     assert isinstance(pipe.unet.forward, object) and "forward" in pipe.unet.__dict__
     assert inspect.signature(pipe.unet.forward) == signature  # code probing the forward's parameters sees no change
+    assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not pipe.unet.conv_in.weight.is_contiguous()
+    attn1 = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1
+    qkv = (attn1.to_q.weight, attn1.to_k.weight, attn1.to_v.weight)
+    assert len({w.untyped_storage().data_ptr() for w in qkv}) == 1, "q/k/v weights share the packed storage"
     # While optimized, diffusers' set_default_attn_processor refuses the fused processor (it accepts only its
     # own classes); set_attn_processor works.
     with pytest.raises(ValueError, match="set_default_attn_processor"):
@@ -300,6 +350,10 @@ def test_restore_puts_back_the_very_same_objects():
     assert restored.keys() == processors.keys()
     assert all(restored[name] is processors[name] for name in processors)
     assert "forward" not in pipe.unet.__dict__
+    # The very same parameters, each with its own storage and the strides it had.
+    assert all(p is params[name] and p.stride() == strides[name] for name, p in pipe.unet.named_parameters())
+    assert len({w.untyped_storage().data_ptr() for w in qkv}) == 3
+    assert not any("forward" in m.__dict__ for m in pipe.unet.modules())
     pipe.unet.set_default_attn_processor()  # works again after restore
     assert all(type(p) is AttnProcessor for p in pipe.unet.attn_processors.values())
     assert ddim_fast.restore(pipe) is pipe  # restoring a plain pipeline is a no-op
@@ -307,7 +361,7 @@ def test_restore_puts_back_the_very_same_objects():
 
 def test_restore_keeps_what_the_user_replaced():
     pipe = tp.sd()
-    ddim_fast.optimize(pipe)
+    ddim_fast.optimize(pipe, attention=True)
     mine = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.scheduler = mine
     pipe.unet.set_attn_processor(AttnProcessor())
@@ -342,10 +396,21 @@ def test_optimize_rejects_bad_arguments():
         ddim_fast.optimize(pipe, scheduler="euler")
     with pytest.raises(ValueError, match="scheduler must be True, False or 'ddim'"):
         ddim_fast.optimize(pipe, scheduler=1)
-    with pytest.raises(TypeError, match="attention must be True or False"):
-        ddim_fast.optimize(pipe, attention="yes")
-    with pytest.raises(TypeError, match="cuda_graph must be True or False"):
-        ddim_fast.optimize(pipe, cuda_graph=None)
+    for name in ("attention", "cuda_graph", "channels_last", "fuse_qkv"):
+        with pytest.raises(ValueError, match=f"{name} must be True, False or 'auto'"):
+            ddim_fast.optimize(pipe, **{name: "yes"})
+        with pytest.raises(ValueError, match=f"{name} must be True, False or 'auto'"):
+            ddim_fast.optimize(pipe, **{name: None})
+    with pytest.raises(ValueError, match="compile must be True, False, one of"):
+        ddim_fast.optimize(pipe, compile="fast")
+    with pytest.raises(TypeError, match="compile must be True, False, a mode string or a dict"):
+        ddim_fast.optimize(pipe, compile=3)
+    with pytest.raises(ValueError, match="compile dict takes"):
+        ddim_fast.optimize(pipe, compile={"modes": "default"})
+    with pytest.raises(ValueError, match="captures CUDA graphs itself"):
+        ddim_fast.optimize(pipe, compile="reduce-overhead")
+    with pytest.raises(TypeError, match="compile_cache must be True, False or a folder"):
+        ddim_fast.optimize(pipe, compile=True, compile_cache=1)
     assert optimized_state(pipe) is None and type(pipe.scheduler) is diffusers.DDIMScheduler
     ddim_fast.optimize(pipe)
     with pytest.raises(ValueError, match="optimized already; call ddim_fast.restore"):
@@ -384,7 +449,7 @@ def test_nothing_fusable_still_optimizes_the_rest(caplog, processor, reason):
     processors = dict(pipe.unet.attn_processors)
     base = _call_sd(pipe, _gen())
     with caplog.at_level(logging.INFO, logger="ddim_fast.pipeline"):
-        ddim_fast.optimize(pipe)
+        ddim_fast.optimize(pipe, attention=True, cuda_graph=True)
     state = optimized_state(pipe)
     assert type(pipe.scheduler) is FastDDIMScheduler and "unet" in state.graphed
     assert state.fused_attention_count == 0
@@ -411,7 +476,7 @@ def test_unserved_modules_are_listed_in_one_warning(caplog):
     custom = {name: (_CustomProcessor() if i % 2 else processors[name]) for i, name in enumerate(names)}
     pipe.unet.set_attn_processor(dict(custom))  # diffusers pops the entries of the dict it is given
     with caplog.at_level(logging.WARNING, logger="ddim_fast.pipeline"):
-        ddim_fast.optimize(pipe, cuda_graph=False)
+        ddim_fast.optimize(pipe, attention=True, cuda_graph=False)
     warnings = _warnings(caplog)
     assert len(warnings) == 1
     message = warnings[0].getMessage()
@@ -451,7 +516,7 @@ def test_pipeline_without_unet_needs_scheduler_only():
     pipe.register_modules(unet=None)
     with pytest.raises(ValueError, match="has no `unet`"):
         ddim_fast.optimize(pipe)
-    ddim_fast.optimize(pipe, attention=False, cuda_graph=False)
+    ddim_fast.optimize(pipe, attention=False, cuda_graph=False, channels_last=False, fuse_qkv=False)
     assert type(pipe.scheduler) is FastDDIMScheduler
     ddim_fast.restore(pipe)
     pipe.register_modules(unet=unet)
@@ -511,7 +576,7 @@ def test_summary_is_returned_and_shown_when_something_is_left_out(caplog):
     user asked for was left out or with verbose=True, and INFO otherwise."""
     pipe = tp.sd()
     with caplog.at_level(logging.INFO, logger="ddim_fast.pipeline"):
-        ddim_fast.optimize(pipe, cuda_graph=False)
+        ddim_fast.optimize(pipe, attention=True, cuda_graph=False)
     state = optimized_state(pipe)
     n = len(pipe.unet.attn_processors)
     assert state.summary == (f"scheduler: DDIMScheduler -> FastDDIMScheduler; unet attention: {n} of {n} modules "
@@ -526,7 +591,15 @@ def test_summary_is_returned_and_shown_when_something_is_left_out(caplog):
         ddim_fast.optimize(pipe, verbose=True)
     assert [r.getMessage() for r in _warnings(caplog)] == [
         f"ddim_fast.optimize(StableDiffusionPipeline): {optimized_state(pipe).summary}"]
-    assert "CUDA graphs (eager static buffers off CUDA): unet" in optimized_state(pipe).summary
+    assert optimized_state(pipe).summary == ("scheduler: DDIMScheduler -> FastDDIMScheduler; CUDA graphs (calls on "
+                                             "CUDA): unet")
+    ddim_fast.restore(pipe)
+    ddim_fast.optimize(pipe, **ALL_ON)
+    assert optimized_state(pipe).summary == (
+        f"scheduler: DDIMScheduler -> FastDDIMScheduler; unet attention: {n} of {n} modules fused; unet QKV "
+        f"projections: {n} of {n} attention modules fused; unet weights channels_last "
+        f"({len(optimized_state(pipe).channels_last['unet'])} tensors); CUDA graphs (calls on CUDA; eager static "
+        "buffers off CUDA for unet): unet")
     ddim_fast.restore(pipe)
 
     # An Euler scheduler is kept: the user must learn that the step they wanted fused is not.
@@ -708,7 +781,7 @@ def test_ledits_pp_edit_after_invert_then_optimize(ledits):
 
     # Fully optimized (invert() put diffusers' AttnProcessor on every module: it is fused like any other).
     _ledits_invert(pipe)
-    ddim_fast.optimize(pipe)
+    ddim_fast.optimize(pipe, attention=True)
     assert optimized_state(pipe).fused_attention_count > 0
     assert_rel_close(_ledits_edit(pipe), base, SAMPLER_RTOL, "LEDITS++ edit, optimize() after invert()")
     ddim_fast.restore(pipe)
@@ -752,7 +825,7 @@ def _eager(unet, *args, **kwargs):
 
 @torch.no_grad()
 def test_timesteps_are_data_not_keys(unet):
-    graphed = GraphedForward(unet).install()
+    graphed = GraphedForward(unet, off_cuda="static").install()
     x, cond = _inputs()
     kinds = [901, 651, torch.tensor(401), torch.tensor(151, dtype=torch.int64), 21.0, torch.tensor([11, 11])]
     for t in kinds:
@@ -765,7 +838,7 @@ def test_timesteps_are_data_not_keys(unet):
 
 @torch.no_grad()
 def test_positional_and_keyword_calls_share_a_graph_and_outputs_are_fresh(unet):
-    graphed = GraphedForward(unet).install()
+    graphed = GraphedForward(unet, off_cuda="static").install()
     x, cond = _inputs()
     first = unet(x, 500, cond)
     second = unet(sample=x * 0.5, timestep=400, encoder_hidden_states=cond, return_dict=True)
@@ -794,7 +867,7 @@ def test_python_scalars_in_kwargs_key_separate_graphs(unet):
     level = diffusers_logger.level
     diffusers_logger.setLevel(logging.ERROR)  # "scale without the PEFT backend is ineffective", once per call
     try:
-        graphed = GraphedForward(unet).install()
+        graphed = GraphedForward(unet, off_cuda="static").install()
         x, cond = _inputs()
         for scale in (0.5, 1.0, 0.5, None, 1.0):
             kwargs = None if scale is None else {"scale": scale}
@@ -829,7 +902,7 @@ class _LoraLinear(torch.nn.Module):
 
 @torch.no_grad()
 def test_structure_changes_recapture_and_in_place_weights_do_not(unet):
-    graphed = GraphedForward(unet).install()
+    graphed = GraphedForward(unet, off_cuda="static").install()
     x, cond = _inputs()
 
     def check(expect_misses, expect_invalidations, what):
@@ -876,7 +949,7 @@ def test_structure_changes_recapture_and_in_place_weights_do_not(unet):
 @torch.no_grad()
 def test_timestep_cond_and_added_cond_kwargs_are_static_inputs():
     unet = tp.tiny_unet(sdxl=True)
-    graphed = GraphedForward(unet).install()
+    graphed = GraphedForward(unet, off_cuda="static").install()
     x, cond = _inputs()
     for seed in (0, 1):
         gen = torch.Generator().manual_seed(seed)
@@ -889,7 +962,7 @@ def test_timestep_cond_and_added_cond_kwargs_are_static_inputs():
     from diffusers import UNet2DConditionModel
 
     lcm = UNet2DConditionModel.from_config(tp.tiny_unet().config, time_cond_proj_dim=8).eval()  # LCM-style
-    graphed = GraphedForward(lcm).install()
+    graphed = GraphedForward(lcm, off_cuda="static").install()
     for w in (2.0, 6.0):
         timestep_cond = torch.full((2, 8), w)
         got = lcm(x, 500, cond, timestep_cond=timestep_cond).sample
@@ -900,8 +973,8 @@ def test_timestep_cond_and_added_cond_kwargs_are_static_inputs():
 @torch.no_grad()
 def test_controlnet_residuals_are_static_inputs(unet):
     controlnet = tp.tiny_controlnet()
-    graphed_unet = GraphedForward(unet).install()
-    graphed_cn = GraphedForward(controlnet).install()
+    graphed_unet = GraphedForward(unet, off_cuda="static").install()
+    graphed_cn = GraphedForward(controlnet, off_cuda="static").install()
     x, cond = _inputs()
     image = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     for scale in (0.8, 0.8):
@@ -922,7 +995,7 @@ def test_capture_failure_runs_eagerly_with_one_warning(unet, monkeypatch, caplog
         raise graphs.GraphCaptureError("the step's last warm-up run failed under sync debug mode: .item()")
 
     monkeypatch.setattr(graphs, "capture_step", failing_capture)
-    graphed = GraphedForward(unet).install()
+    graphed = GraphedForward(unet, off_cuda="static").install()
     x, cond = _inputs()
     with caplog.at_level(logging.WARNING, logger="ddim_fast.module_graph"):
         for t in (500, 400, 300):
@@ -933,7 +1006,7 @@ def test_capture_failure_runs_eagerly_with_one_warning(unet, monkeypatch, caplog
 
 
 def test_training_and_autograd_pass_through(unet):
-    graphed = GraphedForward(unet).install()
+    graphed = GraphedForward(unet, off_cuda="static").install()
     x, cond = _inputs()
     with torch.enable_grad():
         unet(x, 500, cond)
@@ -949,17 +1022,17 @@ def test_training_and_autograd_pass_through(unet):
 
 def test_uninstall_restores_the_forward_and_refuses_double_install(unet):
     own = unet.forward
-    graphed = GraphedForward(unet).install()
+    graphed = GraphedForward(unet, off_cuda="static").install()
     with pytest.raises(ValueError, match="already graphed"):
         GraphedForward(unet)
     assert graphed.uninstall() and "forward" not in unet.__dict__
     # An instance-level forward the module had before is put back as it was.
     unet.forward = own
-    graphed = GraphedForward(unet).install()
+    graphed = GraphedForward(unet, off_cuda="static").install()
     assert graphed.uninstall() and unet.__dict__["forward"] is own
     # Wrapped again by someone else after install: ours turns into a pass-through instead of unwrapping theirs.
     del unet.forward
-    graphed = GraphedForward(unet).install()
+    graphed = GraphedForward(unet, off_cuda="static").install()
     theirs = unet.forward
     unet.forward = lambda *a, **k: theirs(*a, **k)
     assert not graphed.uninstall() and not graphed.enabled
@@ -1002,7 +1075,7 @@ def test_cuda_pipeline_graph_replay_matches_eager():
 @torch.no_grad()
 def test_cuda_graph_reads_in_place_weight_updates_and_never_aliases_outputs():
     unet = tp.tiny_unet().to("cuda")
-    graphed = GraphedForward(unet).install()
+    graphed = GraphedForward(unet, off_cuda="static").install()
     x, cond = (t.cuda() for t in _inputs())
     t = torch.tensor(500, device="cuda")
     # Replays run the kernels eager runs do, but library heuristics may pick other algorithms inside a
