@@ -287,8 +287,13 @@ def variant_unet(unet, variant: PipelineVariant):
             modified.fuse_qkv_projections()
     model = modified if modified is not None else unet
     if variant.kind == "compile":
-        model = torch.compile(model, mode=variant.compile_mode, fullgraph=variant.fullgraph)
+        model = compile_unet(model, variant)
     return model, modified
+
+
+def compile_unet(model, variant: PipelineVariant):
+    """``torch.compile`` with the variant's options (one place, so that tests can compile with Dynamo alone)."""
+    return torch.compile(model, mode=variant.compile_mode, fullgraph=variant.fullgraph)
 
 
 def attention_modules(model) -> list[torch.nn.Module]:

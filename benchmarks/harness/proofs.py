@@ -214,7 +214,7 @@ def compile_counters(device: Any = None) -> dict[str, int]:
 
     snapshot = {
         "unique_graphs": int(counters["stats"]["unique_graphs"]),
-        "frames_ok": int(counters["frames"]["ok"]),
+        "frames_ok": int(counters["frames"]["ok"]),  # frames compiled without fullgraph (fullgraph counts none)
         "graph_breaks": int(sum(counters["graph_break"].values())),
         "fxgraph_cache_hit": int(counters["inductor"]["fxgraph_cache_hit"]),
         "fxgraph_cache_miss": int(counters["inductor"]["fxgraph_cache_miss"]),
@@ -241,7 +241,7 @@ def prove_compiled(name: str, before: dict[str, int], after: dict[str, int], *, 
     skipped and at least one was recorded."""
     problems = []
     graphs = after["unique_graphs"] - before["unique_graphs"]
-    if graphs < 1 or after["frames_ok"] <= before["frames_ok"]:
+    if graphs < 1:
         problems.append(f"{name}: Dynamo compiled nothing ({graphs} new graphs): the model ran eagerly")
     if fullgraph and after["graph_breaks"] > before["graph_breaks"]:
         problems.append(f"{name}: {after['graph_breaks'] - before['graph_breaks']} graph breaks under fullgraph=True")
