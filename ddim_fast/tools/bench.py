@@ -64,7 +64,7 @@ def _harness_names(module: str, attribute: str) -> tuple[str, ...] | None:
     """Names the harness defines (variant names for --help and validation), None without a checkout."""
     try:
         return tuple(getattr(load_harness(module), attribute))
-    except RuntimeError:
+    except (RuntimeError, ImportError):  # no checkout, or a broken one: the other commands must still work
         return None
 
 
