@@ -198,3 +198,17 @@ def test_forward_counter_counts_apply_model_of_ldm_style_models():
         variant.close()
     assert "apply_model" not in problem.model.__dict__  # the counter is gone
     assert loops.Variant.build(problem, "diffusers") == "the diffusers loop needs a UNet problem"
+
+
+def test_op_counter_counts_the_triton_steps_undispatched_calls():
+    # ops.ddim_step's eager Triton path calls the op's kernel function without the dispatcher: still counted.
+    from ddim_fast import _library, ops, schedule
+
+    x = torch.randn(1, 4, 8, 8)
+    table = schedule.coefficient_table([1, 0], [0.5, 0.9], [0.9, 1.0])
+    original = _library.ddim_step_triton_kernel
+    with proofs.OpCounter() as counted:
+        ops.ddim_step(x, torch.randn(1, 4, 8, 8), table, torch.tensor([0]), backend="triton")
+        ops.ddim_step(x, torch.randn(1, 4, 8, 8), table, torch.tensor([0]), backend="native")
+    assert counted.count("ddim_fast::ddim_step_triton") == 1 and counted.fused_steps == 2
+    assert _library.ddim_step_triton_kernel is original  # unwrapped on exit

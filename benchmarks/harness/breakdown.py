@@ -138,8 +138,11 @@ def _captured(call: Callable[[], Any], device: torch.device):
     """``call`` (reading fixed tensors) captured into one CUDA graph; its replay."""
     from ddim_fast.graphs import CapturedStep
 
+    def step(_static):
+        call()  # the output lives in the graph's pool; nothing here reads it
+
     anchor = {"device": torch.empty(0, device=device)}
-    return CapturedStep(lambda _static: call(), anchor, warmup_iters=2).capture()
+    return CapturedStep(step, anchor, warmup_iters=2).capture()
 
 
 def prepare_step(setup: PipelineSetup, name: str) -> StepUnderTest:
@@ -168,8 +171,9 @@ def prepare_step(setup: PipelineSetup, name: str) -> StepUnderTest:
         return StepUnderTest(name, call, captured, f"optimize(pipe{''.join(f', {k}={a!r}' for k, a in v.optimize_kwargs.items())})",
                              [pipe], proof)
     if v.kind == "compile":
-        torch._dynamo.reset()
-        source = copy.deepcopy(setup.original_unet)  # Dynamo guards on the module: nothing else may touch it
+        # Its own copy (Dynamo guards on the module; nothing else may touch it) and no Dynamo reset: a reset would
+        # drop the compiled code of a compile variant prepared before this one.
+        source = copy.deepcopy(setup.original_unet)
         before = compile_counters(setup.device)
         unet, modified = variant_unet(source, v)
         call = _unet_fn(unet, setup)

@@ -98,7 +98,7 @@ PIPELINES = {
 class PipelineSetup:
     """One pipeline (random-weight UNet of ``unet_config``, DDIM with SD's schedule) and the inputs of its call:
     ``embeds`` (prompt embeddings, batch ``batch``), and ``unet_inputs`` / ``unet_kwargs``, what the pipeline's
-    UNet sees per step (the CFG batch of 2 x batch). ``build_on_device``: the UNet's random weights are drawn on
+    UNet sees per step (the CFG batch of 2 x batch, the pipeline's own keywords). ``build_on_device``: the UNet's random weights are drawn on
     ``device`` (seconds instead of a minute for SDXL's 2.6 B parameters on the CPU)."""
 
     def __init__(self, name, device, dtype, unet_config, text_tokens, text_dim, resolution, steps, vae_blocks, *,
@@ -141,7 +141,10 @@ class PipelineSetup:
         latent = resolution // 2 ** (vae_blocks - 1)
         cond = torch.cat([self.embeds["negative_prompt_embeds"], self.embeds["prompt_embeds"]])
         self.unet_inputs = (randn(2 * batch, 4, latent, latent), torch.tensor(500, device=self.device), cond)
-        self.unet_kwargs: dict[str, Any] = {}
+        # The keywords StableDiffusion(XL)Pipeline passes its UNet, exactly: a compiled UNet called otherwise
+        # would recompile (Dynamo guards on them), a graphed one capture another graph.
+        self.unet_kwargs: dict[str, Any] = {"timestep_cond": None, "cross_attention_kwargs": None,
+                                            "added_cond_kwargs": None, "return_dict": False}
         if pooled_dim is not None:
             self.embeds["pooled_prompt_embeds"] = randn(batch, pooled_dim)
             self.embeds["negative_pooled_prompt_embeds"] = randn(batch, pooled_dim)
@@ -180,7 +183,8 @@ class PipelineSetup:
 
     @torch.no_grad()
     def unet_call(self):
-        """One UNet call on the step's inputs, through whatever the variant made of ``pipe.unet``."""
+        """One UNet call on the step's inputs, through whatever the variant made of ``pipe.unet``, as the pipeline
+        makes it (its keywords; the output is a tuple, ``return_dict=False``)."""
         x, t, cond = self.unet_inputs
         return self.pipe.unet(x, t, encoder_hidden_states=cond, **self.unet_kwargs)
 

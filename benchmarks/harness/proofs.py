@@ -26,7 +26,9 @@ def is_unfused_attention_op(name: str) -> bool:
 class OpCounter:
     """Counts every operator dispatched while it is active (a ``TorchDispatchMode``: it sees the ops that
     reach the dispatcher below autograd and autocast, ``torch.ops.ddim_fast.*`` included, on any device).
-    Python-side only: kernels replayed from a CUDA graph are not dispatched, hence not counted.
+    Python-side only: kernels replayed from a CUDA graph are not dispatched, hence not counted. The Triton
+    step's eager path calls the op's kernel function without the dispatcher hop (``ops.ddim_step``); those
+    calls are counted under the op's name too (the functions are wrapped while the counter is active).
 
         with OpCounter() as ops:
             loop()
@@ -46,13 +48,36 @@ class OpCounter:
                 return func(*args, **(kwargs or {}))
 
         self._mode = _Mode()
+        self._wrapped: list[tuple[str, Any]] = []
+
+    # ddim_fast._library attribute -> the op whose kernel function it is (called without the dispatcher).
+    UNDISPATCHED = {"ddim_step_triton_kernel": "ddim_fast::ddim_step_triton",
+                    "ddim_step_triton_out_kernel": "ddim_fast::ddim_step_triton_out"}
 
     def __enter__(self) -> "OpCounter":
+        from ddim_fast import _library
+
+        for attribute, op in self.UNDISPATCHED.items():
+            original = getattr(_library, attribute, None)
+            if original is None:
+                continue
+
+            def counted(*args, _original=original, _op=op, **kwargs):
+                self.counts[_op] += 1
+                return _original(*args, **kwargs)
+
+            setattr(_library, attribute, counted)
+            self._wrapped.append((attribute, original))
         self._mode.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
+        from ddim_fast import _library
+
         self._mode.__exit__(*exc)
+        for attribute, original in self._wrapped:
+            setattr(_library, attribute, original)
+        self._wrapped.clear()
 
     def count(self, name: str) -> int:
         return self.counts.get(name, 0)
