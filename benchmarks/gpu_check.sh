@@ -26,7 +26,8 @@
 #   7  pipeline: benchmarks/bench_pipeline.py, SD1.5 512 px batch 1  240  bench_pipeline.json (entries written
 #      (fp16, CFG 7.5, 50 steps): plain, optimize, compile-reduce-         as they finish: a cut keeps them)
 #      overhead, diffusers-recipe, optimize-no-attention, optimize-no-graph (and optimize-no-channels-last
-#      where optimize has it); after the tests and the sanitizer: nothing else uses the GPU while it times
+#      where optimize has it), in that order; after the tests and the sanitizer: nothing else uses the GPU while
+#      it times
 #   8  breakdown: python -m ddim_fast bench --breakdown, SD1.5 UNet    90  logs.tar.gz:breakdown.json, table
 #      fp16 batch 1 (CFG batch 2): one graphed step of plain,                  in summary.txt
 #      channels-last, optimize, compile-reduce-overhead by kind of kernel (its compile reuses the Inductor
@@ -42,8 +43,9 @@
 # A global deadline (DDIM_FAST_CHECK_DEADLINE, default 470 s from the start) cuts every cap to what is left
 # (10 s are kept for the last packaging); a stage with under 10 s left is skipped and named in summary.txt.
 # The stages before the tests hold the tests' cap back (HOLD): they end by 470 - 10 - 150 = 310 s, so the
-# tests always get their whole 150 s (expected ~60-90 s: 16 workers, no crashes); the pipeline stage holds 60 s
-# for the breakdown. What the pipeline stage finishes before the deadline is in bench_pipeline.json either way.
+# tests always get their whole 150 s (expected ~60-90 s: 16 workers, no crashes); the pipeline stage holds 45 s
+# for the breakdown. The pipeline stage runs its rows in the order above (the parts last) and writes each as it
+# ends: what it finishes before its cut is in bench_pipeline.json either way.
 # $OUT receives at most 8 files, flat: summary.txt env.txt micro.json bench_e2e.json bench_pipeline.json
 # generate.json tests.xml logs.tar.gz (bench_pipeline2.json / bench_pipeline3.json in their own runs). The
 # script exits non-zero when a stage failed.
@@ -172,7 +174,7 @@ run_stage() {  # run_stage STAGE-KEY NAME DEFAULT-CAP LOG [--signal SIG] COMMAND
 }
 
 [ "$DRY_RUN" = "1" ] && note "DRY RUN on $(hostname): CPU stand-ins for the GPU commands (see the script's header)"
-note "plan (cap s): wheels 15, build 120, selfcheck 60, micro 100, bench 100, generate 20, tests 150 (held back; sanitizer 3x60 beside it), pipeline 240 (60 held for the breakdown), breakdown 90; not by default: pipeline2 420, pipeline3 420 (STAGES=); deadline ${DDIM_FAST_CHECK_DEADLINE:-470}s"
+note "plan (cap s): wheels 15, build 120, selfcheck 60, micro 100, bench 100, generate 20, tests 150 (held back; sanitizer 3x60 beside it), pipeline 240 (45 held for the breakdown), breakdown 90; not by default: pipeline2 420, pipeline3 420 (STAGES=); deadline ${DDIM_FAST_CHECK_DEADLINE:-470}s"
 # The stages before the tests leave the tests' cap untouched (when the tests run at all).
 if [ -z "${STAGES:-}" ] || [[ ",$STAGES," == *",tests,"* ]]; then HOLD=$(cap tests 150); fi
 
@@ -443,7 +445,7 @@ pipeline_stage() {  # pipeline_stage KEY CAP OUTFILE -K-EXPRESSION WHAT
   return $rc
 }
 if want pipeline; then
-  wanted breakdown && { HOLD=$(cap breakdown_hold 60); HOLD_FOR="the breakdown"; }
+  wanted breakdown && { HOLD=$(cap breakdown_hold 45); HOLD_FOR="the breakdown"; }
   pipeline_stage pipeline 240 bench_pipeline.json "$PIPELINE_K" "SD1.5 512 px batch 1" || status=1
   HOLD=0
 fi
