@@ -202,7 +202,8 @@ def _bench(benchmark, request, setup: PipelineSetup, variant: str, group: str, r
     if path:
         write_partial(path, benchmark, dict(benchmark.extra_info))
     # Timed and recorded either way (agrees_with_plain says it): a disagreeing variant fails its test here.
-    assert run.agrees(), f"{variant}: latents differ from plain's by {run.rel_error:.2e} (tolerance {run.tolerance:.0e})"
+    assert run.agrees(), (f"{variant}: latents differ from plain's by {run.rel_error:.2e} "
+                          f"(tolerance {run.tolerance:.0e})")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -378,7 +378,8 @@ def pipeline_section(name: str, data: dict[str, Any], entries: list[dict[str, An
             agree = "" if x.get("agrees_with_plain", True) else " (DISAGREES)"
             lines.append(f"| {label} | `{x['variant']}` | {x['it_per_s']:.1f} | {x['ms_per_step']:.3f} | "
                          f"{'-' if first is None else f'{first:.1f} s'} | "
-                         f"{x.get('unet_ms_per_step', float('nan')):.3f} | {x.get('overhead_ms_per_step', float('nan')):.3f} | "
+                         f"{x.get('unet_ms_per_step', float('nan')):.3f} | "
+                         f"{x.get('overhead_ms_per_step', float('nan')):.3f} | "
                          f"{versus(e, base)} | {versus(e, best_peer)} | "
                          f"{'-' if err is None else f'{err:.1e}'}{agree} |")
             bars.append({"name": x["variant"], "seconds": x["ms_per_step"] / 1e3, "baseline": e is base,
@@ -417,7 +418,8 @@ def breakdown_section(name: str, data: dict[str, Any]) -> list[str]:
     variant."""
     cfg, variants = data.get("config", {}), data.get("variants", {})
     names = list(variants)
-    lines = [f"#### `{name}` — `python -m ddim_fast bench --breakdown`, {_hardware(data)}, {data.get('date', '?')}", "",
+    lines = [f"#### `{name}` — `python -m ddim_fast bench --breakdown`, {_hardware(data)}, "
+             f"{data.get('date', '?')}", "",
              f"{cfg.get('model')} {cfg.get('dtype')}, batch {cfg.get('batch')} (UNet batch {cfg.get('unet_batch')}), "
              f"latent {'x'.join(str(v) for v in cfg.get('latent', []))}: {cfg.get('source')}, {cfg.get('calls')} calls "
              "per variant, ms per UNet step.", "",

@@ -168,8 +168,8 @@ def prepare_step(setup: PipelineSetup, name: str) -> StepUnderTest:
         graphed = state.graphed.get("unet")
         captured = graphed is not None and on_cuda and graphed.eager_calls == 0 and len(graphed.cache) > 0
         proof = {"fused_attention_modules": state.fused_attention_count, "cuda_graph_captured": captured}
-        return StepUnderTest(name, call, captured, f"optimize(pipe{''.join(f', {k}={a!r}' for k, a in v.optimize_kwargs.items())})",
-                             [pipe], proof)
+        options = "".join(f", {k}={a!r}" for k, a in v.optimize_kwargs.items())
+        return StepUnderTest(name, call, captured, f"optimize(pipe{options})", [pipe], proof)
     if v.kind == "compile":
         # Its own copy (Dynamo guards on the module; nothing else may touch it) and no Dynamo reset: a reset would
         # drop the compiled code of a compile variant prepared before this one.
@@ -353,7 +353,8 @@ def format_breakdown(report: dict[str, Any]) -> str:
         lines.append(f"{kind:<18}" + "".join(f"{variants[n]['kinds_ms'][kind]:>{width + 2}.3f}" for n in names))
     lines.append(f"{total:<18}" + "".join(f"{variants[n]['kernel_ms']:>{width + 2}.3f}" for n in names))
     lines.append(f"{'wall per call':<18}" + "".join(f"{variants[n]['wall_ms']:>{width + 2}.3f}" for n in names))
-    lines.append(f"{'graphed':<18}" + "".join(f"{'yes' if variants[n]['graphed'] else 'no':>{width + 2}}" for n in names))
+    lines.append(f"{'graphed':<18}"
+                 + "".join(f"{'yes' if variants[n]['graphed'] else 'no':>{width + 2}}" for n in names))
     for n in names:
         lines.append(f"{n}: {variants[n]['how']}; heaviest: " + "; ".join(
             f"{k['name'][:60]} {k['ms']:.3f} ms ({k['kind']})" for k in variants[n]["top"][:3]))

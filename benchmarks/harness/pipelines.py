@@ -98,8 +98,8 @@ PIPELINES = {
 class PipelineSetup:
     """One pipeline (random-weight UNet of ``unet_config``, DDIM with SD's schedule) and the inputs of its call:
     ``embeds`` (prompt embeddings, batch ``batch``), and ``unet_inputs`` / ``unet_kwargs``, what the pipeline's
-    UNet sees per step (the CFG batch of 2 x batch, the pipeline's own keywords). ``build_on_device``: the UNet's random weights are drawn on
-    ``device`` (seconds instead of a minute for SDXL's 2.6 B parameters on the CPU)."""
+    UNet sees per step (the CFG batch of 2 x batch, the pipeline's own keywords). ``build_on_device``: the UNet's
+    random weights are drawn on ``device`` (seconds instead of a minute for SDXL's 2.6 B parameters on the CPU)."""
 
     def __init__(self, name, device, dtype, unet_config, text_tokens, text_dim, resolution, steps, vae_blocks, *,
                  batch: int = 1, pooled_dim: int | None = None, build_on_device: bool = False):
