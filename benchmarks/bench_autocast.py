@@ -32,7 +32,7 @@ import torch
 
 from conftest import StepTimer, run_benchmark
 from ddim_fast import graphs
-from ddim_fast.tools.bench import OpCounter
+from harness.proofs import OpCounter
 
 LAYERS, WIDTH, BATCH = 4, 1024, 8
 GROUP = f"autocast weights cpu mlp {LAYERS}x{WIDTH} batch {BATCH} bf16"

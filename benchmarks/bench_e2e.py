@@ -10,14 +10,13 @@ Groups (the baseline of each is marked ``extra_info['baseline']``):
 * ``e2e cuda sd15-unet``: SD1.5-config UNet, fp16, 512x512, CFG 7.5, 50 steps — diffusers loop
   (baseline), FastDDIMSampler eager, + CUDA graph, + fused attention. Skipped without CUDA.
 
-Every loop proves what its name says before it is timed, with ``ddim_fast.tools.bench.Variant`` (the
-same proofs as ``python -m ddim_fast bench``): its first call runs under a dispatcher-level op counter
+Every loop proves what its name says before it is timed, with ``harness.loops.Variant`` (the same
+proofs as ``python -m ddim_fast bench``): its first call runs under a dispatcher-level op counter
 and a UNet forward counter — "fast" loops one ``torch.ops.ddim_fast`` step op per UNet forward,
-"+attn" a ddim_fast attention op for every attention module of every forward and no SDPA/softmax
-(``FusedAttnProcessor(backend="fused")`` on every module of a diffusers UNet: our kernel, pinned, whatever the
-measured "auto" choice would pick), "+graph" only captured CUDA graphs — and
-every timed call is checked again (forwards, graph replays per step). Its output is checked against
-the baseline's.
+"+attn" a ddim_fast attention op for every attention module ``optimize()`` fuses of every forward and no
+SDPA/softmax there (the product's ``fuse_attention`` pinned to ``backend="fused"``), "+graph" only
+captured CUDA graphs — and every timed call is checked again (forwards, graph replays per step). Its
+output is checked against the baseline's.
 
     pytest benchmarks/bench_e2e.py --benchmark-only
 """
@@ -34,8 +33,10 @@ if not torch.cuda.is_available():
 
 from conftest import benchmark_spread, record_result  # noqa: E402
 from ddim_fast import reference  # noqa: E402
-from ddim_fast.tools import bench, info, profiler  # noqa: E402
+from ddim_fast.tools import info, problems, profiler  # noqa: E402
 from ddim_fast.tools.figures import relative_spread  # noqa: E402
+from ddim_fast.tools.timing import synchronize  # noqa: E402
+from harness import loops  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -43,7 +44,7 @@ CPU_STEPS = 10
 GPU_STEPS = 50
 
 
-def _extra(benchmark, problem: bench.Problem, baseline: bool = False) -> None:
+def _extra(benchmark, problem: problems.Problem, baseline: bool = False) -> None:
     benchmark.extra_info.update({
         "hardware": info.hardware_name(problem.device),
         "steps": problem.steps,
@@ -59,7 +60,7 @@ def _time(benchmark, fn, device: torch.device, rounds: int | None = None):
     a whole sampling run of tens of ms to seconds, the device synchronised at its end)."""
     def run():
         out = fn()
-        bench.synchronize(device)
+        synchronize(device)
         return out
 
     if rounds is None:
@@ -75,21 +76,21 @@ def _time(benchmark, fn, device: torch.device, rounds: int | None = None):
 @pytest.fixture(scope="module")
 def tiny_problem():
     pytest.importorskip("diffusers")
-    problem = bench.unet_problem("tiny-unet", torch.device("cpu"), torch.float32, batch=1, steps=CPU_STEPS,
+    problem = problems.unet_problem("tiny-unet", torch.device("cpu"), torch.float32, batch=1, steps=CPU_STEPS,
                                  guidance=7.5)
-    problem.extra["expected"] = bench.diffusers_loop(problem)
+    problem.extra["expected"] = loops.diffusers_loop(problem)
     problem.extra["baseline"] = "diffusers"
     return problem
 
 
-def _variant(problem: bench.Problem, loop: str) -> bench.Variant:
-    variant = bench.Variant.build(problem, loop)
+def _variant(problem: problems.Problem, loop: str) -> loops.Variant:
+    variant = loops.Variant.build(problem, loop)
     if isinstance(variant, str):
         pytest.skip(f"{loop}: {variant}")
     return variant
 
 
-def _proven(benchmark, problem: bench.Problem, loop: str, tolerance: float, rounds: int | None = None) -> None:
+def _proven(benchmark, problem: problems.Problem, loop: str, tolerance: float, rounds: int | None = None) -> None:
     """Build the loop, prove it (first call), check its output, time it (each timed call checked too)."""
     variant = _variant(problem, loop)
     try:
@@ -103,7 +104,7 @@ def _proven(benchmark, problem: bench.Problem, loop: str, tolerance: float, roun
         _time(benchmark, variant, problem.device, rounds=rounds)
         per_call, spread = benchmark.stats.stats.median, benchmark_spread(benchmark)
         if problem.device.type == "cuda":  # the figure to read on a GPU: CUDA events around the whole run
-            times = bench.time_call(variant, problem.device, rounds or 3, warmup=0)
+            times = loops.time_call(variant, problem.device, rounds or 3, warmup=0)
             benchmark.extra_info["seconds_cuda_events"] = sorted(times)[len(times) // 2]
             benchmark.extra_info["it_per_s_cuda_events"] = problem.steps / benchmark.extra_info["seconds_cuda_events"]
             per_call, spread = benchmark.extra_info["seconds_cuda_events"], relative_spread(times)
@@ -121,7 +122,7 @@ def _proven(benchmark, problem: bench.Problem, loop: str, tolerance: float, roun
 @pytest.mark.benchmark(group="e2e cpu tiny-unet")
 @pytest.mark.parametrize("loop", ["diffusers", "reference", "fast", "fast+attn"])
 def test_e2e_cpu_tiny_unet(benchmark, tiny_problem, loop):
-    _proven(benchmark, tiny_problem, loop, bench.RUN_TOLERANCES[torch.float32])
+    _proven(benchmark, tiny_problem, loop, loops.RUN_TOLERANCES[torch.float32])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -132,7 +133,7 @@ def test_e2e_cpu_tiny_unet(benchmark, tiny_problem, loop):
 @pytest.fixture(scope="module")
 def embedded_problem():
     problem = profiler.embedded_problem(torch.device("cpu"), torch.float32, batch=8, steps=50, guidance=3.0)
-    problem.extra["expected"] = bench.reference_loop(problem)
+    problem.extra["expected"] = problems.reference_loop(problem)
     problem.extra["baseline"] = "reference"
     return problem
 
@@ -140,7 +141,7 @@ def embedded_problem():
 @pytest.mark.benchmark(group="e2e cpu embedded")
 @pytest.mark.parametrize("loop", ["reference", "fast"])
 def test_e2e_cpu_embedded(benchmark, embedded_problem, loop):
-    _proven(benchmark, embedded_problem, loop, bench.RUN_TOLERANCES[torch.float32])
+    _proven(benchmark, embedded_problem, loop, loops.RUN_TOLERANCES[torch.float32])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,9 +152,9 @@ def test_e2e_cpu_embedded(benchmark, embedded_problem, loop):
 @pytest.fixture(scope="module")
 def sd15_problem():
     pytest.importorskip("diffusers")
-    problem = bench.unet_problem("sd15-unet", torch.device("cuda"), torch.float16, batch=1, steps=GPU_STEPS,
+    problem = problems.unet_problem("sd15-unet", torch.device("cuda"), torch.float16, batch=1, steps=GPU_STEPS,
                                  guidance=7.5, resolution=512)
-    problem.extra["expected"] = bench.diffusers_loop(problem)
+    problem.extra["expected"] = loops.diffusers_loop(problem)
     problem.extra["baseline"] = "diffusers"
     return problem
 
@@ -163,4 +164,4 @@ def sd15_problem():
 @pytest.mark.parametrize("loop", ["diffusers", "fast", "fast+graph", "fast+attn"])
 def test_e2e_cuda_sd15(benchmark, sd15_problem, loop):
     # fast+attn on the GPU is graph-captured too; its proof checks both.
-    _proven(benchmark, sd15_problem, loop, bench.RUN_TOLERANCES[torch.float16], rounds=3)
+    _proven(benchmark, sd15_problem, loop, loops.RUN_TOLERANCES[torch.float16], rounds=3)

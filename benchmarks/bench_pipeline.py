@@ -1,36 +1,48 @@
-"""A diffusers pipeline's own ``pipe(...)`` call, timed plain, after ``ddim_fast.optimize(pipe)`` and with
-``torch.compile(pipe.unet)`` for reference (pytest-benchmark).
+"""A diffusers pipeline's own ``pipe(...)`` call, timed in every variant a diffusers user could pick, side by side
+in one run and one table (pytest-benchmark): ``plain``, ``compile-default``, ``compile-reduce-overhead``,
+``diffusers-recipe`` (UNet in channels_last + ``fuse_qkv_projections()`` + ``torch.compile(mode=
+"reduce-overhead", fullgraph=True)``), ``optimize`` and its parts (``optimize-no-attention``,
+``optimize-no-graph``, and ``optimize-no-channels-last`` / ``optimize-compile`` where ``optimize`` has those
+options). The variants, and how each proves what it ran, are ``harness.pipelines``'s.
 
-Groups (baseline: ``plain``):
+Groups (baseline: ``plain``; the peers: ``compile-reduce-overhead`` and ``diffusers-recipe``):
 
-* ``pipeline cpu tiny-sd``: a StableDiffusionPipeline with tiny random-weight components (UNet (32, 64), CPU,
-  fp32, 1 torch thread, 32 px, CFG 7.5, 10 steps, output_type="latent"). On the CPU the graph path runs
-  eagerly over static buffers, so this row shows what optimize costs or saves without a GPU (the fused step
-  and attention, the static-buffer copies). The torch.compile entry is skipped with CI=1 (inductor needs
-  minutes to compile on two cores).
-* ``pipeline cuda sd15 fp16 512px``: the SD1.5-config pipeline (SD1.5's UNet with random weights, fp16,
-  512 x 512, CFG 7.5, 50 steps, batch 1, output_type="latent"); torch.compile in diffusers' recommended
-  ``mode="reduce-overhead", fullgraph=True``. Skipped without CUDA. Goal: optimize >= 1.3x plain's it/s.
+* ``pipeline cpu tiny-sd``: a StableDiffusionPipeline with tiny random-weight components (CPU, fp32, 1 torch
+  thread, 32 px, CFG 7.5, 10 steps, output_type="latent"): what optimize costs or saves without a GPU. The
+  compiling variants skip with CI=1 (Inductor needs minutes on two cores).
+* ``pipeline cuda sd15 ... b1`` / ``b4``: SD1.5's UNet config with random weights, fp16, 512 x 512, CFG 7.5, 50
+  DDIM steps, batch 1 / 4; ``pipeline cuda sdxl ... b1``: SDXL base's UNet config, fp16, 1024 x 1024, batch 1
+  (``StableDiffusionXLPipeline`` with prompt and pooled embeddings). Skipped without CUDA.
 
-``DDIM_FAST_BENCH_NO_COMPILE=1`` skips the torch.compile entries (compiling SD1.5's UNet takes a minute or two
-of a time-boxed device run).
+Per entry (``extra_info``, read by scripts: keep the keys): ``variant``, ``hardware``, ``it_per_s``,
+``ms_per_step``, ``first_call_s`` (the wall time of the variant's first ``pipe(...)`` in this process, after the
+entries before it: compiles, CUDA-graph captures and optimize's attention measurements happen there; Inductor's
+on-disk caches are as earlier entries left them), ``unet_ms_per_step`` (the UNet alone as the variant left it)
+and ``overhead_ms_per_step`` (the rest: scheduler, guidance, the pipeline's Python), ``rel_error_vs_plain`` /
+``agrees_with_plain`` / ``tolerance`` (final latents against plain's: fp32 1e-5, fp16 1e-2), the proof's
+counts, and the pipeline's settings and versions. A variant whose proof fails fails its test before it is timed;
+one whose latents disagree with plain's is timed and recorded (``agrees_with_plain: false``), then fails its test.
 
-Every entry proves what it ran before it is timed (plain: diffusers' scheduler and processors, eager
-forward; optimize: fused scheduler, attention modules on ``FusedAttnProcessor`` counted and the backend each
-attention shape ran (``attention_backends``: our kernel or an SDPA backend, from
-``ddim_fast.attention.attention_choices()``), every UNet call through the graph path, captured on CUDA;
-compile: an OptimizedModule with at least one Dynamo frame compiled) and checks its
-latents against plain's (fp32: 1e-5 relative, fp16: 1e-2). Per entry: it/s, ms per step, the UNet's own time
-per step under the same variant, and the model-free overhead per step (the difference: scheduler, guidance,
-the pipeline's Python). The ratios to plain are printed at the end with the hardware named.
+``DDIM_FAST_PIPELINE_JSON=FILE`` also writes every entry, as it finishes, to FILE in pytest-benchmark's JSON
+layout (what ``benchmarks/report.py`` reads): a run cut short keeps the entries it finished.
+``DDIM_FAST_BENCH_NO_COMPILE=1`` skips the compiling variants.
 
-    pytest benchmarks/bench_pipeline.py --benchmark-only
+    pytest benchmarks/bench_pipeline.py --benchmark-only                        # everything this machine runs
+    pytest benchmarks/bench_pipeline.py --benchmark-only -k "cuda and sd15-b1"  # one GPU group
+
+benchmarks/gpu_check.sh runs the GPU groups in stages (``pipeline``: sd15-b1 without the two slowest compiling
+parts; ``pipeline2``: those and sd15-b4; ``pipeline3``: sdxl-b1), each fitting one device run.
 """
 
 from __future__ import annotations
 
+import datetime
+import gc
+import json
 import os
+import platform
 import statistics
+import subprocess
 import time
 
 import pytest
@@ -39,112 +51,83 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
-import ddim_fast  # noqa: E402
-from conftest import IN_CI, hardware_name, requires_cuda, versions  # noqa: E402
-from ddim_fast.reference import relative_error  # noqa: E402
+from conftest import IN_CI, cpu_model, hardware_name, requires_cuda, versions  # noqa: E402
 
 diffusers = pytest.importorskip("diffusers")
 
-from ddim_fast.tools.bench import SD15_UNET_CONFIG, SD_SCHEDULER_CONFIG  # noqa: E402
+import ddim_fast  # noqa: E402
+from ddim_fast.reference import relative_error  # noqa: E402
+from harness.pipelines import (GUIDANCE, PIPELINES, TABLE_VARIANTS, TOLERANCES, VARIANTS, PipelineRun,  # noqa: E402
+                               PipelineSetup, skip_reason)
 
-VARIANTS = ("plain", "optimize", "torch.compile")
-GUIDANCE = 7.5
-TOLERANCES = {torch.float32: 1e-5, torch.float16: 1e-2}
-
-TINY_UNET_CONFIG = dict(
-    sample_size=16, in_channels=4, out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(32, 64), layers_per_block=1,
-    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
-
-
-class Setup:
-    """One pipeline and the inputs of its call; ``unet_inputs`` are what the pipeline's UNet sees per step."""
-
-    def __init__(self, name, device, dtype, unet_config, text_tokens, text_dim, resolution, steps, vae_blocks):
-        self.name, self.device, self.dtype, self.steps, self.resolution = name, torch.device(device), dtype, steps, \
-            resolution
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            unet = diffusers.UNet2DConditionModel(**unet_config)
-            # Never decoded (output_type="latent"): the VAE only sets vae_scale_factor, so it is made small.
-            vae = diffusers.AutoencoderKL(block_out_channels=(32,) * vae_blocks, latent_channels=4, norm_num_groups=8,
-                                          down_block_types=("DownEncoderBlock2D",) * vae_blocks,
-                                          up_block_types=("UpDecoderBlock2D",) * vae_blocks)
-        self.pipe = diffusers.StableDiffusionPipeline(
-            vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=diffusers.DDIMScheduler(**SD_SCHEDULER_CONFIG),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        verbosity = diffusers.utils.logging.get_verbosity()
-        diffusers.utils.logging.set_verbosity_error()  # the .to(dtype) of config-built models warns
-        try:
-            self.pipe.to(device=self.device, dtype=dtype)
-        finally:
-            diffusers.utils.logging.set_verbosity(verbosity)
-        self.pipe.unet.eval().requires_grad_(False)
-        self.pipe.set_progress_bar_config(disable=True)
-        gen = torch.Generator().manual_seed(1)
-        self.embeds = {key: torch.randn(1, text_tokens, text_dim, generator=gen).to(self.device, dtype)
-                       for key in ("prompt_embeds", "negative_prompt_embeds")}
-        latent = resolution // 2 ** (vae_blocks - 1)
-        self.unet_inputs = (torch.randn(2, 4, latent, latent, generator=gen).to(self.device, dtype),
-                            torch.tensor(500, device=self.device),
-                            torch.cat([self.embeds["negative_prompt_embeds"], self.embeds["prompt_embeds"]]))
-        self.original_unet = self.pipe.unet
-        self.expected = None
-
-    def synchronize(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    @torch.no_grad()
-    def run(self) -> torch.Tensor:
-        out = self.pipe(**self.embeds, height=self.resolution, width=self.resolution, num_inference_steps=self.steps,
-                        guidance_scale=GUIDANCE, generator=torch.Generator(self.device).manual_seed(0),
-                        output_type="latent").images
-        self.synchronize()
-        return out
-
-    @torch.no_grad()
-    def unet_seconds_per_step(self, repeats: int = 5) -> float:
-        """The pipeline's UNet (as the variant left it) alone: median over `repeats` of ``steps`` calls on the
-        step's inputs (the same statistic as the pipeline's median, so the difference is the overhead)."""
-        x, t, cond = self.unet_inputs
-        self.pipe.unet(x, t, encoder_hidden_states=cond)
-        samples = []
-        for _ in range(repeats):
-            self.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(self.steps):
-                self.pipe.unet(x, t, encoder_hidden_states=cond)
-            self.synchronize()
-            samples.append((time.perf_counter() - t0) / self.steps)
-        return sorted(samples)[len(samples) // 2]
+Setup = PipelineSetup  # one pipeline and its inputs (the name the CPU groups use)
+PEERS = ("compile-reduce-overhead", "diffusers-recipe")  # what issue 18 measures optimize against
+# (pipeline, batch) of the GPU groups; ids "sd15-b1" ... ("-k sd15-b1" selects one)
+CUDA_CONFIGS = (("sd15", 1), ("sd15", 4), ("sdxl", 1))
+# Issue 18's goals, printed against the measured ratios (never asserted: timing belongs to the numbers).
+GOALS = {"sd15": {"peer": 1.3, "plain": 3.5, "first_call_s": 10.0}, "sdxl": {"peer": 1.2}}
 
 
 RESULTS: list[dict] = []
 
 
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def summary_lines(rows: list[dict]) -> list[str]:
+    """Per group: every entry's it/s, first call, UNet-alone time, overhead, ratio to plain and to the best peer,
+    agreement with plain; then issue 18's goals against the measured ratios."""
+    lines = []
+    for group in dict.fromkeys(r["group"] for r in rows):
+        entries = [r for r in rows if r["group"] == group]
+        base = next((r for r in entries if r["variant"] == "plain"), None)
+        peers = [r for r in entries if r["variant"] in PEERS]
+        best_peer = min(peers, key=lambda r: r["ms_per_step"]) if peers else None
+        lines.append(f"[{group}] on {entries[0]['hardware']}")
+        if "vs_plain_wall" in entries[0]:  # the interleaved CPU group: medians, and ratios with their noise
+            lines += [f"  {r['variant']:<26} {r['ms_per_step']:8.3f} ms/step wall, {r['cpu_ms_per_step']:8.3f} ms/step "
+                      f"CPU  vs plain: wall {r['vs_plain_wall']}; CPU {r['vs_plain_cpu']}" for r in entries]
+            continue
+        for r in entries:
+            parts = [f"  {r['variant']:<26} {r['it_per_s']:8.2f} it/s {r['ms_per_step']:9.3f} ms/step",
+                     f"first call {r['first_call_s']:7.2f} s", f"UNet alone {r['unet_ms_per_step']:8.3f} ms",
+                     f"overhead {r['overhead_ms_per_step']:7.3f} ms/step"]
+            if base is not None:
+                parts.append(f"{_ratio(base['ms_per_step'], r['ms_per_step']):5.2f}x plain")
+            if best_peer is not None:
+                parts.append(f"{_ratio(best_peer['ms_per_step'], r['ms_per_step']):5.2f}x {best_peer['variant']}")
+            parts.append(f"rel. error vs plain {r['rel_error_vs_plain']:.1e}")
+            lines.append("  ".join(parts))
+        optimize = next((r for r in entries if r["variant"] == "optimize"), None)
+        goals = GOALS.get(entries[0]["pipeline"], {})
+        if optimize is not None and goals:
+            checks = []
+            if best_peer is not None and "peer" in goals:
+                value = _ratio(best_peer["ms_per_step"], optimize["ms_per_step"])
+                checks.append(f"optimize >= {goals['peer']}x {best_peer['variant']}: {value:.2f} "
+                              f"{'MET' if value >= goals['peer'] else 'not met'}")
+            if base is not None and "plain" in goals:
+                value = _ratio(base["ms_per_step"], optimize["ms_per_step"])
+                checks.append(f"optimize >= {goals['plain']}x plain: {value:.2f} "
+                              f"{'MET' if value >= goals['plain'] else 'not met'}")
+            if "first_call_s" in goals:
+                value = optimize["first_call_s"]
+                checks.append(f"optimize's first call <= {goals['first_call_s']:.0f} s: {value:.1f} s "
+                              f"{'MET' if value <= goals['first_call_s'] else 'not met'}")
+            lines += [f"  goal {c}" for c in checks]
+    return lines
+
+
 class _Summary:
-    """Prints each group's entries with their ratio to ``plain`` after the run (registered by the first test)."""
+    """Prints each group's table after the run (registered by the first test)."""
 
     def pytest_terminal_summary(self, terminalreporter):
-        if not RESULTS:
-            return
-        tr = terminalreporter
-        tr.section("ddim-fast pipeline benchmarks: pipe(...) per step, ratios to plain")
-        for group in dict.fromkeys(r["group"] for r in RESULTS):
-            rows = [r for r in RESULTS if r["group"] == group]
-            base = next((r for r in rows if r["variant"] == "plain"), None)
-            tr.write_line(f"[{group}] on {rows[0]['hardware']}")
-            if "vs_plain_wall" in rows[0]:  # the interleaved CPU group: medians, and ratios with their noise
-                for r in rows:
-                    tr.write_line(f"  {r['variant']:<18} {r['ms_per_step']:8.3f} ms/step wall, {r['cpu_ms_per_step']:8.3f} "
-                                  f"ms/step CPU  vs plain: wall {r['vs_plain_wall']}; CPU {r['vs_plain_cpu']}")
-                continue
-            for r in rows:
-                ratio = f"{base['ms_per_step'] / r['ms_per_step']:5.2f}x plain's it/s" if base else ""
-                tr.write_line(f"  {r['variant']:<14} {r['it_per_s']:8.1f} it/s  {r['ms_per_step']:8.3f} ms/step  "
-                              f"UNet alone {r['unet_ms_per_step']:8.3f} ms  overhead {r['overhead_ms_per_step']:7.3f} "
-                              f"ms/step  {ratio}")
+        if RESULTS:
+            terminalreporter.section("ddim-fast pipeline benchmarks: pipe(...) per step, ratios to plain and to the "
+                                     "best compiled peer")
+            for line in summary_lines(RESULTS):
+                terminalreporter.write_line(line)
 
 
 def _register_summary(config):
@@ -152,94 +135,83 @@ def _register_summary(config):
         config.pluginmanager.register(_Summary(), "ddim-fast-pipeline-summary")
 
 
-def _prepare(setup: Setup, variant: str) -> dict:
-    """Puts the pipeline in the variant's state and returns what proves it."""
-    pipe = setup.pipe
-    if ddim_fast.optimized_state(pipe) is not None:
-        ddim_fast.restore(pipe)
-    pipe.unet = setup.original_unet
-    if variant == "plain":
-        assert type(pipe.scheduler) is diffusers.DDIMScheduler and "forward" not in pipe.unet.__dict__
-        return {"scheduler": type(pipe.scheduler).__name__,
-                "attn_processors": sorted({type(p).__name__ for p in pipe.unet.attn_processors.values()})}
-    if variant == "optimize":
-        ddim_fast.attention.clear_attention_choices()  # the proof lists what this run chose
-        ddim_fast.optimize(pipe)
-        state = ddim_fast.optimized_state(pipe)
-        return {"scheduler": type(pipe.scheduler).__name__, "fused_attention_modules": state.fused_attention_count}
-    if os.environ.get("DDIM_FAST_BENCH_NO_COMPILE"):
-        pytest.skip("DDIM_FAST_BENCH_NO_COMPILE is set")
-    if setup.device.type == "cpu" and IN_CI:
-        pytest.skip("torch.compile on the CPU compiles for minutes on two cores; run without CI=1")
-    torch._dynamo.reset()
-    kwargs = {"mode": "reduce-overhead", "fullgraph": True} if setup.device.type == "cuda" else {}
-    pipe.unet = torch.compile(setup.original_unet, **kwargs)
-    return {"scheduler": type(pipe.scheduler).__name__, "compile_options": kwargs}
+# --------------------------------------------------------------------------------------------------
+# The results file written as entries finish (DDIM_FAST_PIPELINE_JSON)
+# --------------------------------------------------------------------------------------------------
+
+_PARTIAL: list[dict] = []
 
 
-def _check_ran(setup: Setup, variant: str, proof: dict) -> None:
-    pipe = setup.pipe
-    if variant == "optimize":
-        state = ddim_fast.optimized_state(pipe)
-        graphed = state.graphed["unet"]
-        proof["choices"] = {k: str(v) for k, v in state.choices["unet"].items()}
-        assert proof["scheduler"] == "FastDDIMScheduler"
-        if setup.device.type != "cuda":
-            _check_cpu_defaults(state)
-            return
-        assert graphed.eager_calls == 0 and graphed.cache.misses >= 1, "optimize: UNet calls passed through"
-        captured = [graphed.cache.get(key).captured for key in graphed.cache.keys()]
-        assert proof["fused_attention_modules"] > 0
-        assert all(captured), "optimize: the UNet was not captured into a CUDA graph (see the warning logged)"
-        proof["cuda_graph_entries"] = len(captured)
-        proof["cuda_graph_captured"] = all(captured)
-        # What the fused processors ran, per attention shape of the UNet (chosen per shape: our kernel or SDPA).
-        choices = ddim_fast.attention.attention_choices()
-        assert choices, "optimize: no attention call went through FusedAttnProcessor"
-        proof["attention_backends"] = {f"{c['dtype']} q{c['q']} k{c['k']}": f"{c['backend']} ({c['source']})"
-                                       for c in choices}
-    elif variant == "torch.compile":
-        from torch._dynamo.eval_frame import OptimizedModule
-        from torch._dynamo.utils import counters
-
-        frames = sum(counters["frames"].values()) if "frames" in counters else 0
-        assert isinstance(pipe.unet, OptimizedModule) and counters["stats"]["unique_graphs"] >= 1, \
-            "torch.compile: nothing was compiled"
-        proof["dynamo_unique_graphs"] = int(counters["stats"]["unique_graphs"])
-        proof["dynamo_frames"] = int(frames)
-
-
-def _bench(benchmark, request, setup: Setup, variant: str, group: str, rounds: int):
-    _register_summary(request.config)
-    proof = _prepare(setup, variant)
+def _commit() -> dict:
     try:
-        out = setup.run()  # also the warm-up: captures, compiles
-        _check_ran(setup, variant, proof)
-        if variant == "plain":
-            setup.expected = out
-        elif setup.expected is not None:
-            err = relative_error(out, setup.expected)
-            assert err <= TOLERANCES[setup.dtype], f"{variant}: latents differ from plain's by {err:.2e}"
-            proof["rel_error_vs_plain"] = err
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=10)
+        return {"id": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())} if head.returncode == 0 else {}
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
+def write_partial(path: str, benchmark, extra: dict) -> None:
+    """Appends this entry to ``path`` (rewritten whole, then renamed: a cut never leaves half a file), in
+    pytest-benchmark's layout: machine_info, commit_info, datetime, benchmarks[{group, name, stats, extra_info}]."""
+    stats = benchmark.stats.stats
+    keys = ("min", "max", "mean", "stddev", "median", "iqr", "q1", "q3", "rounds", "ops")
+    _PARTIAL.append({"group": benchmark.group, "name": benchmark.name, "fullname": benchmark.fullname,
+                     "params": benchmark.params, "stats": {k: getattr(stats, k) for k in keys},
+                     "extra_info": extra})
+    data = {"machine_info": {"node": platform.node(), "cpu": {"brand_raw": cpu_model()},
+                             "python_version": platform.python_version(),
+                             "note": "written by benchmarks/bench_pipeline.py as each entry finished"},
+            "commit_info": _commit(), "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "version": "ddim-fast bench_pipeline", "benchmarks": _PARTIAL}
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# One entry
+# --------------------------------------------------------------------------------------------------
+
+
+def _bench(benchmark, request, setup: PipelineSetup, variant: str, group: str, rounds: int):
+    """Prepare the variant, prove it (first call), check its latents against plain's, time it, record it."""
+    _register_summary(request.config)
+    reason = skip_reason(VARIANTS[variant], setup.device)
+    if reason:
+        pytest.skip(f"{variant}: {reason}")
+    run = PipelineRun(setup, variant)
+    try:
+        run.prepare()
+        run.first_call()
         benchmark.group = group
-        benchmark.pedantic(setup.run, rounds=rounds, iterations=1, warmup_rounds=1)
+        benchmark.pedantic(run.run, rounds=rounds, iterations=1, warmup_rounds=1)
+        run.finish()
         seconds = benchmark.stats.stats.median
         unet = setup.unet_seconds_per_step()
     finally:
-        if ddim_fast.optimized_state(setup.pipe) is not None:
-            ddim_fast.restore(setup.pipe)
-        setup.pipe.unet = setup.original_unet
+        run.close()
     per_step = seconds / setup.steps
-    row = {"group": group, "variant": variant, "hardware": hardware_name(setup.device),
-           "it_per_s": setup.steps / seconds, "ms_per_step": per_step * 1e3, "unet_ms_per_step": unet * 1e3,
-           "overhead_ms_per_step": (per_step - unet) * 1e3}
+    row = {"group": group, "variant": variant, "pipeline": setup.name, "hardware": hardware_name(setup.device),
+           "it_per_s": setup.steps / seconds, "ms_per_step": per_step * 1e3, "first_call_s": run.first_call_s,
+           "unet_ms_per_step": unet * 1e3, "overhead_ms_per_step": (per_step - unet) * 1e3,
+           "rel_error_vs_plain": run.rel_error, "agrees_with_plain": run.agrees(), "tolerance": run.tolerance}
     RESULTS.append(row)
     benchmark.extra_info.update({
         **{k: v for k, v in row.items() if k != "group"}, **{f"{k}_version": v for k, v in versions().items()},
-        "diffusers_version": diffusers.__version__, "pipeline": setup.name, "steps": setup.steps,
-        "resolution": setup.resolution, "dtype": str(setup.dtype).replace("torch.", ""), "guidance": GUIDANCE,
-        "batch": 1, "torch_threads": torch.get_num_threads(), "baseline": variant == "plain", **proof,
+        "diffusers_version": diffusers.__version__, "steps": setup.steps, "resolution": setup.resolution,
+        "dtype": str(setup.dtype).replace("torch.", ""), "guidance": GUIDANCE, "batch": setup.batch,
+        "torch_threads": torch.get_num_threads(), "baseline": variant == "plain", "peer": variant in PEERS,
+        **run.proof,
     })
+    path = os.environ.get("DDIM_FAST_PIPELINE_JSON")
+    if path:
+        write_partial(path, benchmark, dict(benchmark.extra_info))
+    # Timed and recorded either way (agrees_with_plain says it): a disagreeing variant fails its test here.
+    assert run.agrees(), (f"{variant}: latents differ from plain's by {run.rel_error:.2e} "
+                          f"(tolerance {run.tolerance:.0e})")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,12 +223,11 @@ def _bench(benchmark, request, setup: Setup, variant: str, group: str, rounds: i
 def tiny_setup():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the project's CPU convention: one thread, comparable across loaded machines
-    yield Setup("tiny-sd", "cpu", torch.float32, TINY_UNET_CONFIG, text_tokens=8, text_dim=32, resolution=32,
-                steps=10, vae_blocks=2)
+    yield PipelineSetup.from_name("tiny-sd", "cpu", torch.float32, steps=10)
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", TABLE_VARIANTS)
 def test_pipeline_cpu_tiny(benchmark, request, tiny_setup, variant):
     _bench(benchmark, request, tiny_setup, variant, "pipeline cpu tiny-sd fp32 32px cfg7.5 10 steps",
            rounds=5 if IN_CI else 15)
@@ -353,17 +324,33 @@ def test_pipeline_cpu_tiny_optimize_vs_plain(benchmark, request, tiny_setup):
 
 
 # --------------------------------------------------------------------------------------------------
-# GPU: SD1.5-config pipeline, fp16, 512 px, CFG 7.5, 50 steps
+# GPU: SD1.5 512 px (batch 1 and 4) and SDXL 1024 px (batch 1), fp16, CFG 7.5, 50 steps
 # --------------------------------------------------------------------------------------------------
 
+_CUDA_SETUP: dict[str, PipelineSetup] = {}
 
-@pytest.fixture(scope="module")
-def sd15_setup():
-    return Setup("sd15", "cuda", torch.float16, SD15_UNET_CONFIG, text_tokens=77, text_dim=768, resolution=512,
-                 steps=50, vae_blocks=4)
+
+def _cuda_setup(config: str) -> PipelineSetup:
+    """One GPU pipeline at a time (SDXL's UNet and its copies take tens of GB): built on first use, the previous
+    one dropped."""
+    if config not in _CUDA_SETUP:
+        _CUDA_SETUP.clear()
+        gc.collect()
+        torch.cuda.empty_cache()
+        name, batch = config.rsplit("-b", 1)
+        _CUDA_SETUP[config] = PipelineSetup.from_name(name, "cuda", torch.float16, steps=50, batch=int(batch))
+    return _CUDA_SETUP[config]
+
+
+def _cuda_group(config: str) -> str:
+    name, batch = config.rsplit("-b", 1)
+    return f"pipeline cuda {name} fp16 {PIPELINES[name].resolution}px b{batch} cfg{GUIDANCE:g} 50 steps"
+
+
+CUDA_CASES = [(f"{name}-b{batch}", variant) for name, batch in CUDA_CONFIGS for variant in TABLE_VARIANTS]
 
 
 @requires_cuda
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_pipeline_cuda_sd15(benchmark, request, sd15_setup, variant):
-    _bench(benchmark, request, sd15_setup, variant, "pipeline cuda sd15 fp16 512px cfg7.5 50 steps", rounds=3)
+@pytest.mark.parametrize("config,variant", CUDA_CASES, ids=[f"{c}-{v}" for c, v in CUDA_CASES])
+def test_pipeline_cuda(benchmark, request, config, variant):
+    _bench(benchmark, request, _cuda_setup(config), variant, _cuda_group(config), rounds=3)

@@ -15,8 +15,7 @@
 #      autocast graph; ~90 s)
 #   4a python -m ddim_fast bench: SD1.5 UNet, fp16, 512 px, CFG 7.5,  100  bench_e2e.json
 #      50 steps: diffusers, fast, fast+graph, fast+attn (proven)
-#   4b benchmarks/bench_pipeline.py -k cuda, no compile (when present)  60  bench_pipeline.json
-#   4c python -m ddim_fast generate, 1 GPU (when the command exists)   20  generate.json
+#   4b python -m ddim_fast generate, 1 GPU (when the command exists)   20  generate.json
 #   5  the CUDA tests, pytest -n 16 --cuda-only --isolate (a test     150  tests.xml (JUnit)
 #      that may crash runs in a child process of its own), per-test timeout, plugin autoload off,
 #      one shared Triton cache, 1 CPU thread per worker; timeout --signal=INT (pytest still writes
@@ -24,21 +23,42 @@
 #   6  compute-sanitizer memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1)  3x60  logs.tar.gz:sanitizer_*.log
 #      on the native step tests and the softmax kernels, racecheck
 #      on the softmax block kernel (small shapes); runs BESIDE stage 5 (both functional: nothing is timed then)
-#   caps, serial: 15 + 120 + 60 + 100 + 100 + 60 + 20 + 150 = 625 s > the 470 s deadline on purpose. Measured on
-#   the H200 (2026-12-04): wheels 1, env ~5, build 18, micro ~40-90, bench 56, pipeline 48, generate 5 s.
+#   7  pipeline: benchmarks/bench_pipeline.py, SD1.5 512 px batch 1  240  bench_pipeline.json (entries written
+#      (fp16, CFG 7.5, 50 steps): plain, optimize, compile-reduce-         as they finish: a cut keeps them)
+#      overhead, diffusers-recipe, optimize-no-attention, optimize-no-graph (and optimize-no-channels-last
+#      where optimize has it), in that order; after the tests and the sanitizer: nothing else uses the GPU while
+#      it times
+#   8  breakdown: python -m ddim_fast bench --breakdown, SD1.5 UNet    90  logs.tar.gz:breakdown.json, table
+#      fp16 batch 1 (CFG batch 2): one graphed step of plain,                  in summary.txt
+#      channels-last, optimize, compile-reduce-overhead by kind of kernel (its compile reuses the Inductor
+#      caches stage 7 left)
+#   Not in the default run (their compiles do not fit beside the rest), each one call of its own:
+#   STAGES=pipeline2: SD1.5 512 px batch 1 compile-default and        420  bench_pipeline2.json
+#      optimize-compile, and every variant at batch 4
+#   STAGES=pipeline3: SDXL 1024 px batch 1 (UNet config, random       420  bench_pipeline3.json
+#      weights), every variant
+#   caps, serial: 15 + 120 + 60 + 100 + 100 + 20 + 150 + 240 + 90 = 895 s > the 470 s deadline on purpose.
+#   Measured on the H200 (2026-12-04): wheels 1, env ~5, build 18, micro ~40-90, bench 56, generate 5 s;
+#   expected (not measured yet): tests ~60-90 s, pipeline ~170 s (two compiles of ~50 s each), breakdown ~40 s.
 # A global deadline (DDIM_FAST_CHECK_DEADLINE, default 470 s from the start) cuts every cap to what is left
 # (10 s are kept for the last packaging); a stage with under 10 s left is skipped and named in summary.txt.
 # The stages before the tests hold the tests' cap back (HOLD): they end by 470 - 10 - 150 = 310 s, so the
-# tests always get their whole 150 s (expected ~60-90 s: 16 workers, no crashes) and the run ends by 470 s.
+# tests always get their whole 150 s (expected ~60-90 s: 16 workers, no crashes); the pipeline stage holds 45 s
+# for the breakdown. The pipeline stage runs its rows in the order above (the parts last) and writes each as it
+# ends: what it finishes before its cut is in bench_pipeline.json either way.
 # $OUT receives at most 8 files, flat: summary.txt env.txt micro.json bench_e2e.json bench_pipeline.json
-# generate.json tests.xml logs.tar.gz. The script exits non-zero when a stage failed.
+# generate.json tests.xml logs.tar.gz (bench_pipeline2.json / bench_pipeline3.json in their own runs). The
+# script exits non-zero when a stage failed.
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh                 # on the GPU machine (see benchmarks/results/README.md)
+#   OUT=/some/dir STAGES=pipeline2 bash benchmarks/gpu_check.sh   # a later call: the rows the default run leaves
 #   DRY_RUN=1 OUT=/tmp/x bash benchmarks/gpu_check.sh          # on a CPU: the same stages, order, deadlines,
 #                                                              # packaging and file names, with quick CPU stand-ins
-# STAGES=micro,bench (any of micro bench pipeline generate tests sanitizer) runs only those after the build.
+# STAGES=micro,bench (any of micro bench generate tests sanitizer pipeline breakdown pipeline2 pipeline3) runs only
+# those after the build.
 # Dry-run knobs (for tests): CAP_<stage>=S overrides a stage's cap (stages: wheels build micro bench pipeline
-# generate tests sanitizer); DRY_RUN_SLOW=<stage> makes that stage's stand-in hang (it must be cut at its cap).
+# breakdown pipeline2 pipeline3 generate tests sanitizer); DRY_RUN_SLOW=<stage> makes that stage's stand-in hang
+# (it must be cut at its cap).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -56,8 +76,9 @@ deadline=$(( start + ${DDIM_FAST_CHECK_DEADLINE:-470} ))
 RESERVE=10
 MIN_STAGE=10
 HOLD=0  # seconds the running stage leaves to later stages (the tests' cap while stages before them run)
+HOLD_FOR="the tests"
 MAX_FILES=8
-EXPECTED_FILES="summary.txt env.txt micro.json bench_e2e.json bench_pipeline.json generate.json tests.xml logs.tar.gz"
+EXPECTED_FILES="summary.txt env.txt micro.json bench_e2e.json bench_pipeline.json bench_pipeline2.json bench_pipeline3.json generate.json tests.xml logs.tar.gz"
 export PYTHONUNBUFFERED=1
 # One Triton cache for every stage and process (micro, tests, their isolated children, sanitizer): a kernel
 # specialization compiled once on this machine loads from disk everywhere else.
@@ -68,9 +89,19 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 note() { echo "$*" | tee -a "$SUMMARY"; }
 elapsed() { echo $(( $(date +%s) - start )); }
 cap() { local var="CAP_$1"; echo "${!var:-$2}"; }  # cap STAGE DEFAULT (CAP_<stage> overrides, for tests)
-# STAGES=micro,bench,...: run only these of micro bench pipeline generate tests sanitizer (wheels, env and build
-# always run: a fresh machine needs them). Default: all.
-want() { [ -z "${STAGES:-}" ] && return 0; case ",$STAGES," in *",$1,"*) return 0 ;; esac; note "SKIP  $1 (not in STAGES=$STAGES)"; return 1; }
+# STAGES=micro,bench,...: run only these of micro bench generate tests sanitizer pipeline breakdown pipeline2
+# pipeline3 (wheels, env and build always run: a fresh machine needs them). Default: all but pipeline2 and
+# pipeline3 (OPT_IN: each is a device run of its own).
+OPT_IN=" pipeline2 pipeline3 "
+wanted() {  # silent
+  if [ -z "${STAGES:-}" ]; then
+    case "$OPT_IN" in *" $1 "*) return 1 ;; esac
+    return 0
+  fi
+  case ",$STAGES," in *",$1,"*) return 0 ;; esac
+  return 1
+}
+want() { wanted "$1" && return 0; [ -n "${STAGES:-}" ] && note "SKIP  $1 (not in STAGES=$STAGES)"; return 1; }
 
 pack() {  # every log into one tarball (the fetch limit is 8 files); refreshed after each stage
   local tmp="$LOGS.pack.$BASHPID.tgz"  # outside $OUT and per process: the sanitizer job packs too
@@ -108,7 +139,7 @@ stage() {
   if [ "${1:-}" = "--signal" ]; then sig=$2; shift 2; fi
   local left=$(( deadline - $(date +%s) - RESERVE - HOLD ))
   if [ "$left" -lt "$MIN_STAGE" ]; then
-    note "SKIP  $name (global deadline: ${left}s left$([ "$HOLD" -gt 0 ] && echo " after the ${HOLD}s held for the tests"))"
+    note "SKIP  $name (global deadline: ${left}s left$([ "$HOLD" -gt 0 ] && echo " after the ${HOLD}s held for $HOLD_FOR"))"
     status=1
     return 124
   fi
@@ -143,7 +174,7 @@ run_stage() {  # run_stage STAGE-KEY NAME DEFAULT-CAP LOG [--signal SIG] COMMAND
 }
 
 [ "$DRY_RUN" = "1" ] && note "DRY RUN on $(hostname): CPU stand-ins for the GPU commands (see the script's header)"
-note "plan (cap s): wheels 15, build 120, selfcheck 60, micro 100, bench 100, pipeline 60, generate 20, tests 150 (held back; sanitizer 3x60 beside it); deadline ${DDIM_FAST_CHECK_DEADLINE:-470}s"
+note "plan (cap s): wheels 15, build 120, selfcheck 60, micro 100, bench 100, generate 20, tests 150 (held back; sanitizer 3x60 beside it), pipeline 240 (45 held for the breakdown), breakdown 90; not by default: pipeline2 420, pipeline3 420 (STAGES=); deadline ${DDIM_FAST_CHECK_DEADLINE:-470}s"
 # The stages before the tests leave the tests' cap untouched (when the tests run at all).
 if [ -z "${STAGES:-}" ] || [[ ",$STAGES," == *",tests,"* ]]; then HOLD=$(cap tests 150); fi
 
@@ -258,34 +289,20 @@ fi
 sed -n '/^gpu_micro on/,$p' "$LOGS/micro.log" | grep -E "^(copy ceiling|goal|ERROR|sections)" | tee -a "$SUMMARY"
 
 # 4a. the end-to-end bench --------------------------------------------------------------------------------
+# On the CPU stand-ins one torch thread: two cores shared with other jobs make OpenMP's spinning threads 10-30x
+# slower than one thread.
+CPU_THREADS=
+[ "$DRY_RUN" = "1" ] && CPU_THREADS="--threads 1"
 if [ "$DRY_RUN" = "1" ]; then
   BENCH_ARGS="--model tiny-unet --dtype fp32 --guidance 7.5 --steps 2 --batch 1 --repeats 1 --device cpu"
 else
   BENCH_ARGS="--model sd15-unet --dtype fp16 --resolution 512 --guidance 7.5 --steps 50 --batch 1 --repeats 2"
 fi
 want bench && run_stage bench "python -m ddim_fast bench $BENCH_ARGS" 100 "$LOGS/bench_e2e.log" \
-  "$PY" -m ddim_fast --no-progress bench $BENCH_ARGS --json "$OUT/bench_e2e.json"
+  "$PY" -m ddim_fast --no-progress $CPU_THREADS bench $BENCH_ARGS --json "$OUT/bench_e2e.json"
 [ -f "$LOGS/bench_e2e.log" ] && grep -E "^(bench:|UNet alone|loop |diffusers |fast|agreement)" "$LOGS/bench_e2e.log" | tee -a "$SUMMARY"
 
-# 4b. the pipeline row: pipe(...) plain vs ddim_fast.optimize(pipe), SD1.5 config, fp16, 512 px, 50 steps ----------
-# (its CUDA group only; DDIM_FAST_BENCH_NO_COMPILE=1: compiling SD1.5's UNet would take minutes of the lease)
-if ! want pipeline; then :
-elif [ -f benchmarks/bench_pipeline.py ]; then
-  if [ "$DRY_RUN" = "1" ]; then
-    run_stage pipeline "benchmarks/bench_pipeline.py -k cuda (dry run: collection only)" 60 "$LOGS/bench_pipeline.log" \
-      bash -c "'$PY' -m pytest benchmarks/bench_pipeline.py -k cuda --collect-only -q -p no:cacheprovider && echo '{\"dry_run\": true}' >'$OUT/bench_pipeline.json'"
-  else
-    run_stage pipeline "pytest benchmarks/bench_pipeline.py -k cuda --benchmark-only (no compile)" 60 "$LOGS/bench_pipeline.log" \
-      env DDIM_FAST_BENCH_NO_COMPILE=1 "$PY" -m pytest benchmarks/bench_pipeline.py -k cuda --benchmark-only -q \
-      -p no:cacheprovider -rfEs --benchmark-json="$OUT/bench_pipeline.json"
-  fi
-  sed -n '/ddim-fast pipeline benchmarks/,$p' "$LOGS/bench_pipeline.log" | head -n 8 | tee -a "$SUMMARY"
-  tail -n 1 "$LOGS/bench_pipeline.log" | tee -a "$SUMMARY"
-else
-  note "SKIP  pipeline row: benchmarks/bench_pipeline.py is not in this checkout"
-fi
-
-# 4c. generate on one GPU ---------------------------------------------------------------------------------
+# 4b. generate on one GPU ---------------------------------------------------------------------------------
 if ! want generate; then :
 elif "$PY" -m ddim_fast generate --help >/dev/null 2>&1; then
   if [ "$DRY_RUN" = "1" ]; then
@@ -396,4 +413,64 @@ if want tests; then
   note "tests: $(grep -c 'node down' "$LOGS/tests.log" 2>/dev/null) xdist workers went down; Triton cache: $(find "$TRITON_CACHE_DIR" -name '*.cubin' 2>/dev/null | wc -l) compiled kernels in $TRITON_CACHE_DIR"
 fi
 [ -n "$sanitizers_pid" ] && { wait "$sanitizers_pid" || status=1; }
+sanitizers_pid=
+
+# 7. the pipeline table: pipe(...) in every variant, proven, timed, one table (benchmarks/bench_pipeline.py) ------
+# After the tests and the sanitizer, so that nothing else runs on the GPU or the CPUs while it times. Each entry is
+# written to its JSON file as it finishes (DDIM_FAST_PIPELINE_JSON): a stage cut by the deadline keeps them.
+PIPELINE_K="cuda and sd15-b1 and not compile-default and not optimize-compile"
+PIPELINE2_K="cuda and ((sd15-b1 and (compile-default or optimize-compile)) or sd15-b4)"
+PIPELINE3_K="cuda and sdxl-b1"
+pipeline_stage() {  # pipeline_stage KEY CAP OUTFILE -K-EXPRESSION WHAT
+  local key=$1 limit=$2 file=$3 expr=$4 what=$5
+  if [ "$DRY_RUN" = "1" ] && [ "$key" = pipeline ]; then
+    # The same command on the CPU's tiny pipeline (plain only: seconds), its results file written as it ends.
+    run_stage "$key" "$key: bench_pipeline.py $what (dry run: tiny CPU pipeline, plain only)" \
+      "$limit" "$LOGS/bench_$key.log" env CI=1 DDIM_FAST_PIPELINE_JSON="$OUT/$file" "$PY" -m pytest \
+      benchmarks/bench_pipeline.py -k "cpu_tiny and plain" --benchmark-only -q \
+      -p no:cacheprovider -rfEs --benchmark-json="$LOGS/${key}_pytest.json"
+  elif [ "$DRY_RUN" = "1" ]; then
+    run_stage "$key" "$key: bench_pipeline.py $what (dry run: collection only)" "$limit" "$LOGS/bench_$key.log" \
+      "$PY" -m pytest benchmarks/bench_pipeline.py -k "$expr" --collect-only -q -p no:cacheprovider
+  else
+    run_stage "$key" "$key: bench_pipeline.py $what" "$limit" "$LOGS/bench_$key.log" \
+      env DDIM_FAST_PIPELINE_JSON="$OUT/$file" "$PY" -m pytest benchmarks/bench_pipeline.py -k "$expr" \
+      --benchmark-only -q -p no:cacheprovider -rfEs --benchmark-json="$LOGS/${key}_pytest.json"
+  fi
+  local rc=$?
+  sed -n '/ddim-fast pipeline benchmarks/,/^---/p' "$LOGS/bench_$key.log" | grep -vE "^(-|=)" | head -n 40 \
+    | tee -a "$SUMMARY"
+  grep -E "^(FAILED|ERROR|SKIPPED) " "$LOGS/bench_$key.log" | head -n 12 | tee -a "$SUMMARY"
+  tail -n 1 "$LOGS/bench_$key.log" | tee -a "$SUMMARY"
+  return $rc
+}
+if want pipeline; then
+  wanted breakdown && { HOLD=$(cap breakdown_hold 45); HOLD_FOR="the breakdown"; }
+  pipeline_stage pipeline 240 bench_pipeline.json "$PIPELINE_K" "SD1.5 512 px batch 1" || status=1
+  HOLD=0
+fi
+
+# 8. where a UNet step's time goes, by kind of kernel (python -m ddim_fast bench --breakdown) -------------------
+if want breakdown; then
+  if [ "$DRY_RUN" = "1" ]; then
+    BREAKDOWN_ARGS="--model tiny-unet --device cpu --breakdown-variants plain,optimize --breakdown-calls 1"
+  else
+    BREAKDOWN_ARGS="--model sd15-unet --dtype fp16 --batch 1"
+  fi
+  run_stage breakdown "python -m ddim_fast bench --breakdown $BREAKDOWN_ARGS" 90 "$LOGS/breakdown.log" \
+    "$PY" -m ddim_fast --no-progress $CPU_THREADS bench --breakdown $BREAKDOWN_ARGS --json "$LOGS/breakdown.json" \
+    || status=1
+  sed -n '/^breakdown:/,$p' "$LOGS/breakdown.log" | head -n 24 | tee -a "$SUMMARY"
+  pack
+fi
+
+# Not in the default run: the other rows of the table, each a device run of its own (STAGES=pipeline2 / pipeline3).
+if want pipeline2; then
+  pipeline_stage pipeline2 420 bench_pipeline2.json "$PIPELINE2_K" "SD1.5 batch 1 compile-default/optimize-compile, batch 4" \
+    || status=1
+fi
+if want pipeline3; then
+  pipeline_stage pipeline3 420 bench_pipeline3.json "$PIPELINE3_K" "SDXL 1024 px batch 1" || status=1
+fi
+[ -z "${STAGES:-}" ] && note "not in this run: STAGES=pipeline2 (SD1.5 batch 1 compile-default, optimize-compile; batch 4), STAGES=pipeline3 (SDXL 1024 px): a device run each"
 exit $status

@@ -3,7 +3,11 @@
 Inputs (every ``*.json`` in ``--results``):
 
 * pytest-benchmark files (``pytest benchmarks --benchmark-only --benchmark-json=FILE``): one table per
-  file, grouped by benchmark group, with the ratio of each entry to its group's baseline;
+  file, grouped by benchmark group, with the ratio of each entry to its group's baseline; the pipeline
+  benchmark's entries (``benchmarks/bench_pipeline.py``, also its ``DDIM_FAST_PIPELINE_JSON`` file, and the
+  device check's ``bench_pipeline*.json``) get their own table: every variant's it/s, first call, UNet-alone
+  time, ratio to plain and to the best compiled peer, agreement with plain, and issue 18's goals;
+* ``python -m ddim_fast bench --breakdown --json FILE`` files: a UNet step's time by kind of kernel per variant;
 * ``python -m ddim_fast bench --json FILE`` files: the end-to-end loops (it/s, ms/step, non-UNet time);
 * ``python -m ddim_fast profile --json FILE`` files: per-step latency summaries;
 * ``benchmarks/gpu_micro.py --json FILE`` files (the device check's micro-benchmark): step, attention and
@@ -114,7 +118,7 @@ def pick_baseline(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
 def classify(data: Any) -> str | None:
     if isinstance(data, dict) and "benchmarks" in data and "machine_info" in data:
         return "pytest-benchmark"
-    if isinstance(data, dict) and data.get("kind") in ("bench", "profile", "import_time", "gpu_micro"):
+    if isinstance(data, dict) and data.get("kind") in ("bench", "profile", "import_time", "gpu_micro", "breakdown"):
         return data["kind"]
     if isinstance(data, dict) and {"generated", "images_per_s", "world_size"} <= set(data):
         return "generate"
@@ -310,6 +314,127 @@ def pytest_benchmark_section(name: str, data: dict[str, Any]) -> tuple[list[str]
     return lines, chart
 
 
+# The pipeline benchmark's table (benchmarks/bench_pipeline.py): the order its variants are shown in, the peers
+# optimize is measured against, and issue 18's goals per pipeline.
+PIPELINE_ORDER = ("plain", "optimize", "compile-reduce-overhead", "diffusers-recipe", "compile-default",
+                  "optimize-no-attention", "optimize-no-graph", "optimize-no-channels-last", "optimize-compile")
+PIPELINE_PEERS = ("compile-reduce-overhead", "diffusers-recipe")
+PIPELINE_GOALS = {"sd15": {"peer": 1.3, "plain": 3.5, "first_call_s": 10.0}, "sdxl": {"peer": 1.2}}
+
+
+def is_pipeline_entry(bench: dict[str, Any]) -> bool:
+    extra = bench.get("extra_info") or {}
+    return isinstance(extra.get("variant"), str) and isinstance(extra.get("ms_per_step"), (int, float))
+
+
+def _pipeline_label(group: str, extra: dict[str, Any]) -> str:
+    if {"pipeline", "resolution", "batch", "dtype"} <= set(extra):
+        return f"{extra['pipeline']} {extra['resolution']}px b{extra['batch']} {extra['dtype']}"
+    return group
+
+
+def pipeline_section(name: str, data: dict[str, Any], entries: list[dict[str, Any]]
+                     ) -> tuple[list[str], list[dict[str, Any]]]:
+    """The pipeline benchmark's entries of one results file as one table (rows per group in PIPELINE_ORDER),
+    then issue 18's goals against the measured ratios, and one chart group per pipeline group."""
+    date = str(data.get("datetime", "?"))[:10]
+    commit = (data.get("commit_info") or {}).get("id", "")
+    hardware = _pytest_hardware(data)
+    lines = [f"#### `{name}` — `benchmarks/bench_pipeline.py`, {hardware}, {date}"
+             + (f", commit `{commit[:10]}`" if commit else ""), "",
+             "`pipe(...)` of a diffusers pipeline (random-weight UNet of the named config, DDIM, CFG 7.5, "
+             "output_type=\"latent\"), per denoising step; first call = the variant's first `pipe(...)` in the "
+             "run (compiles and CUDA-graph captures happen there); peers = `compile-reduce-overhead`, "
+             "`diffusers-recipe`.", "",
+             "| pipeline | variant | it/s | ms/step | first call | UNet alone ms/step | overhead ms/step | vs plain "
+             "| vs best peer | rel. error vs plain |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for e in entries:
+        groups.setdefault(e.get("group") or "(no group)", []).append(e)
+    chart, goal_lines = [], []
+    for group, rows in groups.items():
+        rows = sorted(rows, key=lambda e: (PIPELINE_ORDER.index(e["extra_info"]["variant"])
+                                           if e["extra_info"]["variant"] in PIPELINE_ORDER else len(PIPELINE_ORDER)))
+        by_variant = {e["extra_info"]["variant"]: e for e in rows}
+        base = by_variant.get("plain")
+        peers = [by_variant[v] for v in PIPELINE_PEERS if v in by_variant]
+        best_peer = min(peers, key=lambda e: e["extra_info"]["ms_per_step"]) if peers else None
+        label = _pipeline_label(group, rows[0]["extra_info"])
+
+        def versus(e, other):
+            if other is None:
+                return "-"
+            if e is other:
+                return "baseline" if other is base else "best peer"
+            return speed_phrase(other["extra_info"]["ms_per_step"] / e["extra_info"]["ms_per_step"],
+                                noise=noise_band(entry_spread(other), entry_spread(e)))
+
+        bars = []
+        for e in rows:
+            x = e["extra_info"]
+            first = x.get("first_call_s")
+            err = x.get("rel_error_vs_plain")
+            agree = "" if x.get("agrees_with_plain", True) else " (DISAGREES)"
+            lines.append(f"| {label} | `{x['variant']}` | {x['it_per_s']:.1f} | {x['ms_per_step']:.3f} | "
+                         f"{'-' if first is None else f'{first:.1f} s'} | "
+                         f"{x.get('unet_ms_per_step', float('nan')):.3f} | "
+                         f"{x.get('overhead_ms_per_step', float('nan')):.3f} | "
+                         f"{versus(e, base)} | {versus(e, best_peer)} | "
+                         f"{'-' if err is None else f'{err:.1e}'}{agree} |")
+            bars.append({"name": x["variant"], "seconds": x["ms_per_step"] / 1e3, "baseline": e is base,
+                         "spread": entry_spread(e)})
+        chart.append({"title": f"pipeline {label}", "hardware": rows[0]["extra_info"].get("hardware", hardware),
+                      "bars": bars, "floor": None, "floor_label": "", "unit": "per step"})
+        optimize = by_variant.get("optimize")
+        goals = PIPELINE_GOALS.get(str(rows[0]["extra_info"].get("pipeline")), {})
+        if optimize is not None and goals:
+            o = optimize["extra_info"]
+            checks = []
+            if best_peer is not None and "peer" in goals:
+                value = best_peer["extra_info"]["ms_per_step"] / o["ms_per_step"]
+                checks.append(f"optimize >= {goals['peer']}x the best peer ({best_peer['extra_info']['variant']}): "
+                              f"{value:.2f}x, {'met' if value >= goals['peer'] else 'not met'}")
+            elif "peer" in goals:
+                checks.append(f"optimize >= {goals['peer']}x the best peer: no peer measured in this file")
+            if base is not None and "plain" in goals:
+                value = base["extra_info"]["ms_per_step"] / o["ms_per_step"]
+                checks.append(f"optimize >= {goals['plain']}x plain: {value:.2f}x, "
+                              f"{'met' if value >= goals['plain'] else 'not met'}")
+            if "first_call_s" in goals and isinstance(o.get("first_call_s"), (int, float)):
+                value = o["first_call_s"]
+                checks.append(f"first call <= {goals['first_call_s']:.0f} s: {value:.1f} s, "
+                              f"{'met' if value <= goals['first_call_s'] else 'not met'}")
+            if checks:
+                goal_lines.append(f"- {label}: " + "; ".join(checks) + ".")
+    lines.append("")
+    if goal_lines:
+        lines += ["Issue 18's goals, from this file:", ""] + goal_lines + [""]
+    return lines, chart
+
+
+def breakdown_section(name: str, data: dict[str, Any]) -> list[str]:
+    """``python -m ddim_fast bench --breakdown --json``: ms per UNet step by kind of kernel, one column per
+    variant."""
+    cfg, variants = data.get("config", {}), data.get("variants", {})
+    names = list(variants)
+    lines = [f"#### `{name}` — `python -m ddim_fast bench --breakdown`, {_hardware(data)}, "
+             f"{data.get('date', '?')}", "",
+             f"{cfg.get('model')} {cfg.get('dtype')}, batch {cfg.get('batch')} (UNet batch {cfg.get('unet_batch')}), "
+             f"latent {'x'.join(str(v) for v in cfg.get('latent', []))}: {cfg.get('source')}, {cfg.get('calls')} calls "
+             "per variant, ms per UNet step.", "",
+             "| kind | " + " | ".join(f"`{n}`" for n in names) + " |", "|---|" + "---:|" * len(names)]
+    for kind in data.get("kinds", []):
+        lines.append(f"| {kind} | " + " | ".join(f"{variants[n]['kinds_ms'].get(kind, 0):.3f}" for n in names) + " |")
+    lines.append("| **sum** | " + " | ".join(f"{variants[n]['kernel_ms']:.3f}" for n in names) + " |")
+    lines.append("| wall per call | " + " | ".join(f"{variants[n]['wall_ms']:.3f}" for n in names) + " |")
+    lines.append("| graphed | " + " | ".join("yes" if variants[n].get("graphed") else "no" for n in names) + " |")
+    lines.append("")
+    for n, why in (data.get("failed") or {}).items():
+        lines.append(f"- {n}: FAILED: {why}")
+    return lines + [""]
+
+
 def _hardware(data: dict[str, Any]) -> str:
     env = data.get("environment", {})
     threads = env.get("torch_threads")
@@ -434,11 +559,18 @@ def build_markdown(results_dir: str, note: str | None = None) -> tuple[str, list
             continue
         kind = classify(data)
         if kind == "pytest-benchmark":
-            section, points = pytest_benchmark_section(name, data)
+            pipeline = [b for b in data.get("benchmarks", []) if is_pipeline_entry(b)]
+            section, points = pipeline_section(name, data, pipeline) if pipeline else ([], [])
+            rest = [b for b in data.get("benchmarks", []) if not is_pipeline_entry(b)]
+            if rest or not pipeline:
+                more, more_points = pytest_benchmark_section(name, dict(data, benchmarks=rest))
+                section, points = section + more, points + more_points
         elif kind == "bench":
             section, points = bench_section(name, data)
         elif kind == "profile":
             section, points = profile_section(name, data), []
+        elif kind == "breakdown":
+            section, points = breakdown_section(name, data), []
         elif kind == "import_time":
             section, points = import_time_section(name, data), []
         elif kind == "gpu_micro":
@@ -446,8 +578,8 @@ def build_markdown(results_dir: str, note: str | None = None) -> tuple[str, list
         elif kind == "generate":
             section, points = generate_section(name, data, run_summary(results_dir, name)), []
         else:
-            print(f"report: skipping {name}: not a pytest-benchmark, bench, profile, import_time, gpu_micro or "
-                  "generate JSON", file=sys.stderr)
+            print(f"report: skipping {name}: not a pytest-benchmark, bench, profile, breakdown, import_time, "
+                  "gpu_micro or generate JSON", file=sys.stderr)
             continue
         lines += section
         chart += points

@@ -18,7 +18,7 @@ import torch
 
 from ddim_fast.tools import cli
 from ddim_fast import reference
-from ddim_fast.tools import bench, demo, figures, profiler, toy_data
+from ddim_fast.tools import bench, demo, figures, problems, profiler, toy_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -211,6 +211,10 @@ BAD_ARGUMENTS = [
     (["bench", "--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
     (["bench", "--resolution", "130"], "argument --resolution: must be a multiple of 8"),
     (["bench", "--variants", "diffusers,fastest"], "argument --variants: unknown 'fastest'"),
+    (["bench", "--model", "sdxl-unet"], "argument --model: sdxl-unet is for --breakdown only"),
+    (["bench", "--breakdown-variants", "plain"], "argument --breakdown-variants/--breakdown-calls: only with"),
+    (["bench", "--breakdown", "--variants", "fast"], "argument --variants: names the loops"),
+    (["bench", "--breakdown", "--breakdown-variants", "plain,fastest"], "argument --breakdown-variants: unknown"),
     (["info", "--json", "/no/such/folder/i.json"], "argument --json: the folder /no/such/folder does not exist"),
     (["generate", "--out", "OUT", "--num-samples", "0"], "argument --num-samples: must be >= 1, got 0"),
     (["generate", "--out", "OUT", "--num-samples", "2", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
@@ -369,9 +373,10 @@ def test_profile_backends_interleaves_its_runs(monkeypatch):
     # Same warm-up for every backend, then rounds in alternating order (A B, B A, ...): a slow spell or the
     # machine warming up hits every backend alike.
     calls = []
-    reference_loop, fast_loop = bench.reference_loop, bench.fast_loop
-    monkeypatch.setattr(bench, "reference_loop", lambda *a, **k: calls.append("reference") or reference_loop(*a, **k))
-    monkeypatch.setattr(bench, "fast_loop", lambda *a, **k: calls.append("native") or fast_loop(*a, **k))
+    reference_loop, fast_loop = problems.reference_loop, problems.fast_loop
+    monkeypatch.setattr(problems, "reference_loop",
+                        lambda *a, **k: calls.append("reference") or reference_loop(*a, **k))
+    monkeypatch.setattr(problems, "fast_loop", lambda *a, **k: calls.append("native") or fast_loop(*a, **k))
     problem = profiler.embedded_problem(torch.device("cpu"), torch.float32, batch=2, steps=2, size=8)
     out = profiler.profile_backends(problem, ("native", "reference"), warmup=1, repeats=3)
     assert calls == ["native", "reference"] + ["native", "reference", "reference", "native", "native", "reference"]
@@ -427,21 +432,61 @@ def test_bench_tiny_unet_agrees_with_the_diffusers_loop(tmp_path, capsys):
 
 
 def test_bench_detects_disagreement(monkeypatch):
-    original = bench.fast_loop
-    monkeypatch.setattr(bench, "fast_loop", lambda *a, **k: original(*a, **k) * (1 + 1e-3))
+    loops = bench.load_harness("loops")
+    original = loops.fast_loop
+    monkeypatch.setattr(loops, "fast_loop", lambda *a, **k: original(*a, **k) * (1 + 1e-3))
     with pytest.raises(AssertionError, match="disagree"):
-        bench.run_bench("tiny-unet", steps=2, repeats=1, variants=("diffusers", "fast"))
+        bench.load_harness("e2e").run_bench("tiny-unet", steps=2, repeats=1, variants=("diffusers", "fast"))
 
 
 def test_bench_reports_a_failing_loop_and_exits_nonzero(monkeypatch, capsys):
     def broken_sampler(*args, **kwargs):
         raise RuntimeError("sampler exploded")
 
-    monkeypatch.setattr(bench, "make_fast_sampler", broken_sampler)
+    monkeypatch.setattr(bench.load_harness("loops"), "make_fast_sampler", broken_sampler)
     rc = cli.main(["bench", "--model", "tiny-unet", "--steps", "2", "--repeats", "1", "--variants", "diffusers,fast"])
     out = capsys.readouterr().out
     assert rc == 1
     assert "fast" in out and "FAILED: RuntimeError: sampler exploded" in out
+
+
+def test_bench_loads_the_checkouts_harness_once_and_explains_without_one(monkeypatch, tmp_path):
+    import sys
+
+    harness = bench.load_harness()
+    assert harness is sys.modules["harness"] and bench.load_harness() is harness
+    assert os.path.dirname(harness.__file__) == os.path.join(ROOT, "benchmarks", "harness")
+    assert bench.load_harness("e2e") is sys.modules["harness.e2e"]
+    # An installed package has no benchmarks/ beside it: the command says what to do.
+    monkeypatch.setattr(bench, "harness_folder", lambda: None)
+    with pytest.raises(RuntimeError, match="checkout of the ddim-fast repository"):
+        bench.load_harness("e2e")
+    # A different module that happens to be called `harness` is not taken for ours.
+    monkeypatch.undo()
+    fake = type(sys)("harness")
+    fake.__file__ = str(tmp_path / "harness" / "__init__.py")
+    monkeypatch.setitem(sys.modules, "harness", fake)
+    with pytest.raises(RuntimeError, match="is loaded already"):
+        bench.load_harness()
+
+
+def test_bench_breakdown_on_the_cpu(tmp_path, capsys):
+    out_json = tmp_path / "breakdown.json"
+    rc = cli.main(["--threads", "1", "bench", "--breakdown", "--model", "tiny-unet", "--breakdown-calls", "1",
+                   "--json", str(out_json)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    report = json.loads(out_json.read_text())
+    assert report["kind"] == "breakdown" and list(report["variants"]) == ["plain", "channels-last", "optimize"]
+    for name, r in report["variants"].items():
+        assert r["kinds_ms"]["convolution"] > 0 and r["kinds_ms"]["GEMM"] > 0, (name, r["kinds_ms"])
+        assert r["kinds_ms"]["attention"] > 0 and r["kinds_ms"]["normalization"] > 0, (name, r["kinds_ms"])
+        # the kinds add up to the operators' total, and that is within the call's wall time
+        assert abs(sum(r["kinds_ms"].values()) - r["kernel_ms"]) < 1e-9
+        assert 0 < r["kernel_ms"] and r["wall_ms"] > 0
+    for kind in ("convolution", "GEMM", "attention", "normalization", "elementwise", "copies/layout", "other"):
+        assert kind in out
+    assert "ms per UNet step" in out and "FAILED" not in out
 
 
 # --------------------------------------------------------------------------------------------------

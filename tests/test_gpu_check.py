@@ -19,8 +19,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
-EXPECTED = {"summary.txt", "env.txt", "micro.json", "bench_e2e.json", "bench_pipeline.json", "generate.json",
-            "tests.xml", "logs.tar.gz"}
+EXPECTED = {"summary.txt", "env.txt", "micro.json", "bench_e2e.json", "bench_pipeline.json", "bench_pipeline2.json",
+            "bench_pipeline3.json", "generate.json", "tests.xml", "logs.tar.gz"}
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="bash script")
 
@@ -39,7 +39,8 @@ def test_dry_run_runs_every_stage_in_order_cuts_a_hung_stage_and_packages(tmp_pa
     assert "micro-benchmark" in summary and "cut at its limit of 3s" in summary
     # ...and every stage after it still ran, in the planned order
     order = ["build", "native kernels registered", "native self-check", "micro-benchmark",
-             "python -m ddim_fast bench", "pipeline", "generate", "pytest the CUDA tests"]
+             "python -m ddim_fast bench --model", "generate", "pytest the CUDA tests", "pipeline: bench_pipeline.py",
+             "python -m ddim_fast bench --breakdown"]
     outcomes = [ln for ln in summary.splitlines() if re.match(r"(ok|FAIL|SKIP)  ", ln)]
     positions = [next(i for i, ln in enumerate(outcomes) if word in ln) for word in order]
     assert positions == sorted(positions), summary
@@ -53,11 +54,20 @@ def test_dry_run_runs_every_stage_in_order_cuts_a_hung_stage_and_packages(tmp_pa
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files)
     bench = json.loads((out / "bench_e2e.json").read_text())
     assert bench["proofs"]["fast+attn"]["ok"] and bench["proofs"]["fast+attn"]["fused_attention_ops"] > 0
+    # the pipeline stage's results file, written entry by entry in pytest-benchmark's layout (report.py reads it)
+    pipeline = json.loads((out / "bench_pipeline.json").read_text())
+    entries = {b["extra_info"]["variant"]: b["extra_info"] for b in pipeline["benchmarks"]}
+    assert set(entries) == {"plain"} and "machine_info" in pipeline, summary
+    for extra in entries.values():
+        assert extra["it_per_s"] > 0 and extra["first_call_s"] > 0 and extra["hardware"]
+        assert extra["agrees_with_plain"] and extra["rel_error_vs_plain"] <= 1e-5
+    assert "[pipeline cpu tiny-sd" in summary and "ms per UNet step" in summary  # both tables in the summary
+    assert "not in this run: STAGES=pipeline2" in summary
     ET.parse(out / "tests.xml")  # well-formed JUnit
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = {os.path.basename(n) for n in tar.getnames()}
     assert {"micro.log", "bench_e2e.log", "tests.log", "build.log", "summary.txt", "env.txt",
-            "sanitizer_racecheck_softmax.log"} <= names
+            "sanitizer_racecheck_softmax.log", "bench_pipeline.log", "breakdown.json"} <= names
     assert "git:" in (out / "env.txt").read_text()
     assert summary.count("total ") == 1  # one packaging, not one per background job
     # the tests' digest: counts from the JUnit file, crashes, the slowest tests, xdist workers lost
@@ -83,6 +93,23 @@ def test_dry_run_holds_the_tests_cap_back_from_the_stages_before_them(tmp_path):
         assert re.search(r"SKIP  " + stage + r".*after the 30s held for the tests", summary), summary
     assert re.search(r"pytest the CUDA tests .*cut at its limit of [1-3]\ds", summary), summary
     assert not re.search(r"SKIP  pytest the CUDA tests", summary), summary
+
+
+def test_dry_run_of_a_later_stage_alone(tmp_path):
+    # STAGES=pipeline2: the rows the default run leaves, in a device run of their own; nothing else runs.
+    out = tmp_path / "out"
+    proc = run_script(out, timeout=300, STAGES="pipeline2")
+    summary = (out / "summary.txt").read_text()
+    assert proc.returncode == 0, summary + proc.stdout[-3000:]
+    assert re.search(r"ok    pipeline2: bench_pipeline.py .*collection only", summary), summary
+    for stage in ("micro", "bench", "generate", "tests", "pipeline", "breakdown"):
+        assert f"SKIP  {stage} (not in STAGES=pipeline2)" in summary, stage
+    assert not re.search(r"(ok|FAIL)  +pipeline3", summary)
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("bench_pipeline2.log"))
+        log = tar.extractfile(member).read().decode()
+    assert "sd15-b4-plain" in log and "sd15-b1-compile-default" in log and "sd15-b1-optimize-compile" in log
+    assert "sd15-b1-plain" not in log and "sdxl" not in log and "cpu_tiny" not in log
 
 
 # --------------------------------------------------------------------------------------------------

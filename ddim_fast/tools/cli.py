@@ -4,7 +4,8 @@ demo     sample the embedded model (exact denoiser of a built-in glyph set) with
          result, write one labelled figure; no downloads
 profile  latency per DDIM step (model call, guidance+update, the loop's other work), one backend or several
          side by side (interleaved runs), table/JSON/plot/Chrome trace
-bench    end-to-end loop: diffusers DDIMScheduler loop vs FastDDIMSampler (eager, CUDA graph, fused attention)
+bench    end-to-end loop: diffusers DDIMScheduler loop vs FastDDIMSampler (eager, CUDA graph, fused attention),
+         each proven; --breakdown: one UNet step's time by kind of kernel (runs the checkout's benchmarks/harness)
 info     which backends are built and usable, versions, hardware
 generate many images (embedded model or a local diffusers pipeline folder), on one process or under
          torchrun, resumable; sample i depends on its own seed only
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, help_text in (
         ("demo", demo, "sample the embedded model, check it, write a labelled figure"),
         ("profile", profiler, "latency per DDIM step, backends side by side"),
-        ("bench", bench, "end-to-end loops: diffusers vs FastDDIMSampler"),
+        ("bench", bench, "end-to-end loops: diffusers vs FastDDIMSampler; --breakdown: a UNet step by kernel kind"),
         ("info", info, "backends, versions, hardware"),
         ("generate", generate, "many images, one process or many (torchrun), resumable, the same image per seed"),
     ):

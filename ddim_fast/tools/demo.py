@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ddim_fast import reference
-from ddim_fast.tools import arguments, bench, figures, profiler, toy_data
+from ddim_fast.tools import arguments, figures, problems, profiler, toy_data
 
 # A DDIM sample is x_prev = sqrt(a_0) x0_hat + sqrt(1 - a_0) eps_hat at the last step, so it keeps a
 # sqrt(1 - a_0) ~ 0.029 trace of noise around the data image: ~36.7 dB. Well below that is a miss.
@@ -84,8 +84,8 @@ def run_demo(out_dir: str = "ddim_fast_demo", *, quick: bool = False, steps: int
     arguments.require("run_demo", "batch", arguments.int_problem(batch, BATCH_MULTIPLE, multiple_of=BATCH_MULTIPLE,
                                                                  why="one figure row per class"))
     arguments.require("run_demo", "guidance", arguments.float_problem(guidance))
-    FastDDIMSampler = bench.require_sampler()
-    dev = bench.resolve_device(device)
+    FastDDIMSampler = problems.require_sampler()
+    dev = problems.resolve_device(device)
     size = 16 if quick else 32
     os.makedirs(out_dir, exist_ok=True)
     t_start = time.perf_counter()
@@ -115,7 +115,7 @@ def run_demo(out_dir: str = "ddim_fast_demo", *, quick: bool = False, steps: int
     cond_labels = [i % toy_data.NUM_CLASSES for i in range(batch)]
     cond = toy_data.class_embedding(cond_labels, device=dev)
     uncond = toy_data.class_embedding(None, batch, device=dev)
-    problem = bench.Problem(model, x_T, cond, uncond, steps, guidance)
+    problem = problems.Problem(model, x_T, cond, uncond, steps, guidance)
     # Both loops timed the same way (stamps around the model call alone), interleaved after the same warm-up,
     # so that the model call, the same call on the same inputs in both, shows the same time up to noise.
     fast_name = backend if backend != "reference" else profiler.SAMPLER_PREFIX + backend

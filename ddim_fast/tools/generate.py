@@ -438,9 +438,9 @@ def init_distributed(device_arg: str) -> tuple[Dist, torch.device]:
     """Join the torchrun job named by the environment (NCCL on GPUs, gloo on CPUs), or run alone."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        from ddim_fast.tools import bench
+        from ddim_fast.tools import problems
 
-        return Dist(), bench.resolve_device(device_arg)
+        return Dist(), problems.resolve_device(device_arg)
     import torch.distributed as dist
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

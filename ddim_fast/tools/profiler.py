@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ddim_fast.tools import arguments, bench, figures
+from ddim_fast.tools import arguments, figures, problems, timing
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ EMBEDDED_SIZE = 32  # the embedded model's image size in pixels (the demo's)
 
 
 def embedded_problem(device: torch.device, dtype: torch.dtype, *, batch: int = 4, steps: int = 50,
-                     guidance: float | None = 3.0, size: int = EMBEDDED_SIZE, seed: int = 0) -> bench.Problem:
+                     guidance: float | None = 3.0, size: int = EMBEDDED_SIZE, seed: int = 0) -> problems.Problem:
     """The demo's embedded model (exact denoiser of the glyph set), class-conditional with CFG."""
     from ddim_fast.tools import toy_data
 
@@ -44,23 +44,23 @@ def embedded_problem(device: torch.device, dtype: torch.dtype, *, batch: int = 4
     cond = toy_data.class_embedding(labels, device=device)
     use_cfg = guidance not in (None, 1.0)
     uncond = toy_data.class_embedding(None, batch, device=device) if use_cfg else None
-    return bench.Problem(model, x_T, cond, uncond, steps, guidance)
+    return problems.Problem(model, x_T, cond, uncond, steps, guidance)
 
 
 def build_problem(model: str, device: torch.device, dtype: torch.dtype, *, batch: int, steps: int,
-                  guidance: float | None, resolution: int | None = None, seed: int = 0) -> bench.Problem:
+                  guidance: float | None, resolution: int | None = None, seed: int = 0) -> problems.Problem:
     if model == "embedded":
         return embedded_problem(device, dtype, batch=batch, steps=steps, guidance=guidance, seed=seed,
                                 size=EMBEDDED_SIZE if resolution is None else resolution)
-    if model in bench.UNET_CONFIGS:
+    if model in problems.UNET_CONFIGS:
         if model == "sd15-unet" and device.type != "cuda":
             logger.warning("sd15-unet on the CPU is very slow (860M parameters); use tiny-unet there")
-        return bench.unet_problem(model, device, dtype, batch=batch, steps=steps, guidance=guidance,
+        return problems.unet_problem(model, device, dtype, batch=batch, steps=steps, guidance=guidance,
                                   resolution=resolution, seed=seed)
     raise ValueError(f"model must be one of {MODELS}, got {model!r}")
 
 
-class _RecordFunctionHooks(bench.StepHooks):
+class _RecordFunctionHooks(timing.StepHooks):
     """StepHooks whose step ranges are also torch.profiler record_function ranges (steps in the trace)."""
 
     def __init__(self, device: torch.device, nvtx: bool = True):
@@ -95,36 +95,37 @@ COLUMN_LEGEND = (
     "total is not exactly their sum.")
 
 
-def _loop_runner(problem: bench.Problem, backend: str, *, cuda_graph: bool, noise_mode: str):
+def _loop_runner(problem: problems.Problem, backend: str, *, cuda_graph: bool, noise_mode: str):
     """The function that runs ``backend``'s loop once with given hooks and returns the samples. 'reference'
     is the plain-PyTorch loop (it stamps around its apply_model call itself), anything else
-    ``FastDDIMSampler(backend=...)`` on the model wrapped in :class:`bench.HookedModel` (stamps around the
+    ``FastDDIMSampler(backend=...)`` on the model wrapped in :class:`timing.HookedModel` (stamps around the
     same call)."""
     if backend == "reference":
         if cuda_graph:
             raise ValueError("--cuda-graph needs a FastDDIMSampler backend, not 'reference'")
-        return lambda hooks: bench.reference_loop(problem, hooks)
+        return lambda hooks: problems.reference_loop(problem, hooks)
     kernel = backend[len(SAMPLER_PREFIX):] if backend.startswith(SAMPLER_PREFIX) else backend
-    hooked = bench.HookedModel(problem.model, bench.StepHooks(problem.device, nvtx=False))
-    hooked_problem = bench.Problem(hooked, problem.x_T, problem.cond, problem.uncond, problem.steps,
+    hooked = timing.HookedModel(problem.model, timing.StepHooks(problem.device, nvtx=False))
+    hooked_problem = problems.Problem(hooked, problem.x_T, problem.cond, problem.uncond, problem.steps,
                                    problem.guidance, problem.unet)
-    sampler = bench.make_fast_sampler(hooked_problem, backend=kernel, cuda_graph=cuda_graph, noise_mode=noise_mode)
+    sampler = problems.make_fast_sampler(hooked_problem, backend=kernel, cuda_graph=cuda_graph,
+                                         noise_mode=noise_mode)
 
     def run(hooks):
         hooked._hooks = hooks
-        return bench.fast_loop(hooked_problem, sampler, callback=hooks.step_end)
+        return problems.fast_loop(hooked_problem, sampler, callback=hooks.step_end)
 
     return run
 
 
-def profile_backends(problem: bench.Problem, backends: tuple[str, ...] | list[str], *, cuda_graph: bool = False,
+def profile_backends(problem: problems.Problem, backends: tuple[str, ...] | list[str], *, cuda_graph: bool = False,
                      noise_mode: str = "torch", warmup: int = 1, repeats: int = 1, trace: str | None = None,
                      ) -> dict[str, tuple[list[dict[str, float]], torch.Tensor]]:
     """Profile several backends on the same problem, interleaved: every backend gets ``warmup`` untimed runs
     (alternating), then ``repeats`` rounds of one timed run each, the order reversed every other round
     (A B, B A, ...) so that a slow spell of the machine, or its warming up, hits every backend alike.
     Returns, per backend, (one row per step with each column (``COLUMNS``, see
-    ``bench.StepHooks.rows``) the median over the timed runs, the last timed run's samples [B, C, H, W]).
+    ``timing.StepHooks.rows``) the median over the timed runs, the last timed run's samples [B, C, H, W]).
     backend 'reference' times the plain-PyTorch loop, anything else ``FastDDIMSampler(backend=...)``.
     ``trace`` records the first round (every backend once, each in a 'backend NAME' range)."""
     backends = list(backends)
@@ -138,7 +139,7 @@ def profile_backends(problem: bench.Problem, backends: tuple[str, ...] | list[st
         raise ValueError("cuda_graph needs warmup >= 1: the first run captures the graph (warm-up model calls "
                          "and capture would land in the timed run)")
     device = problem.device
-    hooks_type = _RecordFunctionHooks if trace else bench.StepHooks
+    hooks_type = _RecordFunctionHooks if trace else timing.StepHooks
     runners = {b: _loop_runner(problem, b, cuda_graph=cuda_graph, noise_mode=noise_mode) for b in backends}
 
     def timed_run(backend, hooks):
@@ -150,8 +151,8 @@ def profile_backends(problem: bench.Problem, backends: tuple[str, ...] | list[st
 
     for _ in range(warmup):
         for b in backends:
-            runners[b](bench.StepHooks(device, nvtx=False))
-    bench.synchronize(device)
+            runners[b](timing.StepHooks(device, nvtx=False))
+    timing.synchronize(device)
     runs: dict[str, list[list[dict[str, float]]]] = {b: [] for b in backends}
     samples: dict[str, torch.Tensor] = {}
     for r in range(repeats):
@@ -173,7 +174,7 @@ def profile_backends(problem: bench.Problem, backends: tuple[str, ...] | list[st
                     samples[b] = timed_run(b, hooks)
                 runs[b].append(hooks.rows())
             if prof is not None:
-                bench.synchronize(device)
+                timing.synchronize(device)
         finally:
             if prof is not None:
                 prof.__exit__(None, None, None)
@@ -189,7 +190,7 @@ def profile_backends(problem: bench.Problem, backends: tuple[str, ...] | list[st
     return out
 
 
-def profile_steps(problem: bench.Problem, *, backend: str = "auto", cuda_graph: bool = False,
+def profile_steps(problem: problems.Problem, *, backend: str = "auto", cuda_graph: bool = False,
                   noise_mode: str = "torch", warmup: int = 1, repeats: int = 1, trace: str | None = None,
                   ) -> tuple[list[dict[str, float]], torch.Tensor]:
     """:func:`profile_backends` with one backend: (rows, the last timed run's samples [B, C, H, W])."""
@@ -206,7 +207,7 @@ def summary(rows: list[dict[str, float]]) -> dict[str, Any]:
     """mean/p50/p90/min of each column, steps per second (1000 / mean total ms) and the relative spread
     of the per-step totals (``figures.relative_spread``: every step does the same work, so their spread
     is the timing noise that ``figures.ratio_phrase`` compares against)."""
-    out = {col: bench.summarize([r[col] for r in rows]) for col in COLUMNS}
+    out = {col: timing.summarize([r[col] for r in rows]) for col in COLUMNS}
     mean_total = out["total_ms"]["mean"]
     out["it_per_s"] = 1e3 / mean_total if mean_total > 0 else float("nan")
     out["steps"] = len(rows)
@@ -310,12 +311,12 @@ def run_profile(model: str = "embedded", *, steps: int = 50, batch: int = 4, dty
     from ddim_fast.tools import info
 
     backends = (backend,) if isinstance(backend, str) else tuple(backend)
-    dev = bench.resolve_device(device)
+    dev = problems.resolve_device(device)
     if cuda_graph and dev.type != "cuda":
         raise RuntimeError("--cuda-graph needs a CUDA device")
     if guidance is None:
         guidance = 3.0 if model == "embedded" else 7.5
-    problem = build_problem(model, dev, bench.DTYPES[dtype], batch=batch, steps=steps, guidance=guidance,
+    problem = build_problem(model, dev, problems.DTYPES[dtype], batch=batch, steps=steps, guidance=guidance,
                             resolution=resolution, seed=seed)
     results = profile_backends(problem, backends, cuda_graph=cuda_graph, noise_mode=noise_mode, warmup=warmup,
                                repeats=repeats, trace=trace)
@@ -343,7 +344,7 @@ def add_arguments(parser) -> None:
                              "diffusers UNet with that config and random weights (sd15-unet is for GPUs)")
     parser.add_argument("--steps", type=arguments.steps, default=50, help="DDIM steps, 1 to 1000")
     parser.add_argument("--batch", type=arguments.positive_int, default=4, help="samples per run")
-    parser.add_argument("--dtype", choices=sorted(bench.DTYPES), default="fp32",
+    parser.add_argument("--dtype", choices=sorted(problems.DTYPES), default="fp32",
                         help="dtype of the latents and the UNet's weights")
     parser.add_argument("--guidance", type=arguments.finite_float, default=None,
                         help="classifier-free guidance scale; 1 = off (default: 3 for embedded, 7.5 for UNets)")
@@ -359,7 +360,7 @@ def add_arguments(parser) -> None:
                         help="image size in pixels, a multiple of 8: the embedded model's images, a UNet's "
                              f"latent is resolution / 8 (default: {EMBEDDED_SIZE} for embedded, "
                              + ", ".join(f"{8 * cfg['sample_size']} for {name}"
-                                         for name, (cfg, _) in sorted(bench.UNET_CONFIGS.items())) + ")")
+                                         for name, (cfg, _) in sorted(problems.UNET_CONFIGS.items())) + ")")
     parser.add_argument("--device", type=arguments.device, default="auto",
                         help="cpu, cuda, cuda:N or auto (CUDA when available)")
     parser.add_argument("--warmup", type=arguments.non_negative_int, default=1, help="untimed runs first, per backend")
@@ -382,7 +383,7 @@ def check_arguments(args) -> str | None:
             return "argument --cuda-graph: needs FastDDIMSampler backends, not 'reference' (it has no graph path)"
         if args.warmup < 1:
             return "argument --cuda-graph: needs --warmup >= 1 (the first run captures the graph)"
-        if bench.resolve_device(args.device).type != "cuda":
+        if problems.resolve_device(args.device).type != "cuda":
             return "argument --cuda-graph: needs a CUDA device"
     return None
 
