@@ -2,8 +2,8 @@
 in one run and one table (pytest-benchmark): ``plain``, ``compile-default``, ``compile-reduce-overhead``,
 ``diffusers-recipe`` (UNet in channels_last + ``fuse_qkv_projections()`` + ``torch.compile(mode=
 "reduce-overhead", fullgraph=True)``), ``optimize`` and its parts (``optimize-no-attention``,
-``optimize-no-graph``, and ``optimize-no-channels-last`` / ``optimize-compile`` where ``optimize`` has those
-options). The variants, and how each proves what it ran, are ``harness.pipelines``'s.
+``optimize-no-graph``, ``optimize-no-channels-last``, ``optimize-unet-body`` and ``optimize-compile`` where
+``optimize`` has those options). The variants, and how each proves what it ran, are ``harness.pipelines``'s.
 
 Groups (baseline: ``plain``; the peers: ``compile-reduce-overhead`` and ``diffusers-recipe``):
 

@@ -25,12 +25,12 @@
 #      on the softmax block kernel (small shapes); runs BESIDE stage 5 (both functional: nothing is timed then)
 #   7  pipeline: benchmarks/bench_pipeline.py, SD1.5 512 px batch 1  240  bench_pipeline.json (entries written
 #      (fp16, CFG 7.5, 50 steps): plain, optimize, compile-reduce-         as they finish: a cut keeps them)
-#      overhead, diffusers-recipe, optimize-no-attention, optimize-no-graph (and optimize-no-channels-last
-#      where optimize has it), in that order; after the tests and the sanitizer: nothing else uses the GPU while
+#      overhead, diffusers-recipe, optimize-no-attention, optimize-no-graph, optimize-no-channels-last,
+#      optimize-unet-body, in that order; after the tests and the sanitizer: nothing else uses the GPU while
 #      it times
 #   8  breakdown: python -m ddim_fast bench --breakdown, SD1.5 UNet    90  logs.tar.gz:breakdown.json, table
 #      fp16 batch 1 (CFG batch 2): one graphed step of plain,                  in summary.txt
-#      channels-last, optimize, compile-reduce-overhead by kind of kernel (its compile reuses the Inductor
+#      channels-last, optimize, optimize-unet-body, compile-reduce-overhead by kind of kernel (its compile reuses the Inductor
 #      caches stage 7 left)
 #   Not in the default run (their compiles do not fit beside the rest), each one call of its own:
 #   STAGES=pipeline2: SD1.5 512 px batch 1 compile-default and        420  bench_pipeline2.json

@@ -317,7 +317,8 @@ def pytest_benchmark_section(name: str, data: dict[str, Any]) -> tuple[list[str]
 # The pipeline benchmark's table (benchmarks/bench_pipeline.py): the order its variants are shown in, the peers
 # optimize is measured against, and issue 18's goals per pipeline.
 PIPELINE_ORDER = ("plain", "optimize", "compile-reduce-overhead", "diffusers-recipe", "compile-default",
-                  "optimize-no-attention", "optimize-no-graph", "optimize-no-channels-last", "optimize-compile")
+                  "optimize-no-attention", "optimize-no-graph", "optimize-no-channels-last", "optimize-unet-body",
+                  "optimize-compile")
 PIPELINE_PEERS = ("compile-reduce-overhead", "diffusers-recipe")
 PIPELINE_GOALS = {"sd15": {"peer": 1.3, "plain": 3.5, "first_call_s": 10.0}, "sdxl": {"peer": 1.2}}
 

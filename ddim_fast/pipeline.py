@@ -27,6 +27,8 @@ What it does per component:
   - ``fuse_qkv``: one GEMM for each module's q/k/v (k/v) projections over a buffer that is the weights' own
     storage (``ddim_fast.qkv_projections``): LoRA and in-place weight updates keep working.
   - ``channels_last``: 4-D weights in ``torch.channels_last``; restore gives each its strides back.
+  - ``unet_body`` (default False; ``"auto"``: CUDA only): the fused GroupNorm(+SiLU) and GEGLU ops in the
+    ResnetBlock2D, GEGLU and GroupNorm modules they reproduce (``ddim_fast.unet_fusion``).
   - ``compile`` (default False): ``torch.compile`` of the forward (``ddim_fast.compiled``), run inside the graphs.
   - ``cuda_graph``: the forward is replaced by a :class:`ddim_fast.module_graph.GraphedForward` that replays a
     CUDA graph captured per call signature (shapes, dtypes, keyword structure, Python scalars such as a LoRA
@@ -34,7 +36,7 @@ What it does per component:
     replay) and runs eagerly, with one warning, when the model cannot be captured. ``"auto"``: calls off CUDA
     pass straight through; True: they run the static-buffer path eagerly (testing without a GPU).
 
-  The order: processors, (the UNet-body fusion's place,) fused projections, layout, then what wraps the forward
+  The order: processors, the UNet-body fusion, fused projections, layout, then what wraps the forward
   (compile inside, graphs outside); ``restore`` undoes it in reverse.
 
 What was done and what was kept, and why, is one line: ``optimized_state(pipe).summary``. It is logged as a
@@ -61,6 +63,7 @@ from ddim_fast.attention_processors import FusedAttention, fuse_attention, unfus
 from ddim_fast.compiled import CompiledForward, cache_dir, cache_key, compile_options, uses_cuda_graphs
 from ddim_fast.module_graph import GraphedForward
 from ddim_fast.qkv_projections import FusedQKV, fuse_qkv, unfuse_qkv
+from ddim_fast.unet_fusion import FusedUnetBody, fuse_unet_body, unfuse_unet_body
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +83,8 @@ class OptimizeState:
     kept_schedulers: component name -> why it was kept.
     attention: model name -> ``FusedAttention`` (fused module names with their original processors, and
     the modules left alone with the reason).
+    unet_body: model name -> ``unet_fusion.FusedUnetBody`` (ResnetBlock2D / GEGLU / GroupNorm modules given the
+    fused GroupNorm(+SiLU) and GEGLU ops, modules left alone with the reason).
     qkv: model name -> ``qkv_projections.FusedQKV`` (fused projection groups, modules left alone with the reason).
     channels_last: model name -> [(tensor, strides it had)] for every weight made channels_last.
     compiled: model name (as in ``graphed``) -> its ``compiled.CompiledForward``.
@@ -92,6 +97,7 @@ class OptimizeState:
     schedulers: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     kept_schedulers: dict[str, str] = field(default_factory=dict)
     attention: dict[str, FusedAttention] = field(default_factory=dict)
+    unet_body: dict[str, FusedUnetBody] = field(default_factory=dict)
     qkv: dict[str, FusedQKV] = field(default_factory=dict)
     channels_last: dict[str, list] = field(default_factory=dict)
     compiled: dict[str, CompiledForward] = field(default_factory=dict)
@@ -288,7 +294,7 @@ def _device_of(model: nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
-def _resolve(model: nn.Module, *, attention, cuda_graph, channels_last, fuse_qkv) -> dict[str, Any]:
+def _resolve(model: nn.Module, *, attention, cuda_graph, channels_last, fuse_qkv, unet_body) -> dict[str, Any]:
     """What each option means for one model: ``"auto"`` decided by the device its weights are on now.
 
     The CPU defaults do only what was measured to pay there (``benchmarks/bench_pipeline.py``, group
@@ -303,11 +309,16 @@ def _resolve(model: nn.Module, *, attention, cuda_graph, channels_last, fuse_qkv
         "cuda_graph": cuda_graph,
         "channels_last": cuda if channels_last == _AUTO else channels_last,
         "fuse_qkv": cuda if fuse_qkv == _AUTO else fuse_qkv,
+        # Off by default until a GPU run measures the fused GroupNorm(+SiLU) / GEGLU kernels inside the graphed
+        # UNet (bench_pipeline's optimize-unet-body row); "auto": CUDA only (on the CPU the ops are PyTorch's own
+        # composites: nothing to gain, docs/design.md "UNet body fusion").
+        "unet_body": cuda if unet_body == _AUTO else unet_body,
     }
 
 
 def optimize(pipe, *, scheduler: bool | str = True, attention: bool | str = _AUTO, cuda_graph: bool | str = _AUTO,
-             channels_last: bool | str = _AUTO, fuse_qkv: bool | str = _AUTO, compile: Any = False,
+             channels_last: bool | str = _AUTO, fuse_qkv: bool | str = _AUTO, unet_body: bool | str = False,
+             compile: Any = False,
              compile_cache: bool | str | os.PathLike = True, verbose: bool = False):
     """Makes the diffusers pipeline ``pipe`` fast in place and returns it: fused DDIM scheduler(s), and for the
     UNet (and ControlNet): fused attention, fused QKV projections, channels_last weights, optionally
@@ -333,6 +344,9 @@ def optimize(pipe, *, scheduler: bool | str = True, attention: bool | str = _AUT
     fuse_qkv: one GEMM for the q/k/v (k/v for cross-attention) projections of each attention module, over a
     buffer that *is* the projection weights' storage (``ddim_fast.qkv_projections``: LoRA and in-place updates
     keep working).
+    unet_body: the fused GroupNorm(+SiLU), time-embedding add and GEGLU ops (``ddim_fast.unet_ops``) in every
+    ResnetBlock2D, GEGLU and GroupNorm they reproduce (``ddim_fast.unet_fusion``; the rest named with the reason
+    in the summary). False by default (not yet measured on a GPU); ``"auto"``: on CUDA models only.
     compile: False (default), True (``torch.compile``, Inductor's default mode), a mode string
     (``"max-autotune-no-cudagraphs"``, ...) or a dict of ``torch.compile`` arguments: compiles the models' forward,
     which then runs inside our CUDA graphs (modes that capture CUDA graphs themselves are refused while
@@ -350,7 +364,7 @@ def optimize(pipe, *, scheduler: bool | str = True, attention: bool | str = _AUT
         raise ValueError(f"optimize: scheduler must be True, False or 'ddim', got {scheduler!r}")
     choices = {name: _check_choice(name, value) for name, value in (
         ("attention", attention), ("cuda_graph", cuda_graph), ("channels_last", channels_last),
-        ("fuse_qkv", fuse_qkv))}
+        ("fuse_qkv", fuse_qkv), ("unet_body", unet_body))}
     options = compile_options(compile)
     if options is not None and cuda_graph is not False and uses_cuda_graphs(options):
         raise ValueError(f"optimize: compile mode {options.get('mode')!r} captures CUDA graphs itself, which cannot "
@@ -366,7 +380,8 @@ def optimize(pipe, *, scheduler: bool | str = True, attention: bool | str = _AUT
     wants_model = any(value is not False for value in choices.values()) or options is not None
     if wants_model and "unet" not in models:
         raise ValueError(f"optimize: {type(pipe).__name__} has no `unet` (attention, cuda_graph, channels_last, "
-                         "fuse_qkv and compile act on the UNet; pass them as False to swap the scheduler alone)")
+                         "fuse_qkv, unet_body and compile act on the UNet; pass them as False to swap the scheduler "
+                         "alone)")
 
     state = OptimizeState(models=models)
     state.choices = {name: _resolve(model, **choices) for name, model in models.items()}
@@ -426,7 +441,7 @@ def _cache_file(model: nn.Module, options: dict, compile_cache, state: OptimizeS
 def _apply(pipe, models: dict, state: OptimizeState, *, scheduler, compile_options: dict | None,
            compile_cache) -> None:
     """The work of optimize, recording every change in `state` as it is made (so that _undo can revert a
-    partial run). Order: what changes a model's body (processors, fused projections, layouts) before what
+    partial run). Order: what changes a model's body (processors, UNet-body fusion, fused projections, layouts) before what
     wraps its forward (compile, graphs)."""
     for name, model in models.items():
         choice = state.choices[name]
@@ -434,8 +449,10 @@ def _apply(pipe, models: dict, state: OptimizeState, *, scheduler, compile_optio
             # Modules the kernels cannot serve keep their processors (the summary names them and says why); even
             # when none can be served, the scheduler and the graphs are still worth having.
             state.attention[name] = fuse_attention(model)
-        # (The UNet-body fusion, e.g. fused GroupNorm+SiLU / GEGLU modules, belongs here: after the processors,
-        # before the fused projections and the layout, recorded in `state` and undone in `_undo`.)
+        if choice["unet_body"]:
+            # Instance-level forwards on ResnetBlock2D / GEGLU / GroupNorm (parameters read at call time); the
+            # modules they cannot reproduce exactly keep their forward (named, with the reason, in the summary).
+            state.unet_body[name] = fuse_unet_body(model)
         if choice["fuse_qkv"]:
             state.qkv[name] = fuse_qkv(model)
         if choice["channels_last"]:
@@ -490,6 +507,13 @@ def _summary(state: OptimizeState) -> str:
         if fused.unserved:
             part += f", {len(fused.unserved)} keep their processors ({fused.unserved_summary()})"
         parts.append(part)
+    for name, fused in state.unet_body.items():
+        counts = fused.counts
+        part = (f"{name} body: {len(fused.patched) + fused.already} modules fused ("
+                + ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items())) + ")")
+        if fused.skipped:
+            part += f", {len(fused.skipped)} kept ({fused.skipped_summary()})"
+        parts.append(part)
     for name, fused in state.qkv.items():
         total = fused.count + len(fused.unserved)
         part = f"{name} QKV projections: {fused.count} of {total} attention modules fused"
@@ -540,7 +564,7 @@ def restore(pipe):
 
 def _undo(pipe, state: OptimizeState) -> None:
     """Reverts what `state` records, last change first: graphs, compiled forwards, layouts, fused projections,
-    attention processors, schedulers."""
+    the UNet-body fusion, attention processors, schedulers."""
     for graphed in state.graphed.values():
         graphed.uninstall()
     for compiled in state.compiled.values():
@@ -549,6 +573,8 @@ def _undo(pipe, state: OptimizeState) -> None:
         _restore_layout(changed)
     for name, fused in state.qkv.items():
         unfuse_qkv(state.models[name], fused)
+    for name, fused in state.unet_body.items():
+        unfuse_unet_body(state.models[name], fused)
     for name, fused in state.attention.items():
         unfuse_attention(state.models[name], fused.originals)
     for name, (original, replacement) in state.schedulers.items():

@@ -266,7 +266,8 @@ def test_cpu_defaults_swap_the_scheduler_only(case):
     state = runs["default_state"]
     assert torch.equal(runs["default"], runs["base"]), f"{case}: optimize(pipe)'s CPU defaults changed the output"
     assert state.schedulers and not state.attention and not state.qkv and not state.channels_last
-    assert all(choice == dict(attention=False, cuda_graph="auto", channels_last=False, fuse_qkv=False)
+    assert all(choice == dict(attention=False, cuda_graph="auto", channels_last=False, fuse_qkv=False,
+                              unet_body=False)
                for choice in state.choices.values()), state.choices
     for name, (misses, hits, eager, _) in runs["default_counts"].items():
         assert misses == hits == 0 and eager > 0, f"{case} {name}: {runs['default_counts']}"
@@ -299,6 +300,48 @@ def test_restore_gives_back_diffusers_output(case):
     assert "forward" not in pipe.unet.__dict__
     assert all(type(p) is AttnProcessor2_0 for p in pipe.unet.attn_processors.values())
     assert type(pipe.scheduler) is diffusers.DDIMScheduler
+
+
+def test_unet_body_option_fuses_runs_and_restores():
+    """optimize(unet_body=True): the fused GroupNorm(+SiLU) / GEGLU ops run in the UNet (counted at the dispatcher,
+    every step), through the graph path too, within the fp32 tolerance of diffusers; the summary names the fused
+    modules; restore takes every instance forward away and gives diffusers' output back bit for bit. Off by
+    default on both devices ("auto": CUDA only)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name
+            self.ops[name] = self.ops.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    pipe = tp.sd()
+    with torch.no_grad():
+        base = _call_sd(pipe, _gen())
+    for cuda_graph in (False, True):
+        ddim_fast.optimize(pipe, attention=False, unet_body=True, cuda_graph=cuda_graph)
+        state = optimized_state(pipe)
+        fused = state.unet_body["unet"]
+        assert fused.counts["resnet"] > 0 and fused.counts["geglu"] > 0 and not fused.skipped
+        assert "unet body:" in state.summary and "resnet" in state.summary
+        with torch.no_grad(), Count() as count:
+            out = _call_sd(pipe, _gen())
+        assert count.ops.get("ddim_fast::group_norm_silu", 0) >= 2 * fused.counts["resnet"] * STEPS, count.ops
+        assert count.ops.get("ddim_fast::geglu", 0) == fused.counts["geglu"] * STEPS, count.ops
+        assert_rel_close(out, base, SAMPLER_RTOL, f"unet_body=True, cuda_graph={cuda_graph} vs diffusers")
+        ddim_fast.restore(pipe)
+        assert not any("forward" in m.__dict__ for m in pipe.unet.modules()), "restore left a fused forward"
+        with torch.no_grad():
+            assert torch.equal(_call_sd(pipe, _gen()), base)
+    ddim_fast.optimize(pipe)
+    assert optimized_state(pipe).unet_body == {}, "unet_body must be off by default on the CPU"
+    ddim_fast.restore(pipe)
+    with pytest.raises(ValueError, match="unet_body must be True, False or 'auto'"):
+        ddim_fast.optimize(pipe, unet_body="yes")
 
 
 def test_eta_run_uses_the_generators():

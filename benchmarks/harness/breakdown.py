@@ -288,7 +288,7 @@ def summarize_events(events: list[TimedEvent], start: float, end: float, calls: 
 # --------------------------------------------------------------------------------------------------
 
 MODELS = {"tiny-unet": "tiny-sd", "sd15-unet": "sd15", "sdxl-unet": "sdxl"}
-GPU_VARIANTS = ("plain", "channels-last", "optimize", "compile-reduce-overhead")
+GPU_VARIANTS = ("plain", "channels-last", "optimize", "optimize-unet-body", "compile-reduce-overhead")
 CPU_VARIANTS = ("plain", "channels-last", "optimize")  # torch.compile on the CPU: minutes; ask for it by name
 
 

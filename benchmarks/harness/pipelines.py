@@ -12,7 +12,8 @@ Variants (``VARIANTS``; the names are read by scripts, keep them):
   ``torch.compile(unet, mode="reduce-overhead", fullgraph=True)``;
 * ``optimize``: ``ddim_fast.optimize(pipe)``; its parts ``optimize-no-attention`` (``attention=False``),
   ``optimize-no-graph`` (``cuda_graph=False``), and, where this ``optimize`` has the option,
-  ``optimize-no-channels-last`` (``channels_last=False``) and ``optimize-compile`` (``compile=True``). A part
+  ``optimize-no-channels-last`` (``channels_last=False``), ``optimize-unet-body`` (``unet_body=True``: the fused
+  GroupNorm(+SiLU) / GEGLU ops, off by default until measured) and ``optimize-compile`` (``compile=True``). A part
   whose option ``optimize`` does not have is skipped with that reason.
 
 Proofs (``PipelineRun.proof``, checked before anything is timed; a failed one raises AssertionError):
@@ -253,6 +254,7 @@ VARIANTS = {v.name: v for v in (
     PipelineVariant("optimize-no-attention", "optimize", {"attention": False}),
     PipelineVariant("optimize-no-graph", "optimize", {"cuda_graph": False}),
     PipelineVariant("optimize-no-channels-last", "optimize", {"channels_last": False}),
+    PipelineVariant("optimize-unet-body", "optimize", {"unet_body": True}),
     PipelineVariant("optimize-compile", "optimize", {"compile": True}),
     PipelineVariant("channels-last", "plain", channels_last=True, in_table=False),
 )}
