@@ -61,7 +61,8 @@ NAMES = {
         "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::Half, float, false>(int, float, "
         "c10::Half const*, c10::Half const*, c10::Half const*, float*, float*, c10::Half*)",
         "triton_red_fused_native_group_norm_0", "triton_per_fused_native_layer_norm_5",
-        "triton_poi_fused_native_group_norm_silu_2",
+        "triton_poi_fused_native_group_norm_silu_2", "_group_norm_stats_kernel", "_group_norm_apply_kernel",
+        "ddim_fast::group_norm_silu",
         "aten::group_norm", "aten::native_group_norm", "aten::layer_norm", "aten::native_layer_norm",
     ],
     "elementwise": [
@@ -74,6 +75,7 @@ NAMES = {
         ">(int, at::native::FillFunctor<c10::Half>, std::array<char*, 1>)",
         "triton_poi_fused_add_convolution_silu_3", "triton_poi_fused_mul_sigmoid_7", "triton_poi_fused_0",
         "void ddim_step_vector_kernel<__half, 2>(DdimStepParams)", "_ddim_step_kernel",
+        "_geglu_kernel", "ddim_fast::geglu",
         "aten::add", "aten::mul", "aten::silu", "aten::gelu", "aten::div", "aten::exp", "aten::sin", "aten::fill_",
     ],
     "copies/layout": [

@@ -54,10 +54,10 @@ KERNEL_RULES: tuple[tuple[str, str, str], ...] = (
      + _WORD.format("cat|clone|contiguous|to|reshape|view|expand|pad|constant_pad_nd|as_strided|chunk|split|"
                     "unbind|slice|select|narrow|squeeze|unsqueeze|flatten|unflatten|t|stack|repeat"),
      "copies (direct_copy_kernel, _to_copy), transposes, concatenation, nearest upsampling, views"),
-    ("elementwise", r"elementwise|vectorized|pointwise|ddim_step|"
+    ("elementwise", r"elementwise|vectorized|pointwise|ddim_step|geglu|"
      + _WORD.format("add|add_|mul|mul_|sub|div|silu|gelu|sigmoid|exp|neg|where|clamp|tanh|rsub|pow|sqrt|rsqrt|"
                     "sin|cos|arange|fill_|zero_|addcmul|baddbmm_|lerp|maximum|minimum"),
-     "ATen's elementwise kernels (add, mul, SiLU, GELU, fills), ddim_fast's fused DDIM step"),
+     "ATen's elementwise kernels (add, mul, SiLU, GELU, fills), ddim_fast's fused DDIM step and GEGLU"),
 )
 _COMPILED_RULES = tuple((kind, re.compile(pattern)) for kind, pattern, _ in KERNEL_RULES)
 
