@@ -245,3 +245,13 @@ def allocate_geglu_output(h: torch.Tensor) -> torch.Tensor:
     """geglu's output: a new contiguous [..., D] tensor in h's dtype (what diffusers' ``a * gelu(gate)`` gives for
     a contiguous projection output)."""
     return torch.empty((*h.shape[:-1], h.shape[-1] // 2), dtype=h.dtype, device=h.device)
+
+
+def reasons_summary(reasons: dict[str, str]) -> str:
+    """One line for the modules a patcher left alone (name -> why): each reason once, with how many modules and
+    the first one's name (``fuse_attention``, ``fuse_qkv`` and ``fuse_unet_body`` report this way)."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in reasons.items():
+        by_reason.setdefault(reason, []).append(name)
+    return "; ".join(f"{reason}: {len(names)} module{'s' if len(names) > 1 else ''} ({names[0]}"
+                     f"{', ...' if len(names) > 1 else ''})" for reason, names in by_reason.items())

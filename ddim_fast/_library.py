@@ -65,6 +65,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def check_triton_device(op: str, name: str, tensor) -> None:
+    """Triton kernels run on CUDA tensors, and on CPU tensors only under the interpreter: anything else is a
+    RuntimeError naming the op and the argument (never a Triton error from deep inside the launch)."""
+    if tensor.device.type != "cuda" and not interpreting():
+        raise RuntimeError(f"{op}: {name} must be a CUDA tensor, got {tensor.device} (CPU tensors run only under "
+                           "TRITON_INTERPRET=1, set before triton is imported)")
+
+
 def triton_module(name: str):
     """``ddim_fast.triton.<name>``, imported on first use, with a message that says what is missing."""
     if not TRITON_FOUND:

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ddim_fast._checks import reasons_summary
 from ddim_fast.attention import ATTENTION_BACKENDS, MAX_HEAD_DIM, fused_attention
 
 logger = logging.getLogger(__name__)
@@ -322,11 +323,7 @@ class FusedAttention:
 
     def unserved_summary(self) -> str:
         """One line: each reason once, with how many modules and the first module's name."""
-        by_reason: dict[str, list[str]] = {}
-        for name, reason in self.unserved.items():
-            by_reason.setdefault(reason, []).append(name)
-        return "; ".join(f"{reason}: {len(names)} module{'s' if len(names) > 1 else ''} ({names[0]}"
-                         f"{', ...' if len(names) > 1 else ''})" for reason, names in by_reason.items())
+        return reasons_summary(self.unserved)
 
 
 def _attention_modules(model: nn.Module):

@@ -40,6 +40,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from ddim_fast.forward_override import ForwardOverride
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["CompiledForward", "compile_options", "cache_dir", "cache_key", "CUDA_GRAPH_MODES"]
@@ -196,9 +198,7 @@ class CompiledForward:
         self._artifacts = _ArtifactFile(Path(cache_file)) if cache_file is not None else None
         if self._artifacts is not None:
             self._artifacts.load()
-        self._had_instance_forward = "forward" in module.__dict__
-        self._previous_instance_forward = module.__dict__.get("forward")
-        self._installed: Callable | None = None
+        self._override = ForwardOverride(module, "the compiled forward")
 
     @property
     def cache_loaded(self) -> bool:
@@ -218,26 +218,17 @@ class CompiledForward:
     def install(self) -> "CompiledForward":
         """Makes ``module(...)`` call the compiled forward (an instance ``forward`` that looks like the
         original to ``inspect.signature``)."""
-        if self._installed is None:
+        if self._override.installed is None:
             installed = functools.wraps(self.original_forward)(
                 lambda *args, **kwargs: self(*args, **kwargs))
             installed._ddim_fast_compiled = True
-            self._installed = installed
-            self.module.forward = installed
+            self._override.install(installed)
         return self
 
     def uninstall(self) -> bool:
-        """Puts back the forward the module had; False (and nothing changed) when someone replaced ours."""
-        installed, self._installed = self._installed, None
-        if installed is None:
-            return True
-        if self.module.__dict__.get("forward") is not installed:
+        """Puts back the forward the module had; False (and nothing changed) when someone replaced ours (this
+        wrapper then passes every call to the original forward)."""
+        removed = self._override.uninstall()
+        if not removed:
             self.enabled = False
-            logger.warning("ddim_fast: %s.forward was wrapped again after optimize(); the compiled forward now "
-                           "passes every call to the original instead of being removed", type(self.module).__name__)
-            return False
-        if self._had_instance_forward:
-            self.module.forward = self._previous_instance_forward
-        else:
-            del self.module.forward
-        return True
+        return removed

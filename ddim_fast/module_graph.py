@@ -68,6 +68,7 @@ from torch.nn.modules import module as torch_module
 from torch.utils.hooks import RemovableHandle
 
 from ddim_fast import graphs
+from ddim_fast.forward_override import ForwardOverride
 
 logger = logging.getLogger(__name__)
 
@@ -439,8 +440,7 @@ class GraphedForward:
             raise TypeError(f"GraphedForward: forward must be callable, got {type(forward).__name__}")
         self.module = module
         # What restore puts back: the instance attribute if there was one, else nothing (the class's forward).
-        self._had_instance_forward = "forward" in module.__dict__
-        self._previous_instance_forward = module.__dict__.get("forward")
+        self._override = ForwardOverride(module, "the CUDA-graph wrapper")
         self.original_forward: Callable[..., Any] = module.forward
         self.forward: Callable[..., Any] = self.original_forward if forward is None else forward
         self.signature = inspect.signature(self.original_forward)
@@ -463,15 +463,13 @@ class GraphedForward:
         self.calls = 0
         self.eager_calls = 0
         self.last_key: Any = None
-        self._installed: _InstalledForward | None = None
 
     # ---- installation ---------------------------------------------------------------------------
 
     def install(self) -> "GraphedForward":
         """Makes ``module.forward`` (and so ``module(...)``) go through this wrapper."""
-        if self._installed is None:
-            self._installed = _InstalledForward(self)
-            self.module.forward = self._installed
+        if self._override.installed is None:
+            self._override.install(_InstalledForward(self))
         return self
 
     def uninstall(self) -> bool:
@@ -479,19 +477,10 @@ class GraphedForward:
         wrapper, which then passes every call through) when something else has replaced ``module.forward``
         since, e.g. a hook library wrapping it: removing ours would remove theirs too."""
         self.clear()
-        installed, self._installed = self._installed, None
-        if installed is None:
-            return True
-        if self.module.__dict__.get("forward") is not installed:
+        removed = self._override.uninstall()
+        if not removed:
             self.enabled = False
-            logger.warning("ddim_fast: %s.forward was wrapped again after optimize(); the CUDA-graph wrapper "
-                           "now passes every call through instead of being removed", type(self.module).__name__)
-            return False
-        if self._had_instance_forward:
-            self.module.forward = self._previous_instance_forward
-        else:
-            del self.module.forward
-        return True
+        return removed
 
     def clear(self) -> None:
         """Drops every captured graph (and their memory pool); the next call captures again."""

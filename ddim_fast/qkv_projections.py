@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddim_fast._checks import reasons_summary
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["fuse_qkv", "unfuse_qkv", "FusedQKV", "QKVGroup"]
@@ -207,11 +209,7 @@ class FusedQKV:
             group.revalidate()
 
     def unserved_summary(self) -> str:
-        by_reason: dict[str, list[str]] = {}
-        for name, reason in self.unserved.items():
-            by_reason.setdefault(reason, []).append(name)
-        return "; ".join(f"{reason}: {len(names)} module{'s' if len(names) > 1 else ''} ({names[0]}"
-                         f"{', ...' if len(names) > 1 else ''})" for reason, names in by_reason.items())
+        return reasons_summary(self.unserved)
 
 
 def unfusable_reason(attn: nn.Module) -> Optional[str]:

@@ -46,7 +46,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ddim_fast._checks import KERNEL_DTYPES
+from ddim_fast._checks import KERNEL_DTYPES, reasons_summary
 
 logger = logging.getLogger(__name__)
 
@@ -103,11 +103,7 @@ class FusedUnetBody:
 
     def skipped_summary(self) -> str:
         """One line: each reason once, with how many modules and the first module's name."""
-        by_reason: dict[str, list[str]] = {}
-        for name, reason in self.skipped.items():
-            by_reason.setdefault(reason, []).append(name)
-        return "; ".join(f"{reason}: {len(names)} module{'s' if len(names) > 1 else ''} ({names[0]}"
-                         f"{', ...' if len(names) > 1 else ''})" for reason, names in by_reason.items())
+        return reasons_summary(self.skipped)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,6 +11,9 @@ Triton step unlaunchable on the first H200 run (2026-12-04). Here the same compa
 It runs in a subprocess with ``TRITON_INTERPRET=0``: under the interpreter ``@triton.jit`` builds
 ``InterpretedFunction`` objects, which Triton's dependency finder does not walk. Computing ``cache_key``
 needs no GPU and no driver.
+
+Also here: the launchers' own refusal of CPU tensors outside the interpreter (another path only a real launch
+takes).
 """
 
 from __future__ import annotations
@@ -107,3 +110,26 @@ def test_the_check_catches_a_nan_global(tmp_path):
     assert set(result) == {"nan_global_kernels._helper", "nan_global_kernels._kernel"}
     for name, bad in result.items():
         assert len(bad) == 1 and bad[0].startswith("_NAN"), (name, bad)
+
+
+@pytest.mark.parametrize("launcher", ["attention", "geglu", "group_norm"])
+def test_launchers_refuse_cpu_tensors_outside_the_interpreter(monkeypatch, launcher):
+    """Without TRITON_INTERPRET=1 a CPU tensor is a RuntimeError naming the op and the argument before any launch
+    (the interpreter that runs these tests is switched off for the check only)."""
+    import torch
+
+    import ddim_fast._library as library
+
+    monkeypatch.setattr(library, "interpreting", lambda: False)
+    module = library.triton_module(launcher)
+    if launcher == "attention":
+        q = torch.randn(1, 1, 16, 16)
+        call, op, arg = (lambda: module._check_inputs(q, q, q, None, 0.25)), "attention_triton", "q"
+    elif launcher == "geglu":
+        call, op, arg = (lambda: module.geglu_triton_impl(torch.randn(2, 8))), "geglu_triton", "h"
+    else:
+        x = torch.randn(1, 4, 2, 2)
+        call, op, arg = (lambda: module.group_norm_silu_triton_impl(x, None, None, 2, 1e-5, True)), \
+            "group_norm_silu_triton", "x"
+    with pytest.raises(RuntimeError, match=f"{op}: {arg} must be a CUDA tensor, got cpu .*TRITON_INTERPRET=1"):
+        call()

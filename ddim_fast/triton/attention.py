@@ -46,7 +46,7 @@ from triton.language.extra import libdevice
 
 import ddim_fast  # noqa: F401  (registers torch.ops.ddim_fast.*)
 from ddim_fast._checks import check_mask, check_qkv, check_softmax_scale
-from ddim_fast._library import interpreting as _interpreting
+from ddim_fast._library import check_triton_device
 
 __all__ = ["attention_triton", "attention_triton_impl", "kernel_arguments", "launch_config"]
 
@@ -360,8 +360,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
     head_dim = q.shape[-1]
     if head_dim > _MAX_HEAD_DIM:
         raise ValueError(f"{op}: head dim D must be at most {_MAX_HEAD_DIM}, got {head_dim}")
-    if q.device.type == "cpu" and not _interpreting():
-        raise RuntimeError(f"{op}: CPU tensors run only under TRITON_INTERPRET=1 (set before triton is imported)")
+    check_triton_device(op, "q", q)
     if mask is not None:
         check_mask(op, mask, tuple(q.shape[:-1]) + (k.shape[-2],), q.dtype, q.device)
 

@@ -26,7 +26,7 @@ import triton.language as tl
 
 import ddim_fast  # noqa: F401  (registers torch.ops.ddim_fast.*)
 from ddim_fast._checks import allocate_geglu_output, check_geglu_args
-from ddim_fast._library import interpreting as _interpreting
+from ddim_fast._library import check_triton_device
 
 __all__ = ["geglu_triton", "geglu_triton_impl", "launch_config"]
 
@@ -116,9 +116,7 @@ def geglu_triton_impl(h: torch.Tensor) -> torch.Tensor:
     h [..., 2D] -> a new contiguous [..., D] tensor in h's dtype."""
     op = "geglu_triton"
     check_geglu_args(op, h)
-    if h.device.type == "cpu" and not _interpreting():
-        raise RuntimeError(f"{op}: h must be a CUDA tensor (CPU tensors run only under TRITON_INTERPRET=1, set "
-                           "before triton is imported)")
+    check_triton_device(op, "h", h)
     out = allocate_geglu_output(h)
     if out.numel() == 0:
         return out

@@ -52,7 +52,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 import ddim_fast  # noqa: F401  (registers torch.ops.ddim_fast.*)
 from ddim_fast._checks import allocate_group_norm_output, check_group_norm_args
-from ddim_fast._library import interpreting as _interpreting
+from ddim_fast._library import check_triton_device
 
 __all__ = ["group_norm_silu_triton", "group_norm_silu_triton_impl", "launch_config", "plan_launch"]
 
@@ -164,6 +164,27 @@ def _sweep_tile(total, rows, add_row, stride_add_c, C, HW, chunk_size, num_chunk
 
 
 @triton.jit
+def _sweep_groups(rows, add_row, stride_add_c, C, HW, chunk_size, num_chunks, num_groups, group_size, g0, mean,
+                  WITH_M2: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
+                  BLOCK_G: tl.constexpr, ITERS_K: tl.constexpr, ITERS_G: tl.constexpr):
+    """One sweep of _sweep_tile over every chunk and channel block of groups g0 ...: [BLOCK_GROUPS] sums per group
+    (WITH_M2 False: n_k * mean_kc; True: M2_kc + n_k * (mean_kc - mean)^2)."""
+    total = tl.zeros([BLOCK_K, BLOCK_GROUPS, BLOCK_G], dtype=tl.float32)
+    for ji in range(0, ITERS_G):
+        if ITERS_K > 0:  # the interpreter's trip count (see the finalize kernel)
+            for ki in range(0, ITERS_K):
+                total = _sweep_tile(total, rows, add_row, stride_add_c, C, HW, chunk_size, num_chunks, num_groups,
+                                    group_size, g0, ji * BLOCK_G, ki * BLOCK_K, mean, WITH_M2, HAS_ADD, BLOCK_K,
+                                    BLOCK_GROUPS, BLOCK_G)
+        else:
+            for k0 in range(0, num_chunks, BLOCK_K):
+                total = _sweep_tile(total, rows, add_row, stride_add_c, C, HW, chunk_size, num_chunks, num_groups,
+                                    group_size, g0, ji * BLOCK_G, k0, mean, WITH_M2, HAS_ADD, BLOCK_K, BLOCK_GROUPS,
+                                    BLOCK_G)
+    return tl.sum(tl.sum(total, axis=2), axis=0)
+
+
+@triton.jit
 def _store_coefficients(coef, weight_ptr, bias_ptr, add_row, stride_w, stride_bias, stride_add_c, num_groups,
                         group_size, C, g0, j0, mean, rstd, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                         HAS_ADD: tl.constexpr, BLOCK_GROUPS: tl.constexpr, BLOCK_G: tl.constexpr):
@@ -215,34 +236,13 @@ def _group_norm_finalize_kernel(
     rows = part_ptr + b.to(tl.int64) * num_chunks * (2 * C)
     add_row = add_ptr + b.to(tl.int64) * stride_add_b
 
+    # Sweep 1 sums n_k * mean_kc (the mean; `mean` is unused then), sweep 2 the M2 terms around that mean.
     mean = tl.zeros([BLOCK_GROUPS], dtype=tl.float32)
-    total = tl.zeros([BLOCK_K, BLOCK_GROUPS, BLOCK_G], dtype=tl.float32)
-    for ji in range(0, ITERS_G):
-        if ITERS_K > 0:
-            for ki in range(0, ITERS_K):
-                total = _sweep_tile(total, rows, add_row, stride_add_c, C, HW, chunk_size, num_chunks, num_groups,
-                                    group_size, g0, ji * BLOCK_G, ki * BLOCK_K, mean, False, HAS_ADD, BLOCK_K,
-                                    BLOCK_GROUPS, BLOCK_G)
-        else:
-            for k0 in range(0, num_chunks, BLOCK_K):
-                total = _sweep_tile(total, rows, add_row, stride_add_c, C, HW, chunk_size, num_chunks, num_groups,
-                                    group_size, g0, ji * BLOCK_G, k0, mean, False, HAS_ADD, BLOCK_K, BLOCK_GROUPS,
-                                    BLOCK_G)
-    mean = tl.sum(tl.sum(total, axis=2), axis=0) * inv_count
-
-    total = tl.zeros([BLOCK_K, BLOCK_GROUPS, BLOCK_G], dtype=tl.float32)
-    for ji in range(0, ITERS_G):
-        if ITERS_K > 0:
-            for ki in range(0, ITERS_K):
-                total = _sweep_tile(total, rows, add_row, stride_add_c, C, HW, chunk_size, num_chunks, num_groups,
-                                    group_size, g0, ji * BLOCK_G, ki * BLOCK_K, mean, True, HAS_ADD, BLOCK_K,
-                                    BLOCK_GROUPS, BLOCK_G)
-        else:
-            for k0 in range(0, num_chunks, BLOCK_K):
-                total = _sweep_tile(total, rows, add_row, stride_add_c, C, HW, chunk_size, num_chunks, num_groups,
-                                    group_size, g0, ji * BLOCK_G, k0, mean, True, HAS_ADD, BLOCK_K, BLOCK_GROUPS,
-                                    BLOCK_G)
-    rstd = tl.math.rsqrt(tl.sum(tl.sum(total, axis=2), axis=0) * inv_count + eps)
+    mean = _sweep_groups(rows, add_row, stride_add_c, C, HW, chunk_size, num_chunks, num_groups, group_size, g0, mean,
+                         False, HAS_ADD, BLOCK_K, BLOCK_GROUPS, BLOCK_G, ITERS_K, ITERS_G) * inv_count
+    m2 = _sweep_groups(rows, add_row, stride_add_c, C, HW, chunk_size, num_chunks, num_groups, group_size, g0, mean,
+                       True, HAS_ADD, BLOCK_K, BLOCK_GROUPS, BLOCK_G, ITERS_K, ITERS_G)
+    rstd = tl.math.rsqrt(m2 * inv_count + eps)
 
     coef = coef_ptr + b.to(tl.int64) * (3 * C)
     for ji in range(0, ITERS_G):
@@ -522,9 +522,7 @@ def group_norm_silu_triton_impl(x: torch.Tensor, weight, bias, num_groups: int, 
     ``torch.empty_like(x)``."""
     op = "group_norm_silu_triton"
     check_group_norm_args(op, x, weight, bias, num_groups, eps, channel_add)
-    if x.device.type == "cpu" and not _interpreting():
-        raise RuntimeError(f"{op}: x must be a CUDA tensor (CPU tensors run only under TRITON_INTERPRET=1, set "
-                           "before triton is imported)")
+    check_triton_device(op, "x", x)
     out = allocate_group_norm_output(x)
     if x.numel() == 0:
         return out
