@@ -38,6 +38,7 @@ import os
 import statistics
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -152,15 +153,24 @@ def measurable(*tensors: torch.Tensor) -> Optional[str]:
 # --------------------------------------------------------------------------------------------------
 
 
+# GPU cycles the stream is kept busy per timed call before the start event (~100 us at 2 GHz, more than a Triton
+# launch's host time): the calls queue up behind it, so the events time the kernels back to back, as a CUDA graph
+# replays them, not the host's launch cost (which a graph does not pay and which differs between candidates).
+_QUEUE_CYCLES_PER_CALL = 200_000
+
+
 def cuda_event_seconds(fn: Callable[[], object], calls: int, device: torch.device) -> float:
     """Seconds per call of ``calls`` back-to-back calls of ``fn`` on the current stream, from CUDA events (the
-    host waits on the end event only). On the CPU (synchronous kernels) perf_counter around the calls."""
+    host waits on the end event only), with the calls queued behind a busy-wait kernel so that the GPU time is
+    measured, not the launch (the choices serve graph replays). On the CPU (synchronous kernels) perf_counter
+    around the calls."""
     if device.type != "cuda":
         start = time.perf_counter()
         for _ in range(calls):
             fn()
         return (time.perf_counter() - start) / calls
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(_QUEUE_CYCLES_PER_CALL * calls)
     start.record()
     for _ in range(calls):
         fn()
@@ -178,6 +188,15 @@ def measure(candidates: dict, check: Callable[[object], float], tol: float, time
     docstring says. ``check(output)`` returns the output's relative error vs the reference; ``tol`` the largest
     accepted. ``timer(name, fn, calls)`` returns seconds per call (injected: tests pass fake timings).
     Raises RuntimeError when no candidate is correct."""
+    # A forced SDPA backend that cannot take the inputs warns ("Flash attention kernel not used because ...")
+    # before it raises: the candidate is rejected with the reason; the user sees no warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _measure(candidates, check, tol, timer, preferred, calls, reps)
+
+
+def _measure(candidates: dict, check: Callable[[object], float], tol: float, timer: Timer,
+             preferred: Optional[str], calls: int, reps: int) -> Choice:
     rejected: dict = {}
     errors: dict = {}
     rough: dict = {}

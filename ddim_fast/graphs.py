@@ -135,8 +135,11 @@ def _static_copy(t: torch.Tensor) -> torch.Tensor:
 
 def make_static(tree: Any) -> Any:
     """A copy of `tree` whose tensors are fresh buffers holding the same values (same shape, dtype,
-    device and strides, so the signature is unchanged); non-tensor leaves are kept as they are."""
-    return pytree.tree_map_only(torch.Tensor, _static_copy, tree)
+    device and strides, so the signature is unchanged); non-tensor leaves are kept as they are. The buffers are
+    normal tensors even under ``torch.inference_mode()`` (an inference tensor could not be written by a later
+    call made outside it), and record no autograd history."""
+    with torch.inference_mode(False), torch.no_grad():
+        return pytree.tree_map_only(torch.Tensor, _static_copy, tree)
 
 
 def copy_into(static: Any, values: Any) -> None:

@@ -89,6 +89,16 @@ def _warn_once(key: str, message: str, *args) -> None:
 
 _FORWARD_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
 _PEFT_STATE = ("_active_adapter", "_disable_adapters", "merged_adapters", "scaling")
+# diffusers' FreeU factors, set on the UNet's up blocks by enable_freeu / disable_freeu and read by their forward.
+_FREEU_STATE = ("s1", "s2", "b1", "b2")
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _plain_state(obj: Any) -> tuple:
+    """The plain Python state of an attention processor, by value: its attributes holding scalars or lists /
+    tuples of scalars (IP-Adapter's ``scale`` list, which ``set_ip_adapter_scale`` edits in place)."""
+    return tuple((name, repr(value)) for name, value in getattr(obj, "__dict__", {}).items()
+                 if type(value) in _PLAIN or (type(value) in (list, tuple) and all(type(v) in _PLAIN for v in value)))
 _dtype_of = operator.attrgetter("dtype")
 
 # Bumped by PyTorch's global registration hooks (installed with the first ModuleWatch) for every module, parameter
@@ -135,11 +145,13 @@ class ModuleWatch:
     * every parameter and buffer slot (the tensor object, or None) and each tensor's data pointer and dtype
       (new tensors, ``param.data = ...`` as PEFT's safe merge does, ``.to()`` / ``.half()``);
     * each module's train flag and instance ``forward`` override (below the root), diffusers attention
-      processors (identity), forward (pre-)hooks, per module and PyTorch's global ones;
-    * PEFT tuner layers' Python state (active / disabled / merged adapters, LoRA ``scaling``).
+      processors (identity, and each processor's plain attributes by value: IP-Adapter's ``scale``), forward
+      (pre-)hooks, per module and PyTorch's global ones;
+    * PEFT tuner layers' Python state (active / disabled / merged adapters, LoRA ``scaling``);
+    * diffusers' FreeU factors (``s1``, ``s2``, ``b1``, ``b2`` on the up blocks: ``enable_freeu`` / ``disable_freeu``).
 
     Not baked in: tensor values (replays read them live, so in-place weight updates need no recapture). Not
-    watched: other Python attributes of custom modules (set them before the first call, or call
+    watched: other Python attributes of modules (set them before the first call, or call
     ``GraphedForward.clear()``).
 
     How a check stays cheap without missing a change. The tree is walked once (and again whenever a check
@@ -194,6 +206,8 @@ class ModuleWatch:
         self._overridden = [d for d in self._below_root if "forward" in d]
         self._attention = [d for d in dicts if "processor" in d]
         self._peft = [d for d in dicts if "_active_adapter" in d]
+        self._freeu = [d for d in dicts if any(name in d for name in _FREEU_STATE)]
+        self._processors = list({id(d["processor"]): d["processor"] for d in self._attention}.values())
         self._quick = self._take()
         # The full snapshot (compared after a walk): every slot's object by identity, every hook by id.
         self._full = (
@@ -205,7 +219,7 @@ class ModuleWatch:
         self._full_forwards = [d.get("forward") for d in self._below_root]
 
     def _take(self) -> tuple:
-        """The quick snapshot: fields 0-4 compare by value, 5-7 by identity."""
+        """The quick snapshot: fields 0-5 compare by value, 6-8 by identity."""
         dicts, tensors, peft = self._dicts, self._tensors, self._peft
         return (
             (_registrations[0], RemovableHandle.next_id, len(torch_module._global_forward_hooks),
@@ -215,6 +229,8 @@ class ModuleWatch:
             list(map(dict.get, dicts, repeat("training"))),
             # PEFT state by value (PEFT changes its lists and dicts in place); repr of str/bool/float is exact
             [list(map(repr, map(dict.get, peft, repeat(name)))) for name in _PEFT_STATE] if peft else None,
+            # FreeU factors and the processors' plain attributes, by value
+            ([tuple(map(d.get, _FREEU_STATE)) for d in self._freeu], list(map(_plain_state, self._processors))),
             list(map(dict.get, self._overridden, repeat("forward"))),
             list(map(dict.get, self._attention, repeat("processor"))),
             # a slot set to None runs no registration hook
@@ -223,8 +239,8 @@ class ModuleWatch:
 
     @staticmethod
     def _same_quick(a: tuple, b: tuple, start: int = 0) -> bool:
-        return (all(x == y for x, y in zip(a[start:5], b[start:5]))
-                and all(_same_objects(x, y) for x, y in zip(a[5:], b[5:])))
+        return (all(x == y for x, y in zip(a[start:6], b[start:6]))
+                and all(_same_objects(x, y) for x, y in zip(a[6:], b[6:])))
 
     @staticmethod
     def _same_full(a: tuple, b: tuple) -> bool:

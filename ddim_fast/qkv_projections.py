@@ -125,7 +125,7 @@ class QKVGroup:
 
     # ---- the projections --------------------------------------------------------------------------
 
-    def revalidate(self, device: torch.device | None = None) -> bool:
+    def revalidate(self) -> bool:
         """Checks (eagerly) that the fusion still holds and sets ``valid``; a module whose weights were given
         new storage (``.to()``, ``param.data = ...``) is packed again first, unless a CUDA graph is capturing.
         Returns ``valid``. Called by every eager call of the first projection; compiled code reads ``valid``
@@ -133,7 +133,7 @@ class QKVGroup:
         ok = self.weight is not None and self.holds()
         if not ok and self.weight is not None and all(
                 self.attn._modules.get(n) is l for n, l in zip(self.names, self.linears)):
-            capturing = (device is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+            capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
             if not capturing and len({(p.dtype, p.device) for p in self._tensors()}) == 1:
                 logger.info("ddim_fast: the %s projection weights of an attention module were given new storage; "
                             "packing them again", "/".join(self.names))
@@ -147,7 +147,7 @@ class QKVGroup:
             return False  # the packed buffer is no leaf: gradients must reach the parameters
         if torch.compiler.is_compiling():
             return self.valid  # data pointers cannot be read while tracing; `valid` is guarded on
-        return self.revalidate(x.device)
+        return self.revalidate()
 
     def project(self, index: int, x: torch.Tensor) -> torch.Tensor:
         linear = self.linears[index]
@@ -159,7 +159,8 @@ class QKVGroup:
                 if torch.compiler.is_compiling():  # no counter inside traced code: Dynamo would guard on it
                     self._stash = [x, None, *parts]
                 else:
-                    self._stash = [x, x._version, *parts]
+                    # Inference tensors have no version counter: their identity decides, as while tracing.
+                    self._stash = [x, None if x.is_inference() else x._version, *parts]
                     self.fused_calls += 1
                 return parts[0]
         else:
@@ -168,7 +169,7 @@ class QKVGroup:
             # there the object's identity decides; no diffusers processor writes its input in place between
             # the projections.)
             if stash is not None and stash[0] is x and stash[2 + index] is not None and (
-                    torch.compiler.is_compiling() or stash[1] == x._version):
+                    torch.compiler.is_compiling() or stash[1] is None or stash[1] == x._version):
                 result = stash[2 + index]
                 stash[2 + index] = None
                 if index == len(self.sizes) - 1:

@@ -219,6 +219,51 @@ def test_wrong_or_raising_candidate_is_never_chosen():
         attention_choice.measure(_candidates({"wrong": 0.5}), _check, 2e-3, timer)
 
 
+def test_a_candidate_that_warns_then_raises_is_rejected_silently():
+    """A forced SDPA backend that cannot take the inputs warns before it raises (PyTorch's sdp_utils): the
+    measurement records the reason and the user sees no warning (optimize stays quiet)."""
+    import warnings
+
+    def warns():
+        warnings.warn("Flash attention kernel not used because: ...", UserWarning)
+        raise RuntimeError("No available kernel")
+
+    candidates = {**_candidates({"right": 0.0}), "flash": warns}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        choice = attention_choice.measure(candidates, _check, 1e-3, FakeTimer({"right": 1e-6}))
+    assert choice.backend == "right" and choice.rejected["flash"] == "raised RuntimeError: No available kernel"
+
+
+def test_cuda_timing_queues_the_calls_behind_a_busy_kernel(monkeypatch):
+    """On CUDA the events time the kernels, not the launches (the choices serve graph replays): a busy-wait kernel
+    long enough for every call's launch is enqueued before the start event. Checked with a fake CUDA runtime."""
+    order = []
+
+    class FakeEvent:
+        made = 0
+
+        def __init__(self, enable_timing):
+            self.name = ("start", "end")[FakeEvent.made]
+            FakeEvent.made += 1
+
+        def record(self):
+            order.append(f"record {self.name}")
+
+        def synchronize(self):
+            order.append("sync")
+
+        def elapsed_time(self, other):
+            return 1.0  # ms
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: order.append(f"sleep {cycles}"))
+    seconds = attention_choice.cuda_event_seconds(lambda: order.append("call"), 4, torch.device("cuda"))
+    assert order == [f"sleep {4 * attention_choice._QUEUE_CYCLES_PER_CALL}", "record start", "call", "call", "call",
+                     "call", "record end", "sync"]
+    assert seconds == 1e-3 / 4
+
+
 def test_preferred_candidate_wins_a_near_tie_only():
     seconds = {"triton": 10.0e-6, "sdpa": 10.2e-6}
     tie = attention_choice.measure(_candidates({"triton": 0.0, "sdpa": 0.0}), _check, 1e-3, FakeTimer(seconds),

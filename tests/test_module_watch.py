@@ -137,6 +137,36 @@ def test_every_change_a_graph_bakes_in_is_seen(change):
             del _global_hook.handle
 
 
+def test_freeu_factors_are_seen():
+    """enable_freeu adds the factors to the up blocks, a second call changes their values, disable_freeu sets them
+    to None: each is a change (the up blocks' forward reads them at capture time)."""
+    unet = tp.tiny_unet()
+    watch = ModuleWatch(unet)
+    for change in (lambda: unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4),
+                   lambda: unet.enable_freeu(s1=0.8, s2=0.2, b1=1.2, b2=1.4), unet.disable_freeu):
+        change()
+        assert watch.changed() and not watch.changed()
+
+
+def test_processor_state_changed_in_place_is_seen():
+    """IP-Adapter's set_ip_adapter_scale writes into its processors' ``scale`` list in place: the same processor
+    object, another value baked into the graph."""
+
+    class ScaledProcessor(AttnProcessor):
+        def __init__(self):
+            super().__init__()
+            self.scale = [1.0]
+
+    unet = tp.tiny_unet()
+    processor = ScaledProcessor()
+    _attn(unet).set_processor(processor)
+    watch = ModuleWatch(unet)
+    processor.scale[0] = 0.5
+    assert watch.changed() and not watch.changed()
+    processor.scale[0] = 0.5  # the same value again: nothing to recapture
+    assert not watch.changed()
+
+
 def test_hook_removed_and_another_registered_is_seen():
     unet = tp.tiny_unet()
     handle = unet.conv_out.register_forward_pre_hook(lambda module, args: None)

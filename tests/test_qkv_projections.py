@@ -64,6 +64,45 @@ def test_fused_projections_equal_separate_ones(processor):
     assert all(w.is_contiguous() for w in weights)
 
 
+def test_inference_mode_fuses_and_then_normal_calls_still_work():
+    """Inference tensors have no version counter: under torch.inference_mode the followers match by identity;
+    the same fused model then runs under no_grad as before (graphs made under inference mode do not poison later
+    calls: ddim_fast.graphs.make_static)."""
+    unet = tp.tiny_unet()
+    x, cond = _inputs()
+    with torch.no_grad():
+        expected = unet(x, 500, cond).sample
+    fused = fuse_qkv(unet)
+    with torch.inference_mode():
+        got = unet(x, 500, cond).sample
+    assert _fused_calls(fused) == fused.count, "every module ran its fused GEMM once"
+    assert_rel_close(got, expected, RTOL, "fused QKV under inference_mode")
+    with torch.no_grad():
+        assert_rel_close(unet(x, 500, cond).sample, expected, RTOL, "fused QKV after inference_mode")
+    assert _fused_calls(fused) == 2 * fused.count
+
+
+def test_graph_buffers_made_under_inference_mode_serve_later_normal_calls():
+    """The static-buffer path (what the CUDA graphs use) first entered under torch.inference_mode: a later call
+    outside it writes its inputs into the same buffers (an inference tensor would refuse that write)."""
+    from ddim_fast.module_graph import GraphedForward
+
+    unet = tp.tiny_unet()
+    x, cond = _inputs()
+    with torch.no_grad():
+        expected = unet(x, 500, cond).sample
+    graphed = GraphedForward(unet, off_cuda="static").install()
+    try:
+        with torch.inference_mode():
+            first = unet(x, 500, cond).sample
+        with torch.no_grad():
+            second = unet(x, 500, cond).sample
+        assert graphed.cache.misses == 1 and graphed.cache.hits == 1
+        assert torch.equal(first, expected) and torch.equal(second, expected)
+    finally:
+        graphed.uninstall()
+
+
 @torch.no_grad()
 def test_projections_are_the_modules_own_results():
     """Each wrapped projection returns what its nn.Linear gives, for the input it is called with: the shared GEMM
