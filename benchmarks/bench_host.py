@@ -12,6 +12,13 @@ Group ``host cpu 1x4x64x64 fp32 (eager call)``, all on the same tensors, one cal
   into a preallocated buffer;
 * for scale: ``torch.empty_like`` (one allocation, no work) and ``copy_`` of the same tensor.
 
+Group ``host cpu 1x4x64x64 fp32 (Triton launcher, launch stubbed)``: the host path of an eager
+``ops.ddim_step(backend="triton")`` call up to the kernel launch, with the launch replaced by a no-op that
+records it (a CPU has no GPU to launch on): the checks (``ddim_step_check``), the plan lookup, the argument
+tuple and the cached-CompiledKernel call of the eager fast path (issue 19's goal: <= 20 us per eager call on the
+GPU machine, Triton's own launch included, which only a GPU run measures: ``benchmarks/gpu_micro.py``). The
+entry proves that every timed call took the cached path and launched once.
+
 The kernels' own work at this size is a few microseconds (one pass over 5 x 64 KiB); everything above
 the copy is per-call overhead. CPU timings are noisy on a shared machine: read the ratios of one run.
 
@@ -119,3 +126,62 @@ def test_host_step_call(benchmark, impl):
     benchmark.extra_info["us_per_call"] = per_call * 1e6
     if impl == "FastDDIMScheduler.step":
         benchmark.extra_info["meets_goal"] = per_call * 1e6 <= GOAL_SCHEDULER_US
+
+
+TRITON_GROUP = f"host cpu {'x'.join(map(str, SHAPE))} fp32 (Triton launcher, launch stubbed)"
+TRITON_IMPLS = ["ops.ddim_step(backend='triton'), launch stubbed", "torch.ops.ddim_fast.ddim_step", "torch.empty_like"]
+
+
+@pytest.mark.parametrize("impl", TRITON_IMPLS)
+def test_host_triton_launcher(benchmark, monkeypatch, impl):
+    p = HostProblem()
+    if impl != TRITON_IMPLS[0]:
+        call = make_call(impl, p)
+    else:
+        pytest.importorskip("triton")
+        from ddim_fast import _library
+
+        triton_step = _library.triton_module("ddim_step")
+        launches = {"jit": 0, "compiled": 0}
+
+        class StubCompiled:  # what Triton's JIT returns for a GPU launch: indexed by the grid, then called
+            function = object()
+
+            def __getitem__(self, grid):
+                return self._launch
+
+            @staticmethod
+            def _launch(*args):
+                launches["compiled"] += 1
+
+        class StubJit:
+            arg_names = triton_step._ddim_step_kernel.arg_names
+
+            def __getitem__(self, grid):
+                def launch(*args, num_warps, **constexprs):
+                    launches["jit"] += 1
+                    return StubCompiled()
+                return launch
+
+        monkeypatch.setattr(triton_step, "_ddim_step_kernel", StubJit())
+        monkeypatch.setattr(triton_step, "_LAUNCHERS", {})
+        _, fast = p.schedulers()
+        t = fast.timesteps[STEP_INDEX]
+        table, row = fast._table(0.0, p.x.device), fast._row_index(t, p.x.device)
+
+        def call():
+            return ops.ddim_step(p.x, p.model_output, table, row, guidance_scale=GUIDANCE, backend="triton")
+
+        call()
+        assert launches == {"jit": 1, "compiled": 0}
+    per_call = run_benchmark(benchmark, StepTimer(call, "cpu", CALLS_PER_TIMING), group=TRITON_GROUP, name=impl,
+                             bytes_moved=0, baseline=impl == "torch.ops.ddim_fast.ddim_step",
+                             unit="us/call", scale_only=impl == "torch.empty_like",
+                             extra={"shape": list(SHAPE), "dtype": "float32", "guidance": GUIDANCE,
+                                    "calls_per_timing": CALLS_PER_TIMING, "threads": torch.get_num_threads(),
+                                    "goal": "Triton step <= 20 us host time per eager call (on the GPU machine)"})
+    benchmark.extra_info["us_per_call"] = per_call * 1e6
+    if impl == TRITON_IMPLS[0]:
+        # every call after the first took the cached CompiledKernel path, one launch each
+        assert launches["jit"] == 1 and launches["compiled"] >= CALLS_PER_TIMING, launches
+        benchmark.extra_info["launches"] = dict(launches)
