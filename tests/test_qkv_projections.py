@@ -64,6 +64,23 @@ def test_fused_projections_equal_separate_ones(processor):
     assert all(w.is_contiguous() for w in weights)
 
 
+@torch.no_grad()
+def test_our_triton_attention_reads_the_fused_projection_views():
+    """On CUDA optimize fuses QKV and attention together: our Triton attention kernel then reads q, k and v as
+    column slices of the packed GEMM output (row stride 3C or 2C). Under the interpreter here: the same output as
+    with separate projections (on the CPU the 'auto' processor would run SDPA and never reach the kernel)."""
+    unet = tp.tiny_unet()
+    unet.set_attn_processor(ddim_fast.FusedAttnProcessor(backend="triton"))
+    x, cond = _inputs()
+    x = x[:1, :, :8, :8]  # the interpreter pays per program: the smallest latent the tiny UNet takes
+    cond = cond[:1]
+    expected = unet(x, 500, cond).sample
+    fused = fuse_qkv(unet)
+    got = unet(x, 500, cond).sample
+    assert _fused_calls(fused) == fused.count
+    assert_rel_close(got, expected, RTOL, "fused QKV views into the Triton attention kernel")
+
+
 def test_inference_mode_fuses_and_then_normal_calls_still_work():
     """Inference tensors have no version counter: under torch.inference_mode the followers match by identity;
     the same fused model then runs under no_grad as before (graphs made under inference mode do not poison later
