@@ -29,7 +29,7 @@ from conftest import IN_CI, StepTimer, record_result, run_benchmark  # noqa: F40
 diffusers = pytest.importorskip("diffusers")
 
 from ddim_fast.module_graph import GraphedForward, ModuleWatch  # noqa: E402
-from ddim_fast.tools.bench import SD15_UNET_CONFIG, SD_SCHEDULER_CONFIG  # noqa: E402
+from ddim_fast.tools.problems import SD15_UNET_CONFIG, SD_SCHEDULER_CONFIG  # noqa: E402
 
 TREE_GROUP = "host cpu GraphedForward per call, SD1.5 module tree"
 PIPE_GROUP = "host cpu pipeline call, 20 steps, tiny SD 1x4x64x64 cfg7.5, stub UNet"

@@ -46,7 +46,7 @@ def _child(args) -> dict:
 
     import ddim_fast
     from ddim_fast.reference import relative_error
-    from ddim_fast.tools.bench import SD15_UNET_CONFIG, SD_SCHEDULER_CONFIG
+    from ddim_fast.tools.problems import SD15_UNET_CONFIG, SD_SCHEDULER_CONFIG
 
     tiny = dict(sample_size=16, in_channels=4, out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(32, 64), layers_per_block=1,

@@ -341,19 +341,26 @@ def _fresh_containers(tree: Any) -> Any:
     return tree
 
 
-def _copy_out(tree: Any) -> Any:
+def _copy_out(tree: Any, sample: torch.Tensor | None = None) -> Any:
     """Clones of the tensors of an output pytree in the same containers; diffusers' ``BaseOutput`` (an
-    OrderedDict dataclass, e.g. ``UNet2DConditionOutput``) is rebuilt as its own class."""
+    OrderedDict dataclass, e.g. ``UNet2DConditionOutput``) is rebuilt as its own class. An output of the
+    contiguous ``sample``'s shape (the UNet's prediction) comes out contiguous, as the plain model's does, even
+    when channels_last weights made it channels_last inside the graph: the pipeline's guidance and the fused
+    step then see one layout (the step's lean kernel needs that) and callbacks see plain's strides. Everything
+    else keeps its strides (preserve_format)."""
     if isinstance(tree, torch.Tensor):
-        return tree.clone()  # preserve_format: a dense tensor keeps its strides (channels_last stays so)
+        if (sample is not None and tree.shape == sample.shape and not tree.is_contiguous()
+                and sample.is_contiguous()):
+            return tree.contiguous()
+        return tree.clone()
     if isinstance(tree, collections.OrderedDict) and dataclasses.is_dataclass(tree):
-        return type(tree)(**{key: _copy_out(value) for key, value in tree.items()})
+        return type(tree)(**{key: _copy_out(value, sample) for key, value in tree.items()})
     if isinstance(tree, dict):
-        return type(tree)((key, _copy_out(value)) for key, value in tree.items())
+        return type(tree)((key, _copy_out(value, sample)) for key, value in tree.items())
     if isinstance(tree, list):
-        return [_copy_out(value) for value in tree]
+        return [_copy_out(value, sample) for value in tree]
     if isinstance(tree, tuple):
-        copied = tuple(_copy_out(value) for value in tree)
+        copied = tuple(_copy_out(value, sample) for value in tree)
         return type(tree)(*copied) if hasattr(tree, "_fields") else copied
     return tree
 
@@ -586,7 +593,7 @@ class GraphedForward:
             for buffer, value in zip(static, leaves):
                 if buffer is not None and value is not buffer:
                     buffer.copy_(value)
-            return _copy_out(step.replay())
+            return _copy_out(step.replay(), anchor)
         device = anchor.device
         one_cuda_device = device.type == "cuda" and all(
             t.device == device for t in leaves if isinstance(t, Tensor))
@@ -605,7 +612,7 @@ class GraphedForward:
         if len(self._leaves) > len(self.cache):  # entries the runner evicted
             live = set(self.cache.keys())
             self._leaves = {k: v for k, v in self._leaves.items() if k in live}
-        return _copy_out(step.replay())
+        return _copy_out(step.replay(), anchor)
 
     def _forward_on_static(self, static: dict) -> Any:
         return self._call(_fresh_containers(static))

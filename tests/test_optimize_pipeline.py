@@ -302,6 +302,26 @@ def test_restore_gives_back_diffusers_output(case):
     assert type(pipe.scheduler) is diffusers.DDIMScheduler
 
 
+def test_graphed_channels_last_unet_returns_the_samples_layout():
+    """channels_last weights make the UNet's prediction channels_last inside the graph; the graph path hands it
+    out in the layout of the (contiguous) sample, as the plain UNet does, so that guidance and the fused step see
+    one layout. Checked on the static-buffer path (cuda_graph=True on the CPU)."""
+    pipe = tp.sd()
+    sample = torch.randn(2, 4, 16, 16)
+    cond = tp.prompt_embeds()["prompt_embeds"].repeat(2, 1, 1)
+    with torch.no_grad():
+        plain = pipe.unet(sample, 10, cond).sample
+        ddim_fast.optimize(pipe, channels_last=True, cuda_graph=True, attention=False, fuse_qkv=False)
+        try:
+            out = pipe.unet(sample, 10, cond).sample
+            hit = pipe.unet(sample, 10, cond).sample
+            assert optimized_state(pipe).graphed["unet"].cache.hits == 1
+        finally:
+            ddim_fast.restore(pipe)
+    assert plain.is_contiguous() and out.is_contiguous() and hit.is_contiguous()
+    assert_rel_close(out, plain, SAMPLER_RTOL, "channels_last UNet through the graph path")
+
+
 def test_unet_body_option_fuses_runs_and_restores():
     """optimize(unet_body=True): the fused GroupNorm(+SiLU) / GEGLU ops run in the UNet (counted at the dispatcher,
     every step), through the graph path too, within the fp32 tolerance of diffusers; the summary names the fused
