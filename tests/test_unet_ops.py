@@ -189,7 +189,7 @@ def test_group_norm_triton_finalize_loops(monkeypatch, poisoned):
     monkeypatch.setattr(gn, "finalize_config", lambda n, g, cg, interpreted, real=gn.finalize_config: real(n, g, cg))
     monkeypatch.setattr(gn, "launch_config", lambda b, c, hw, layout, size, real=gn.launch_config: dict(
         real(b, c, hw, layout, size), BLOCK_P=4, num_chunks=-(-hw // 4)))
-    monkeypatch.setattr(gn, "_PLANS", {})
+    monkeypatch.setattr(gn, "_PLANS", gn.PlanCache(512))
     x = rand((1, 24, 3, 3), torch.float32, TRITON_DEVICE, scale=2.0, offset=1.0).to(memory_format=torch.channels_last)
     add = rand((1, 24), torch.float32, TRITON_DEVICE, seed=5)
     plan = gn.plan_launch(x.shape, x.stride(), x.stride(), 2, x.element_size())

@@ -48,6 +48,8 @@ import triton.language as tl
 import ddim_fast  # noqa: F401  (registers torch.ops.ddim_fast.*)
 from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
 
+from ddim_fast.triton import PlanCache
+
 __all__ = ["ddim_step_triton", "ddim_step_triton_out", "run_ddim_step"]
 
 _KERNEL_DIMS = 4  # logical dims the kernel indexes after collapsing
@@ -395,18 +397,16 @@ class _Plan:
         self.grid = (triton.cdiv(groups, self.block_groups),)
 
 
-_PLANS: dict = {}
+_PLANS = PlanCache(512)  # distinct (shape, layout, options) keys kept; a loop uses one or two
 _STRIDE = torch.Tensor.stride
-_PLANS_MAX = 512  # distinct (shape, layout, options) keys kept; a loop uses one or two
 
 
 def _plan(shape, arg_strides, dtype, noise_mode, per_row, flat) -> _Plan:
     key = (shape, arg_strides, dtype, noise_mode, per_row, flat)
-    plan = _PLANS.get(key)
+    plan = _PLANS.get(key)  # the hit, inline: this runs on every eager step
     if plan is None:
-        if len(_PLANS) >= _PLANS_MAX:
-            _PLANS.clear()
-        plan = _PLANS[key] = _Plan(tuple(int(n) for n in shape), arg_strides, noise_mode, per_row, flat)
+        plan = _PLANS.get_or_make(key, lambda: _Plan(tuple(int(n) for n in shape), arg_strides, noise_mode,
+                                                     per_row, flat))
     return plan
 
 

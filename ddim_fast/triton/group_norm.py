@@ -53,6 +53,7 @@ from triton.runtime.interpreter import InterpretedFunction
 import ddim_fast  # noqa: F401  (registers torch.ops.ddim_fast.*)
 from ddim_fast._checks import allocate_group_norm_output, check_group_norm_args
 from ddim_fast._library import check_triton_device
+from ddim_fast.triton import PlanCache
 
 __all__ = ["group_norm_silu_triton", "group_norm_silu_triton_impl", "launch_config", "plan_launch"]
 
@@ -455,18 +456,13 @@ def _contiguous_strides(shape):
     return tuple(reversed(strides))
 
 
-_PLANS: dict = {}
-_PLANS_MAX = 512  # a UNet uses a few dozen (shape, layout) keys
+_PLANS = PlanCache(512)
 
 
 def plan_launch(shape, x_strides, y_strides, num_groups: int, element_size: int) -> Plan:
     key = (tuple(shape), tuple(x_strides), tuple(y_strides), num_groups, element_size)
-    plan = _PLANS.get(key)
-    if plan is None:
-        if len(_PLANS) >= _PLANS_MAX:
-            _PLANS.clear()
-        plan = _PLANS[key] = Plan(tuple(int(n) for n in shape), x_strides, y_strides, num_groups, element_size)
-    return plan
+    return _PLANS.get_or_make(key, lambda: Plan(tuple(int(n) for n in shape), x_strides, y_strides, num_groups,
+                                                element_size))
 
 
 def kernel_arguments(x, y, workspace, weight, bias, channel_add, num_groups: int, eps: float, apply_silu: bool,
