@@ -30,7 +30,7 @@
 #      it times
 #   8  breakdown: python -m ddim_fast bench --breakdown, SD1.5 UNet    90  logs.tar.gz:breakdown.json, table
 #      fp16 batch 1 (CFG batch 2): one graphed step of plain,                  in summary.txt
-#      channels-last, optimize, optimize-unet-body, compile-reduce-overhead by kind of kernel (its compile reuses the Inductor
+#      channels-last, optimize, compile-reduce-overhead, optimize-unet-body by kind of kernel (its compile reuses the Inductor
 #      caches stage 7 left)
 #   Not in the default run (their compiles do not fit beside the rest), each one call of its own:
 #   STAGES=pipeline2: SD1.5 512 px batch 1 compile-default and        420  bench_pipeline2.json
