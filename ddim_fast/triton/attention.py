@@ -36,6 +36,7 @@ duplicate each other's work (ex2 count per thread above the tile's share).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional
 
@@ -407,7 +408,7 @@ def attention_triton_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     cfg = launch_config(batch_heads, lq, lk, head_dim, q.dtype, q.device, masked=mask is not None)
 
     grid, args, kwargs = kernel_arguments(q, k, v, out, mask, scale, cfg)
-    with torch.cuda.device(q.device) if q.device.type == "cuda" else _nullcontext():
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
         _attention_kernel[grid](*args, **kwargs)
     return out
 
@@ -440,14 +441,6 @@ def kernel_arguments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
                   INTERP_TILES=0 if compiled else triton.cdiv(lk, cfg["BLOCK_N"]),
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return (num_m_blocks * batch_heads,), args, kwargs
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # The op (schema in csrc/ops.cpp, registered by ddim_fast/_library.py, which calls attention_triton_impl).
