@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from ddim_fast.attention_choice import default_cache_dir
 from ddim_fast.forward_override import ForwardOverride
 
 logger = logging.getLogger(__name__)
@@ -84,14 +85,13 @@ def uses_cuda_graphs(options: dict) -> bool:
     return bool(inner.get("triton.cudagraphs"))
 
 
-def cache_dir() -> Path:
-    """Where compile-cache files go: ``DDIM_FAST_CACHE_DIR``, else ``$XDG_CACHE_HOME/ddim_fast``, else
-    ``~/.cache/ddim_fast`` (plus ``/compile``)."""
-    root = os.environ.get("DDIM_FAST_CACHE_DIR")
-    if not root:
-        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-                            "ddim_fast")
-    return Path(root) / "compile"
+def cache_dir() -> Path | None:
+    """Where compile-cache files go: the ``compile`` folder of the user cache folder ddim_fast's measured
+    attention choices use (``attention_choice.default_cache_dir``: ``DDIM_FAST_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/ddim_fast``, else ``~/.cache/ddim_fast``); None when ``DDIM_FAST_CACHE_DIR`` is set empty
+    (nothing on disk)."""
+    root = default_cache_dir()
+    return None if root is None else Path(root) / "compile"
 
 
 def _versions() -> dict:

@@ -433,6 +433,8 @@ def _cache_file(model: nn.Module, options: dict, compile_cache, state: OptimizeS
     if compile_cache is False:
         return None
     folder = cache_dir() if compile_cache is True else Path(compile_cache)
+    if folder is None:  # DDIM_FAST_CACHE_DIR set empty: memory only
+        return None
     choices = dict(state.choices.get(name.split(".")[0], {}))
     choices["processors"] = sorted({type(p).__name__ for p in getattr(model, "attn_processors", {}).values()})
     return folder / f"{type(model).__name__}-{cache_key(model, options, choices)}.bin"

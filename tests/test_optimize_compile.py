@@ -151,3 +151,9 @@ def test_compile_cache_file_is_written_loaded_and_a_bad_one_ignored(tmp_path, mo
 
     # compile_cache=False: no file at all; the default folder is DDIM_FAST_CACHE_DIR's.
     assert compiled_module.cache_dir() == tmp_path / "cache" / "compile"
+    # ... and set empty it means nothing on disk, as for the attention choices (one folder rule for both)
+    monkeypatch.setenv("DDIM_FAST_CACHE_DIR", "")
+    assert compiled_module.cache_dir() is None
+    ddim_fast.optimize(pipe, compile=DYNAMO)
+    assert optimized_state(pipe).compiled["unet"]._artifacts is None
+    ddim_fast.restore(pipe)
